@@ -1,0 +1,382 @@
+"""The bundle manifest: a versioned, strict pydantic schema, its canonical bytes, and `BundleId`.
+
+`ManifestBody` is everything the packager decides; `Manifest` adds the `files` list that
+`edge_bundle.bundle.write_bundle` fills from the hashed files. Both are frozen and refuse unknown
+fields. `Manifest.to_bytes` is the one serialisation (sorted keys, UTF-8, indent 2, trailing
+newline); `Manifest.from_bytes` refuses a newer schema with a message to upgrade the agent before
+it looks at any other field, and reports schema errors as one line naming each field path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictInt,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from edge_bundle.errors import BundleIdError, ManifestError, UnsupportedSchemaError
+from edge_bundle.hashing import SHA256_HEX_PATTERN
+from edge_bundle.tar_layout import member_name_problem
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+SIGNATURES_FILE = "manifest.sig"
+RESERVED_PATHS = frozenset({MANIFEST_FILE, SIGNATURES_FILE})
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+_SEMVER = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")
+_SYMBOLIC_DIM = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")
+_BUNDLE_ID = re.compile(r"^([a-z0-9][a-z0-9_-]{0,63})@([1-9][0-9]*)$")
+_BUNDLE_FILE = re.compile(r"^([a-z0-9][a-z0-9_-]{0,63})-([1-9][0-9]*)\.bundle$")
+
+
+def _relative_path(value: str) -> str:
+    problem = member_name_problem(value)
+    if problem is not None:
+        raise ValueError(f"path {value!r} {problem}; use a relative POSIX path inside the bundle")
+    return value
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("created_at needs a timezone; give it in UTC, e.g. 2025-01-31T12:00:00Z")
+    return value.astimezone(UTC)
+
+
+def _dimension(value: object) -> int | str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, str) and _SYMBOLIC_DIM.fullmatch(value):
+        return value
+    raise ValueError(f"{value!r} is not a dimension: use an int >= 1 or a symbolic name")
+
+
+def _semver(value: str) -> str:
+    if _SEMVER.fullmatch(value) is None:
+        raise ValueError(f"{value!r} is not a version of the form X.Y.Z (e.g. 0.1.0)")
+    return value
+
+
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+Sha256Hex = Annotated[str, StringConstraints(pattern=SHA256_HEX_PATTERN)]
+RelativePath = Annotated[str, AfterValidator(_relative_path)]
+Text = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+SemVer = Annotated[str, AfterValidator(_semver)]
+UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
+Count = Annotated[StrictInt, Field(ge=1)]
+Millis = Annotated[float, Field(ge=0)]
+Dim = Annotated[int | str, PlainValidator(_dimension)]
+Task = Literal["image-classification", "text-generation", "vision-language"]
+Runtime = Literal["onnx", "llama"]
+FileRole = Literal[
+    "model", "model-data", "mmproj", "tokenizer", "knowledge", "golden", "report", "other"
+]
+DType = Literal[
+    "float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64",
+    "bool", "string",
+]  # fmt: skip
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class FileEntry(_Strict):
+    """One file of the bundle, pinned by size and sha256."""
+
+    path: RelativePath
+    sha256: Sha256Hex
+    size: Annotated[StrictInt, Field(ge=0)]
+    role: FileRole
+
+
+class TensorSpec(_Strict):
+    """A model input or output: name, element type and shape (ints or symbolic names)."""
+
+    name: Text
+    dtype: DType
+    shape: tuple[Dim, ...]
+
+
+class Quantization(_Strict):
+    """How the model was quantized, and on what calibration data."""
+
+    method: Text
+    weight_type: Text | None = None
+    activation_type: Text | None = None
+    per_channel: bool = False
+    calibration_set_sha256: Sha256Hex | None = None
+    calibration_method: Text | None = None
+    notes: str | None = None
+
+
+class Gate(_Strict):
+    """One acceptance gate of validation: a metric against its threshold."""
+
+    name: Text
+    threshold: float
+    value: float
+    passed: bool
+
+
+class Validation(_Strict):
+    """Reference-vs-bundle metrics, the gates applied, and any waiver."""
+
+    metrics: dict[str, float] = Field(default_factory=dict)
+    gates: tuple[Gate, ...] = ()
+    waived_reason: Text | None = None
+    dataset: str | None = None
+
+
+class MachineInfo(_Strict):
+    """The machine a benchmark ran on."""
+
+    cpu: Text
+    cores: Count
+    arch: Text
+    os: Text
+    library_versions: dict[str, str] = Field(default_factory=dict)
+
+
+class Benchmark(_Strict):
+    """Latency of the bundle under one firmware profile."""
+
+    profile: Name
+    machine: MachineInfo
+    measured_on_target: bool
+    threads: Count
+    p50_ms: Millis
+    p95_ms: Millis
+    samples: Count
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class Lineage(_Strict):
+    """Where the model came from."""
+
+    base_model_sha256: Sha256Hex | None = None
+    adapter_sha256: Sha256Hex | None = None
+    source: str | None = None
+    packager_version: SemVer | None = None
+
+
+class GoldenSample(_Strict):
+    """An input shipped in the bundle and the top-k it must produce."""
+
+    input_path: RelativePath
+    expected_topk: tuple[tuple[str, float], ...]
+
+
+class Golden(_Strict):
+    """The on-device self-test: samples and the probability tolerance."""
+
+    tolerance: Annotated[float, Field(ge=0)]
+    samples: tuple[GoldenSample, ...]
+
+
+class ManifestBody(_Strict):
+    """Everything in a manifest except `files`: what the packager decides before hashing."""
+
+    schema_version: StrictInt = SCHEMA_VERSION
+    name: Name
+    version: Count
+    created_at: UtcDatetime
+    task: Task
+    runtime: Runtime
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    # Slot for `edge_bundle.preprocess.PreprocessSpec`, wired in once that module lands.
+    preprocessing: dict[str, Any] | None = None
+    labels: tuple[str, ...] = ()
+    quantization: Quantization | None = None
+    validation: Validation | None = None
+    benchmarks: tuple[Benchmark, ...] = ()
+    compatible_profiles: tuple[Name, ...] = ()
+    lineage: Lineage | None = None
+    drift_baseline: dict[str, Any] | None = None
+    golden: Golden | None = None
+    min_agent_version: SemVer = "0.1.0"
+    knowledge_path: RelativePath | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_body(self) -> Self:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"schema_version must be {SCHEMA_VERSION} for this packager")
+        _check_unique("labels", self.labels)
+        _check_unique("compatible_profiles", self.compatible_profiles)
+        return self
+
+    @property
+    def bundle_id(self) -> BundleId:
+        return BundleId(self.name, self.version)
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> Self:
+        """Validate plain data; schema problems raise `ManifestError` in one line."""
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as exc:
+            raise ManifestError(f"invalid manifest: {describe_errors(exc)}") from exc
+
+
+class Manifest(ManifestBody):
+    """A complete manifest: the body plus every file of the bundle."""
+
+    files: tuple[FileEntry, ...]
+
+    @model_validator(mode="after")
+    def _check_files(self) -> Self:
+        paths = [entry.path for entry in self.files]
+        _check_unique("files", paths)
+        reserved = RESERVED_PATHS.intersection(paths)
+        if reserved:
+            raise ValueError(f"files may not list {sorted(reserved)}; those names are reserved")
+        if not any(entry.role == "model" for entry in self.files):
+            raise ValueError("files must include at least one file with role 'model'")
+        referenced = [self.knowledge_path] if self.knowledge_path else []
+        referenced += [s.input_path for s in (self.golden.samples if self.golden else ())]
+        missing = sorted(set(referenced) - set(paths))
+        if missing:
+            raise ValueError(f"{missing} are referenced but not listed in files; add them")
+        return self
+
+    @classmethod
+    def from_body(cls, body: ManifestBody, files: tuple[FileEntry, ...]) -> Manifest:
+        """`body` completed with `files` (any files already in `body` are replaced)."""
+        data = {k: getattr(body, k) for k in ManifestBody.model_fields}
+        return cls.from_data({**data, "files": files})
+
+    def file(self, path: str) -> FileEntry | None:
+        return next((entry for entry in self.files if entry.path == path), None)
+
+    def to_bytes(self) -> bytes:
+        """The canonical JSON of this manifest: sorted keys, UTF-8, indent 2, final newline."""
+        text = json.dumps(
+            self.model_dump(mode="json"), sort_keys=True, indent=2, ensure_ascii=False
+        )
+        return (text + "\n").encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        """Parse stored manifest bytes; any problem raises `ManifestError` in one line."""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{MANIFEST_FILE} is over {MAX_MANIFEST_BYTES} bytes; rebuild it")
+        try:
+            document = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        except ValueError as exc:
+            raise ManifestError(f"{MANIFEST_FILE} is not UTF-8 JSON ({exc}); rebuild it") from exc
+        if not isinstance(document, dict):
+            raise ManifestError(f"{MANIFEST_FILE} must hold a JSON object; rebuild the bundle")
+        check_schema_version(document.get("schema_version"))
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise ManifestError(f"invalid {MANIFEST_FILE}: {describe_errors(exc)}") from exc
+
+
+def check_schema_version(value: object) -> int:
+    """Accept the current schema version; refuse newer ones with a message to upgrade."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ManifestError(f"schema_version must be an integer, got {value!r}; rebuild the bundle")
+    if value > SCHEMA_VERSION:
+        raise UnsupportedSchemaError(
+            f"manifest schema_version {value} is newer than this agent understands "
+            f"({SCHEMA_VERSION}); upgrade the agent to open this bundle"
+        )
+    if value < SCHEMA_VERSION:
+        raise UnsupportedSchemaError(
+            f"manifest schema_version {value} is not supported (this agent reads "
+            f"{SCHEMA_VERSION}); rebuild the bundle with a current model-packager"
+        )
+    return value
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """Pydantic errors as one line: `field.path: reason; other.path: reason`."""
+    return "; ".join(f"{_location(e['loc'])}: {e['msg']}" for e in exc.errors())
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text or "manifest"
+
+
+def _check_unique(field: str, values: list[str] | tuple[str, ...]) -> None:
+    duplicates = sorted({v for v in values if values.count(v) > 1})
+    if duplicates:
+        raise ValueError(f"{field} must be unique; repeated: {duplicates}")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate keys in a JSON object")
+    return result
+
+
+def semver_tuple(text: str) -> tuple[int, int, int]:
+    """`"1.2.3"` as `(1, 2, 3)`, for comparing `min_agent_version` with an agent's version."""
+    match = _SEMVER.fullmatch(text)
+    if match is None:
+        raise ManifestError(f"{text!r} is not a version of the form X.Y.Z")
+    major, minor, patch = (int(part) for part in match.groups())
+    return major, minor, patch
+
+
+@dataclass(frozen=True)
+class BundleId:
+    """A bundle's identity, `name@version`; its file is `NAME-VERSION.bundle`."""
+
+    name: str
+    version: int
+
+    def __post_init__(self) -> None:
+        if re.fullmatch(NAME_PATTERN, self.name) is None:
+            raise BundleIdError(
+                f"bundle name {self.name!r} must be 1-64 lowercase letters, digits, '-' or '_', "
+                f"starting with a letter or digit"
+            )
+        if isinstance(self.version, bool) or not isinstance(self.version, int):
+            raise BundleIdError(f"bundle version must be an integer, got {self.version!r}")
+        if self.version < 1:
+            raise BundleIdError(f"bundle version must be 1 or more, got {self.version}")
+
+    @classmethod
+    def parse(cls, text: str) -> BundleId:
+        """Parse `name@3`."""
+        match = _BUNDLE_ID.fullmatch(text)
+        if match is None:
+            raise BundleIdError(f"{text!r} is not a bundle id; write it as NAME@VERSION, e.g. m@3")
+        return cls(match.group(1), int(match.group(2)))
+
+    @classmethod
+    def from_file_name(cls, file_name: str) -> BundleId:
+        """Parse `name-3.bundle`."""
+        match = _BUNDLE_FILE.fullmatch(file_name)
+        if match is None:
+            raise BundleIdError(f"{file_name!r} is not a bundle file name (NAME-VERSION.bundle)")
+        return cls(match.group(1), int(match.group(2)))
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.name}-{self.version}.bundle"
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}"

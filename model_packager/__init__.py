@@ -1,0 +1,2 @@
+"""Build time: sources -> export -> quantize -> validate -> benchmark -> bundle -> sign, and the
+fleet publishing that pushes bundles to devices."""

@@ -1,0 +1,161 @@
+"""Validation of a candidate (quantized) model against its fp32 reference, and the gates.
+
+`compare` turns two probability matrices (and labels, when the evaluation set has them) into the
+numbers the manifest records; `apply_gates` decides, from a `GatePolicy`, whether the bundle may be
+written. A refused gate raises `GateError` with the numbers and what to try, unless the user waived
+the gates with a reason, which is then recorded in the manifest and the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edge_bundle.manifest import Gate, Validation
+from model_packager.errors import GateError
+
+CONFIDENT = 0.5
+MIN_CONFIDENT_SAMPLES = 10
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Reference vs candidate on the same inputs."""
+
+    samples: int
+    agreement: float
+    confident_samples: int
+    confident_agreement: float | None
+    top5_containment: float
+    max_probability_difference: float
+    reference_accuracy: float | None
+    candidate_accuracy: float | None
+    confusion: list[list[int]]
+    confusion_axis: str
+
+    def metrics(self) -> dict[str, float]:
+        values: dict[str, float | None] = {
+            "samples": float(self.samples),
+            "top1_agreement": self.agreement,
+            "confident_samples": float(self.confident_samples),
+            "confident_top1_agreement": self.confident_agreement,
+            "top5_containment": self.top5_containment,
+            "max_probability_difference": self.max_probability_difference,
+            "reference_accuracy": self.reference_accuracy,
+            "candidate_accuracy": self.candidate_accuracy,
+        }
+        return {name: value for name, value in values.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """Thresholds of the validation gates (accuracy in percentage points)."""
+
+    max_accuracy_drop: float = 1.0
+    min_agreement: float = 0.97
+    min_speedup: float = 1.3
+    waive_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    gates: tuple[Gate, ...]
+    waived_reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> tuple[Gate, ...]:
+        return tuple(gate for gate in self.gates if not gate.passed)
+
+
+def compare(
+    reference: NDArray[np.float32],
+    candidate: NDArray[np.float32],
+    labels: NDArray[np.int64] | None,
+    num_classes: int,
+) -> Comparison:
+    """Agreement, top-5 containment, probability differences and accuracies of both models."""
+    if reference.shape != candidate.shape or reference.shape[0] == 0:
+        raise ValueError(f"cannot compare outputs of shapes {reference.shape} and {candidate.shape}")
+    ref_top1 = reference.argmax(axis=1)
+    cand_top1 = candidate.argmax(axis=1)
+    agree = ref_top1 == cand_top1
+    confident = reference.max(axis=1) >= CONFIDENT
+    k = min(5, num_classes)
+    cand_top5 = np.argsort(-candidate, axis=1)[:, :k]
+    contained = (cand_top5 == ref_top1[:, None]).any(axis=1)
+    truth, axis = (labels, "label") if labels is not None else (ref_top1, "reference")
+    return Comparison(
+        samples=int(reference.shape[0]),
+        agreement=float(agree.mean()),
+        confident_samples=int(confident.sum()),
+        confident_agreement=float(agree[confident].mean()) if confident.any() else None,
+        top5_containment=float(contained.mean()),
+        max_probability_difference=float(np.abs(reference - candidate).max()),
+        reference_accuracy=float((ref_top1 == labels).mean()) if labels is not None else None,
+        candidate_accuracy=float((cand_top1 == labels).mean()) if labels is not None else None,
+        confusion=_confusion(truth, cand_top1, num_classes),
+        confusion_axis=axis,
+    )
+
+
+def apply_gates(
+    comparison: Comparison, policy: GatePolicy, speedup: float | None, quantized: bool
+) -> GateOutcome:
+    """Evaluate every gate; raise `GateError` when one fails and nothing waives it."""
+    gates: list[Gate] = []
+    notes: list[str] = []
+    if comparison.reference_accuracy is not None and comparison.candidate_accuracy is not None:
+        drop = 100.0 * (comparison.reference_accuracy - comparison.candidate_accuracy)
+        gates.append(_gate("accuracy_drop_points", policy.max_accuracy_drop, drop, drop <= policy.max_accuracy_drop))
+    agreement, basis = _agreement_basis(comparison)
+    notes.append(f"agreement gate measured on {basis}")
+    gates.append(_gate("top1_agreement", policy.min_agreement, agreement, agreement >= policy.min_agreement))
+    if speedup is not None and quantized:
+        gates.append(_gate("speedup_vs_fp32", policy.min_speedup, speedup, speedup >= policy.min_speedup))
+    elif quantized:
+        notes.append("speed gate not applied: not measured on the profile's hardware")
+    outcome = GateOutcome(tuple(gates), policy.waive_reason, notes)
+    if outcome.failed and policy.waive_reason is None:
+        raise GateError(refusal_message(outcome.failed))
+    return outcome
+
+
+def validation_record(comparison: Comparison, outcome: GateOutcome, dataset: str) -> Validation:
+    return Validation(
+        metrics=comparison.metrics(),
+        gates=outcome.gates,
+        waived_reason=outcome.waived_reason if outcome.failed else None,
+        dataset=dataset,
+    )
+
+
+def refusal_message(failed: Sequence[Gate]) -> str:
+    lines = ["the bundle was not written: validation gates failed"]
+    for gate in failed:
+        lines.append(f"  {gate.name}: {gate.value:.4f} (threshold {gate.threshold:.4f})")
+    lines.append(
+        "try: more representative --calibration images (a few hundred from the line), "
+        "--calibration-method entropy or percentile, another --quantization (none keeps fp32), "
+        "or --waive-gate REASON to ship it anyway with the reason recorded"
+    )
+    return "\n".join(lines)
+
+
+def _agreement_basis(comparison: Comparison) -> tuple[float, str]:
+    if comparison.confident_agreement is not None and comparison.confident_samples >= MIN_CONFIDENT_SAMPLES:
+        return comparison.confident_agreement, f"{comparison.confident_samples} confident inputs"
+    return comparison.agreement, f"all {comparison.samples} inputs (too few confident ones)"
+
+
+def _gate(name: str, threshold: float, value: float, passed: bool) -> Gate:
+    return Gate(name=name, threshold=float(threshold), value=float(value), passed=bool(passed))
+
+
+def _confusion(truth: NDArray[np.int64], predicted: NDArray[np.int64], classes: int) -> list[list[int]]:
+    matrix = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(matrix, (truth, predicted), 1)
+    return [[int(v) for v in row] for row in matrix]
