@@ -27,7 +27,9 @@ class KnowledgeEntry(BaseModel):
 
     title: Line | None = Field(default=None, description="human-readable name of the class")
     severity: Severity = Field(default="info", description="how urgent the defect is")
-    root_causes: tuple[Line, ...] = Field(default=(), description="likely causes, most likely first")
+    root_causes: tuple[Line, ...] = Field(
+        default=(), description="likely causes, most likely first"
+    )
     corrective_actions: tuple[Line, ...] = Field(default=(), description="what to do, in order")
     references: tuple[Line, ...] = Field(default=(), description="work instructions, SOP ids")
 

@@ -22,20 +22,34 @@ from edge_bundle.errors import (
     WrongRoleError,
 )
 from model_packager import commands
-from model_packager.commands import keygen, verify
+from model_packager.commands import build, inspect, keygen, verify
+from model_packager.errors import (
+    CalibrationError,
+    ExportError,
+    GateError,
+    KnowledgeError,
+    PackagerError,
+    QuantizationError,
+    SourceError,
+)
 
 PROG = "model-packager"
 USAGE_EXIT = 2
 
 # Adding a subcommand: write model_packager/commands/NAME.py with `register`, list it here.
-COMMANDS: tuple[Callable[[commands.Subparsers], None], ...] = (keygen.register, verify.register)
+COMMANDS: tuple[Callable[[commands.Subparsers], None], ...] = (
+    keygen.register,
+    verify.register,
+    build.register,
+    inspect.register,
+)
 
 # The one translation from errors to exit codes; the most specific class in an error's MRO wins.
 EXIT_CODES: dict[type[BaseException], tuple[int, str]] = {
     OSError: (3, "a file could not be read or written"),
     BundleError: (10, "another bundle-format error"),
     ManifestError: (11, "the manifest is missing or invalid"),
-    UnsupportedSchemaError: (12, "the manifest schema is newer than this tool: upgrade"),
+    UnsupportedSchemaError: (12, "the manifest schema version is unsupported (newer: upgrade)"),
     SignatureError: (13, "a signature is missing, malformed or does not match"),
     UntrustedKeyError: (14, "signed by a key that is not trusted"),
     RevokedKeyError: (15, "signed by a revoked key"),
@@ -45,6 +59,13 @@ EXIT_CODES: dict[type[BaseException], tuple[int, str]] = {
     UnsafeMemberError: (19, "the archive holds a link, device, or unsafe name"),
     ArchiveLimitError: (20, "the archive breaks a size, count or compression-ratio cap"),
     KeyFileError: (21, "a key file is unreadable, invalid, or already exists"),
+    PackagerError: (30, "another packaging error"),
+    SourceError: (31, "the model source is missing, corrupt, unsupported or a pickle"),
+    ExportError: (32, "exporting the model failed"),
+    QuantizationError: (33, "quantization failed or is not allowed by the profile"),
+    CalibrationError: (34, "calibration or evaluation images are missing or unusable"),
+    KnowledgeError: (35, "the knowledge base is unreadable or names unknown labels"),
+    GateError: (36, "a validation or latency gate refused the bundle"),
 }
 
 
@@ -80,11 +101,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.run(args)
-    except (BundleError, OSError) as exc:
-        reason = " ".join(str(exc).split())
+    except (BundleError, PackagerError, OSError) as exc:
+        reason = _one_line(exc)
         print(f"{PROG}: {args.command} failed: {reason}", file=sys.stderr)
         return exit_code_for(exc)
     return code
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line; a gate refusal keeps its table of numbers on following lines."""
+    if isinstance(exc, GateError):
+        return str(exc)
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ class ImageSample:
     label: int | None = None
 
 
-def load_calibration(directory: Path, spec: PreprocessSpec, *, limit: int | None = None) -> list[ImageSample]:
+def load_calibration(
+    directory: Path, spec: PreprocessSpec, *, limit: int | None = None
+) -> list[ImageSample]:
     """Every image under `directory` (sorted, recursive), preprocessed with `spec`."""
     files = _image_files(directory, "calibration")
     if limit is not None:
@@ -90,7 +92,8 @@ def _image_files(directory: Path, what: str) -> list[Path]:
     files = sorted(
         path
         for path in directory.rglob("*")
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(directory).parts)
+        if path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(directory).parts)
     )
     if not files:
         raise CalibrationError(
@@ -98,7 +101,9 @@ def _image_files(directory: Path, what: str) -> list[Path]:
             "ones the line will send"
         )
     if len(files) > MAX_IMAGES:
-        raise CalibrationError(f"{what} folder {directory} holds {len(files)} files; use at most {MAX_IMAGES}")
+        raise CalibrationError(
+            f"{what} folder {directory} holds {len(files)} files; use at most {MAX_IMAGES}"
+        )
     return files
 
 
@@ -107,7 +112,9 @@ def _sample(path: Path, spec: PreprocessSpec, label: int | None = None) -> Image
         data = path.read_bytes()
         decoded = decode_image(data, target_hw=spec.decode_target())
     except ImageError as exc:
-        raise CalibrationError(f"{path} is not a usable image: {exc}; remove it or replace it") from exc
+        raise CalibrationError(
+            f"{path} is not a usable image: {exc}; remove it or replace it"
+        ) from exc
     except OSError as exc:
         raise CalibrationError(f"{path} cannot be read: {exc}") from exc
     tensor = preprocess(decoded.pixels, spec)

@@ -79,7 +79,9 @@ def compare(
 ) -> Comparison:
     """Agreement, top-5 containment, probability differences and accuracies of both models."""
     if reference.shape != candidate.shape or reference.shape[0] == 0:
-        raise ValueError(f"cannot compare outputs of shapes {reference.shape} and {candidate.shape}")
+        raise ValueError(
+            f"cannot compare outputs of shapes {reference.shape} and {candidate.shape}"
+        )
     ref_top1 = reference.argmax(axis=1)
     cand_top1 = candidate.argmax(axis=1)
     agree = ref_top1 == cand_top1
@@ -110,12 +112,23 @@ def apply_gates(
     notes: list[str] = []
     if comparison.reference_accuracy is not None and comparison.candidate_accuracy is not None:
         drop = 100.0 * (comparison.reference_accuracy - comparison.candidate_accuracy)
-        gates.append(_gate("accuracy_drop_points", policy.max_accuracy_drop, drop, drop <= policy.max_accuracy_drop))
+        gates.append(
+            _gate(
+                "accuracy_drop_points",
+                policy.max_accuracy_drop,
+                drop,
+                drop <= policy.max_accuracy_drop,
+            )
+        )
     agreement, basis = _agreement_basis(comparison)
     notes.append(f"agreement gate measured on {basis}")
-    gates.append(_gate("top1_agreement", policy.min_agreement, agreement, agreement >= policy.min_agreement))
+    gates.append(
+        _gate("top1_agreement", policy.min_agreement, agreement, agreement >= policy.min_agreement)
+    )
     if speedup is not None and quantized:
-        gates.append(_gate("speedup_vs_fp32", policy.min_speedup, speedup, speedup >= policy.min_speedup))
+        gates.append(
+            _gate("speedup_vs_fp32", policy.min_speedup, speedup, speedup >= policy.min_speedup)
+        )
     elif quantized:
         notes.append("speed gate not applied: not measured on the profile's hardware")
     outcome = GateOutcome(tuple(gates), policy.waive_reason, notes)
@@ -146,7 +159,10 @@ def refusal_message(failed: Sequence[Gate]) -> str:
 
 
 def _agreement_basis(comparison: Comparison) -> tuple[float, str]:
-    if comparison.confident_agreement is not None and comparison.confident_samples >= MIN_CONFIDENT_SAMPLES:
+    if (
+        comparison.confident_agreement is not None
+        and comparison.confident_samples >= MIN_CONFIDENT_SAMPLES
+    ):
         return comparison.confident_agreement, f"{comparison.confident_samples} confident inputs"
     return comparison.agreement, f"all {comparison.samples} inputs (too few confident ones)"
 
@@ -155,7 +171,9 @@ def _gate(name: str, threshold: float, value: float, passed: bool) -> Gate:
     return Gate(name=name, threshold=float(threshold), value=float(value), passed=bool(passed))
 
 
-def _confusion(truth: NDArray[np.int64], predicted: NDArray[np.int64], classes: int) -> list[list[int]]:
+def _confusion(
+    truth: NDArray[np.int64], predicted: NDArray[np.int64], classes: int
+) -> list[list[int]]:
     matrix = np.zeros((classes, classes), dtype=np.int64)
     np.add.at(matrix, (truth, predicted), 1)
     return [[int(v) for v in row] for row in matrix]

@@ -83,7 +83,9 @@ def golden_record(
     return Golden(tolerance=tolerance, samples=tuple(samples))
 
 
-def drift_baseline(samples: Sequence[ImageSample], probabilities: NDArray[np.float32]) -> dict[str, Any]:
+def drift_baseline(
+    samples: Sequence[ImageSample], probabilities: NDArray[np.float32]
+) -> dict[str, Any]:
     """Decile bins of each input statistic and a fixed-bin histogram of top-1 confidence."""
     features = {}
     for name in DRIFT_FEATURES:

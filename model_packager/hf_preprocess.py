@@ -186,10 +186,16 @@ def _geometry(settings: Mapping[str, Any], family: _Family) -> dict[str, Any]:
     """Resize mode, target size and centre crop."""
     if not settings.get("do_resize", True):
         return {"resize": "none", **_crop(settings, family)}
-    size = _size(settings.get("size") or family.size, family.square_default, "size")
+    size = _size(_given(settings, "size", family.size), family.square_default, "size")
     if family.style == "convnext":
-        return _convnext_geometry(size, settings.get("crop_pct") or 224 / 256)
+        return _convnext_geometry(size, _given(settings, "crop_pct", 224 / 256))
     return {**size, **_crop(settings, family)}
+
+
+def _given(settings: Mapping[str, Any], key: str, default: Any) -> Any:
+    """The configured value, or the class default where the key is absent or null."""
+    value = settings.get(key)
+    return default if value is None else value
 
 
 def _convnext_geometry(size: Mapping[str, Any], crop_pct: Any) -> dict[str, Any]:
@@ -213,7 +219,7 @@ def _convnext_geometry(size: Mapping[str, Any], crop_pct: Any) -> dict[str, Any]
 def _crop(settings: Mapping[str, Any], family: _Family) -> dict[str, Any]:
     if family.crop is None or not settings.get("do_center_crop"):
         return {}
-    crop = _size(settings.get("crop_size") or family.crop, True, "crop_size")
+    crop = _size(_given(settings, "crop_size", family.crop), True, "crop_size")
     return {"center_crop": {"height": crop["height"], "width": crop["width"]}}
 
 

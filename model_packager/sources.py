@@ -81,10 +81,14 @@ def resolve_source(
 ) -> Source:
     """Inspect `path` and return the source it holds, or raise `SourceError` saying what to fix."""
     if not path.exists():
-        raise SourceError(f"model source {path} does not exist; pass a Hugging Face directory or .onnx")
+        raise SourceError(
+            f"model source {path} does not exist; pass a Hugging Face directory or .onnx"
+        )
     if path.is_dir():
         if model_config is not None:
-            raise SourceError("--model-config is for ONNX files; a HF directory carries its own config")
+            raise SourceError(
+                "--model-config is for ONNX files; a HF directory carries its own config"
+            )
         return _hf_source(path, adapter, allow_pickle)
     if adapter is not None:
         raise SourceError("--adapter needs a Hugging Face directory as the source, not a file")
@@ -115,7 +119,9 @@ def _hf_source(directory: Path, adapter: Path | None, allow_pickle: bool) -> HfS
     if adapter is not None:
         adapter_weights, adapter_pickled = _adapter_weights(adapter, allow_pickle)
         pickled = pickled or adapter_pickled
-    return HfSource(directory, architecture, labels, spec, weights, adapter, adapter_weights, pickled)
+    return HfSource(
+        directory, architecture, labels, spec, weights, adapter, adapter_weights, pickled
+    )
 
 
 def _image_classification_architecture(config: Mapping[str, Any], directory: Path) -> str:
@@ -146,7 +152,9 @@ def _weights(directory: Path, allow_pickle: bool) -> tuple[Path, bool]:
                     "if you trust its origin, pass --allow-pickle"
                 )
             return directory / name, True
-    raise SourceError(f"{directory} has no model weights (model.safetensors); is the export complete?")
+    raise SourceError(
+        f"{directory} has no model weights (model.safetensors); is the export complete?"
+    )
 
 
 def _adapter_weights(adapter: Path, allow_pickle: bool) -> tuple[Path, bool]:
@@ -154,7 +162,9 @@ def _adapter_weights(adapter: Path, allow_pickle: bool) -> tuple[Path, bool]:
         raise SourceError(f"adapter {adapter} is not a directory; pass a PEFT adapter directory")
     config = _read_json(adapter / "adapter_config.json", "the adapter's adapter_config.json")
     if str(config.get("peft_type", "")).upper() != "LORA":
-        raise SourceError(f"{adapter} is a {config.get('peft_type')!r} adapter; only LoRA is merged")
+        raise SourceError(
+            f"{adapter} is a {config.get('peft_type')!r} adapter; only LoRA is merged"
+        )
     for name in ADAPTER_WEIGHTS:
         if (adapter / name).is_file():
             return adapter / name, False
@@ -244,7 +254,9 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path} is not readable JSON ({exc}); the checkpoint looks corrupt") from exc
+        raise SourceError(
+            f"{path} is not readable JSON ({exc}); the checkpoint looks corrupt"
+        ) from exc
     if not isinstance(value, dict):
         raise SourceError(f"{path} must hold a JSON object")
     return value

@@ -33,7 +33,7 @@ def natural_image(height: int, width: int, seed: int = 0) -> NDArray[np.uint8]:
             corner = (center[0] + radius, center[1] + radius // 2)
             cv2.rectangle(image, center, corner, color, -1)
     image += 6.0 * rng.standard_normal(image.shape, dtype=np.float32)
-    return np.clip(image, 0, 255).astype(np.uint8)
+    return np.asarray(np.clip(image, 0, 255), dtype=np.uint8)
 
 
 def encode(image_rgb: NDArray[np.uint8], fmt: str, quality: int = 92) -> bytes:

@@ -27,6 +27,7 @@ MEMBERS: dict[str, bytes] = {
     "golden/ok-1.jpg": b"\xff\xd8jpeg",
     "empty.txt": b"",
     "Porosität/note.txt": "ünïcode".encode(),
+    "deep/" + "n" * 150 + ".bin": b"a name too long for a plain ustar header",
 }
 
 

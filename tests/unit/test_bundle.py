@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -218,7 +221,7 @@ def test_unsigned_or_manifestless_bundles_are_refused(
     with pytest.raises(SignatureError, match="not signed"):
         verify_bundle(unsigned, trust)
     bare = write_archive(tmp_path / "bare.bundle", {"m.onnx": b"model"}).path
-    with pytest.raises(ManifestError, match="no manifest.json"):
+    with pytest.raises(ManifestError, match=r"no manifest\.json"):
         verify_bundle(bare, trust)
 
 
@@ -236,14 +239,25 @@ def test_signature_is_checked_before_the_manifest_is_parsed(
         verify_bundle(_forge(tmp_path, key, newer, content), trust)
 
 
+@pytest.fixture
+def scratch(tmp_path: Path) -> Iterator[Path]:
+    """A memory-backed directory when the machine has one (thousands of small writes)."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    with tempfile.TemporaryDirectory(dir=shm) as name:
+        yield Path(name)
+
+
 def test_every_flipped_byte_fails_verification(
-    tmp_path: Path, bundle: Path, trust: TrustStore
+    scratch: Path, bundle: Path, trust: TrustStore
 ) -> None:
     """Flip each byte of a whole small bundle in turn: every variant must be refused."""
     original = bundle.read_bytes()
-    assert len(original) <= 16 * 1024  # keeps the exhaustive loop fast
-    staging = tmp_path / "staging"
-    tampered = tmp_path / "tampered.bundle"
+    assert len(original) <= 8 * 1024  # keeps the exhaustive loop fast
+    staging = scratch / "staging"
+    tampered = scratch / "tampered.bundle"
     accepted: list[int] = []
     for position in range(len(original)):
         data = bytearray(original)

@@ -9,7 +9,6 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_bundle import imaging
 from edge_bundle.errors import ImageError
 from edge_bundle.imaging import choose_reduction, decode_image, read_dimensions, sniff_format
 from tests.images import encode, jpeg_with_orientation, natural_image
@@ -89,7 +88,7 @@ def test_decompression_bomb_is_refused_before_decoding(monkeypatch: pytest.Monke
     def no_decoding(*args: object) -> None:
         raise AssertionError("the decoder must not run")
 
-    monkeypatch.setattr(imaging.cv2, "imdecode", no_decoding)
+    monkeypatch.setattr(cv2, "imdecode", no_decoding)
     with pytest.raises(ImageError, match=r"100000x100000 = 10,000,000,000 pixels"):
         decode_image(bomb, max_pixels=50_000_000)
 
@@ -98,7 +97,7 @@ def test_decompression_bomb_is_refused_before_decoding(monkeypatch: pytest.Monke
 def test_truncated_files_are_refused(photo: np.ndarray, fmt: str) -> None:
     data = encode(photo, fmt)
     for cut in (len(data) // 2, len(data) - 3):
-        with pytest.raises(ImageError, match="truncated|damaged|corrupt"):
+        with pytest.raises(ImageError, match=r"truncated|damaged|corrupt"):
             decode_image(data[:cut])
 
 
@@ -140,7 +139,10 @@ def test_exif_orientation_is_honoured(orientation: int, target: tuple[int, int] 
     assert (decoded.width, decoded.height) == ((1200, 1600) if rotated else (1600, 1200))
     assert decoded.reduction == (1 if target is None else 2)
     pixels = decoded.pixels
-    assert pixels.shape[:2] == (decoded.height // decoded.reduction, decoded.width // decoded.reduction)
+    assert pixels.shape[:2] == (
+        decoded.height // decoded.reduction,
+        decoded.width // decoded.reduction,
+    )
     vertical, horizontal = ORIENTED_CORNER[orientation]
     row = 5 if vertical == "top" else pixels.shape[0] - 6
     col = 5 if horizontal == "left" else pixels.shape[1] - 6

@@ -1,0 +1,142 @@
+"""`model-packager build`: a fine-tuned vision model into a validated, benchmarked, signed bundle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from model_packager.commands import Subparsers
+from model_packager.evaluate import GatePolicy
+
+QUANTIZATIONS = ("auto", "int8-static", "int8-dynamic", "fp16", "none")
+
+
+def register(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "build",
+        help="build a signed bundle from a HF checkpoint (+ LoRA adapter) or an ONNX file",
+        description=(
+            "Export, quantize, validate against the fp32 reference, benchmark, and sign a bundle. "
+            "Gates refuse a bundle that loses too much accuracy; nothing is written then."
+        ),
+    )
+    source = parser.add_argument_group("source")
+    source.add_argument("source", type=Path, help="HF image-classification directory or .onnx file")
+    source.add_argument(
+        "--adapter", type=Path, help="PEFT LoRA adapter directory, merged before export"
+    )
+    source.add_argument(
+        "--model-config", type=Path, help="YAML with 'labels' and 'preprocessing' (ONNX sources)"
+    )
+    source.add_argument("--labels", help="comma-separated labels in output order (ONNX sources)")
+    source.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept pickle checkpoints (.bin/.pt): they run code when loaded",
+    )
+    bundle = parser.add_argument_group("bundle")
+    bundle.add_argument(
+        "--name", required=True, help="bundle name (lowercase letters, digits, - and _)"
+    )
+    bundle.add_argument(
+        "--version", required=True, type=int, help="bundle version, an integer that only grows"
+    )
+    bundle.add_argument("--profile", required=True, help="firmware profile name or .toml path")
+    bundle.add_argument(
+        "--key", required=True, type=Path, help="bundle-signing private key (keygen --role bundle)"
+    )
+    bundle.add_argument(
+        "--out", required=True, type=Path, help="output folder for the bundle and its report"
+    )
+    bundle.add_argument(
+        "--knowledge", type=Path, help="YAML: label -> root_causes, corrective_actions, severity"
+    )
+    quant = parser.add_argument_group("quantization and validation")
+    quant.add_argument("--quantization", choices=QUANTIZATIONS, default="auto")
+    quant.add_argument(
+        "--calibration", type=Path, help="folder of representative images (int8-static)"
+    )
+    quant.add_argument(
+        "--calibration-method", choices=("minmax", "entropy", "percentile"), default="minmax"
+    )
+    quant.add_argument(
+        "--eval", dest="eval_dir", type=Path, help="labelled images: one folder per label"
+    )
+    quant.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=1.0,
+        help="points of top-1 accuracy (default 1.0)",
+    )
+    quant.add_argument(
+        "--min-agreement", type=float, default=0.97, help="top-1 agreement floor (default 0.97)"
+    )
+    quant.add_argument(
+        "--min-speedup",
+        type=float,
+        default=1.3,
+        help="int8 vs fp32, on target hardware (default 1.3)",
+    )
+    quant.add_argument(
+        "--waive-gate",
+        metavar="REASON",
+        help="write the bundle even if gates fail; REASON is recorded",
+    )
+    quant.add_argument(
+        "--enforce-latency",
+        action="store_true",
+        help="refuse a bundle over the profile's p95 budget (on target hardware)",
+    )
+    quant.add_argument("--bench-samples", type=int, default=50, help="latency samples (default 50)")
+    quant.add_argument(
+        "--golden-count", type=int, default=4, help="golden self-test samples (default 4)"
+    )
+    quant.add_argument(
+        "--golden-tolerance", type=float, default=0.05, help="max probability difference on device"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from model_packager.build import BuildOptions, build
+    from model_packager.errors import PackagerError
+    from model_packager.progress import Progress
+
+    if args.waive_gate is not None and not args.waive_gate.strip():
+        raise PackagerError(
+            "--waive-gate needs a reason, e.g. --waive-gate 'pilot line, reviewed by QA'"
+        )
+    for name in ("bench_samples", "golden_count"):
+        if getattr(args, name) < 1:
+            raise PackagerError(f"--{name.replace('_', '-')} must be at least 1")
+    options = BuildOptions(
+        source=args.source,
+        name=args.name,
+        version=args.version,
+        profile=args.profile,
+        key=args.key,
+        out=args.out,
+        adapter=args.adapter,
+        model_config=args.model_config,
+        labels=tuple(v.strip() for v in args.labels.split(",")) if args.labels else None,
+        quantization=args.quantization,
+        calibration=args.calibration,
+        calibration_method=args.calibration_method,
+        eval_dir=args.eval_dir,
+        policy=GatePolicy(
+            args.max_accuracy_drop, args.min_agreement, args.min_speedup, args.waive_gate
+        ),
+        enforce_latency=args.enforce_latency,
+        knowledge=args.knowledge,
+        golden_count=args.golden_count,
+        golden_tolerance=args.golden_tolerance,
+        allow_pickle=args.allow_pickle,
+        bench_samples=args.bench_samples,
+    )
+    result = build(options, Progress(quiet=args.quiet))
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print("\n".join(result.summary))
+    return 0
