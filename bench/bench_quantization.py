@@ -89,7 +89,9 @@ def _describe(result: QuantizationResult, seconds: float) -> dict[str, Any]:
 def pipeline_jpeg() -> bytes:
     """A real photograph as a phone-sized JPEG."""
     photo = realdata.photos()[realdata.PHOTO_FILES.index(PIPELINE_PHOTO)]
-    resized = cv2.resize(photo, PIPELINE_SIZE, interpolation=cv2.INTER_CUBIC)
+    resized = np.asarray(
+        cv2.resize(photo, PIPELINE_SIZE, interpolation=cv2.INTER_CUBIC), dtype=np.uint8
+    )
     return realdata.encode_jpeg(resized)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -344,14 +345,15 @@ def _missing_knowledge(plan: _Plan) -> list[str]:
 
 
 def _load(
-    directory: Path | None, progress: Progress, what: str, loader: object
+    directory: Path | None,
+    progress: Progress,
+    what: str,
+    loader: Callable[[Path], list[ImageSample]],
 ) -> list[ImageSample]:
     if directory is None:
         return []
     progress.step(f"reading {what} images from {directory}")
-    assert callable(loader)
-    samples: list[ImageSample] = loader(directory)
-    return samples
+    return loader(directory)
 
 
 def _latency_gate(plan: _Plan, after: Timing) -> list[str]:

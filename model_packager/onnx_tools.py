@@ -80,7 +80,7 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     """Row-wise softmax, computed stably in float64 and returned as float32."""
     shifted = scores.astype(np.float64) - scores.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
-    return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return np.asarray(exp / exp.sum(axis=-1, keepdims=True), dtype=np.float32)
 
 
 def run_probs(session: Any, batch: np.ndarray) -> np.ndarray:

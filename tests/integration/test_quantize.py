@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ SIDE = 32
 CLASSES = 10
 
 
-def _conv(name: str, rng: np.random.Generator, cin: int, cout: int) -> list[object]:
+def _conv(name: str, rng: np.random.Generator, cin: int, cout: int) -> list[TensorProto]:
     weight = (rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2.0 / (cin * 9))).astype(np.float32)
     # Per-channel scales only matter when channels differ: give each output channel its own range.
     weight *= np.linspace(0.2, 3.0, cout, dtype=np.float32)[:, None, None, None]
@@ -105,7 +106,7 @@ def _initializers(path: Path) -> dict[str, np.ndarray]:
     return {item.name: numpy_helper.to_array(item) for item in graph.initializer}
 
 
-def _nodes(path: Path, op_type: str) -> list[onnx.NodeProto]:
+def _nodes(path: Path, op_type: str) -> list[Any]:
     return [node for node in onnx.load(str(path)).graph.node if node.op_type == op_type]
 
 
@@ -199,7 +200,8 @@ def test_none_copies_the_model(tiny: Path, tmp_path: Path) -> None:
 
 
 def test_empty_calibration_is_refused_with_what_to_do(tiny: Path, tmp_path: Path) -> None:
-    for calibration in (None, []):
+    empty: list[np.ndarray] = []
+    for calibration in (None, empty):
         with pytest.raises(CalibrationError, match="--calibration DIR"):
             quantize_onnx(tiny, tmp_path / "x.onnx", "int8-static", calibration=calibration)
     assert not (tmp_path / "x.onnx").exists()
