@@ -193,6 +193,7 @@ def _hf_labels(config: Mapping[str, Any], directory: Path) -> tuple[str, ...]:
 
 
 def _onnx_source(path: Path, model_config: Path | None, labels: Sequence[str] | None) -> OnnxSource:
+    _check_onnx_header(path)
     document: dict[str, Any] = {}
     if model_config is not None:
         document = _read_yaml(model_config)
@@ -217,7 +218,6 @@ def _onnx_source(path: Path, model_config: Path | None, labels: Sequence[str] | 
         spec = load_spec(document["preprocessing"])
     except PreprocessError as exc:
         raise SourceError(f"{model_config}: {exc}") from exc
-    _check_onnx_header(path)
     return OnnxSource(path, _checked_labels([str(v) for v in chosen], "labels"), spec)
 
 

@@ -16,6 +16,7 @@ calibration never sees a test image.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -83,19 +84,19 @@ class Crop:
     flip: bool = False
 
 
-#: 9 per photo -> 144 test images.
-TEST_CROPS = (
-    Crop(1.0, 0.5, 0.5),
-    Crop(1.0, 0.5, 0.5, flip=True),
-    Crop(0.8, 0.5, 0.5),
-    Crop(0.8, 0.0, 0.0, flip=True),
-    Crop(0.8, 1.0, 1.0),
-    Crop(0.65, 0.5, 0.5, flip=True),
-    Crop(0.65, 0.0, 1.0),
-    Crop(0.65, 1.0, 0.0, flip=True),
-    Crop(0.5, 0.5, 0.5),
-)
-#: 4 per photo -> 64 calibration images, none with a test crop's geometry.
+def _test_grid() -> tuple[Crop, ...]:
+    """The whole photo (plain and flipped), then squares of 0.8, 0.65 and 0.5 of the short side at
+    the centre and the four corners, flipped in alternation: 17 per photo."""
+    corners = ((0.5, 0.5), (0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0))
+    crops = [Crop(1.0, 0.5, 0.5), Crop(1.0, 0.5, 0.5, flip=True)]
+    for i, scale in enumerate((0.8, 0.65, 0.5)):
+        crops += [Crop(scale, fx, fy, flip=(i + j) % 2 == 1) for j, (fx, fy) in enumerate(corners)]
+    return tuple(crops)
+
+
+#: 17 per photo -> 272 test images.
+TEST_CROPS = _test_grid()
+#: 4 per photo -> 64 calibration images, off the test grid (no test crop's geometry).
 CALIBRATION_CROPS = (
     Crop(0.9, 0.2, 0.8, flip=True),
     Crop(0.7, 0.3, 0.3),
@@ -145,11 +146,10 @@ def weights_path() -> Path:
 
 def real_model_onnx() -> Path:
     """The real EfficientNet-Lite0 as ONNX (exported once, then cached)."""
-    import torch
-
     weights = weights_path()
     key = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
-    target = cache_dir() / f"efficientnet-lite0-{key}-torch{torch.__version__}-opset{OPSET}.onnx"
+    torch_version = importlib.metadata.version("torch")  # without importing torch when cached
+    target = cache_dir() / f"efficientnet-lite0-{key}-torch{torch_version}-opset{OPSET}.onnx"
     if not target.is_file():
         partial = target.with_suffix(f".{os.getpid()}.partial")
         _export(weights, partial)
