@@ -112,23 +112,29 @@ def time_once(case: Case) -> float:
 
 
 def interleaved(
-    cases: Mapping[str, Case], *, rounds: int, per_round: int, warmup: int
+    cases: Mapping[str, Case],
+    *,
+    rounds: int,
+    per_round: int | Mapping[str, int],
+    warmup: int,
 ) -> dict[str, list[list[float]]]:
     """Time every case in alternating rounds; per case, one list of samples (seconds) per round.
 
     Each case is first called `warmup` times. Then, in each round, each case runs `per_round` times
     back to back (as a device would run one model), and the order of the cases rotates from round
-    to round so that no case always follows the same neighbour.
+    to round so that no case always follows the same neighbour. `per_round` may be a mapping
+    from case name to count, so that a very slow case does not stretch the run.
     """
     names = list(cases)
+    counts = {n: per_round if isinstance(per_round, int) else per_round[n] for n in names}
     for name in names:
-        for _ in range(warmup):
+        for _ in range(min(warmup, counts[name])):
             cases[name]()
     samples: dict[str, list[list[float]]] = {name: [] for name in names}
     for round_index in range(rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            samples[name].append([time_once(cases[name]) for _ in range(per_round)])
+            samples[name].append([time_once(cases[name]) for _ in range(counts[name])])
     return samples
 
 

@@ -38,14 +38,18 @@ preprocessing:
 """
 
 
-def part_photo(rng: np.random.Generator, label: str, shape: tuple[int, int] = PHOTO) -> NDArray[np.uint8]:
+def part_photo(
+    rng: np.random.Generator, label: str, shape: tuple[int, int] = PHOTO
+) -> NDArray[np.uint8]:
     """A brushed-metal part photographed under uneven light, with one defect (or none)."""
     height, width = shape
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     tone = rng.uniform(110, 170)
     light = tone + rng.uniform(-30, 30) * (x / width) + rng.uniform(-30, 30) * (y / height)
     streak = 2 * (width // 40) + 1
-    brushed = cv2.GaussianBlur(rng.normal(0, 10, (height, width)).astype(np.float32), (1, streak), 0)
+    brushed = cv2.GaussianBlur(
+        rng.normal(0, 10, (height, width)).astype(np.float32), (1, streak), 0
+    )
     gray = light + brushed + rng.normal(0, 3, (height, width))
     tint = rng.uniform(0.95, 1.05, 3)
     image = np.clip(gray[..., None] * tint, 0, 255).astype(np.uint8)
@@ -66,7 +70,9 @@ def _scratch(rng: np.random.Generator, image: NDArray[np.uint8]) -> None:
         dx, dy = math.cos(angle) * length / 2, math.sin(angle) * length / 2
         shade = int(rng.choice([25, 235]))
         p1, p2 = (int(cx - dx), int(cy - dy)), (int(cx + dx), int(cy + dy))
-        thickness = max(2, round(width * rng.uniform(0.012, 0.025)))  # scale-free, like a real photo
+        thickness = max(
+            2, round(width * rng.uniform(0.012, 0.025))
+        )  # scale-free, like a real photo
         cv2.line(image, p1, p2, (shade, shade, shade), thickness, cv2.LINE_AA)
 
 
@@ -89,7 +95,9 @@ def _stain(rng: np.random.Generator, image: NDArray[np.uint8]) -> None:
         axes = (int(rng.uniform(0.04, 0.12) * width), int(rng.uniform(0.04, 0.12) * width))
         cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
     mask = cv2.GaussianBlur(mask, (0, 0), width / 100)[..., None]
-    colour = np.array([rng.uniform(20, 60), rng.uniform(60, 110), rng.uniform(120, 170)])  # rust, BGR
+    colour = np.array(
+        [rng.uniform(20, 60), rng.uniform(60, 110), rng.uniform(120, 170)]
+    )  # rust, BGR
     blended = image * (1 - 0.75 * mask) + colour * 0.75 * mask
     image[:] = np.clip(blended, 0, 255).astype(np.uint8)
 
@@ -100,7 +108,11 @@ def write_photos(folder: Path, count: int, seed: int, label: str | None = None) 
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
         name = label or LABELS[index % len(LABELS)]
-        cv2.imwrite(str(folder / f"{name}-{index:03d}.jpg"), part_photo(rng, name), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        cv2.imwrite(
+            str(folder / f"{name}-{index:03d}.jpg"),
+            part_photo(rng, name),
+            [cv2.IMWRITE_JPEG_QUALITY, 90],
+        )
 
 
 def _training_set(count: int, seed: int) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
@@ -152,7 +164,9 @@ def train_and_export(out: Path, count: int, epochs: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", type=Path)
     parser.add_argument("--train", type=int, default=480, help="training images (default 480)")
     parser.add_argument("--epochs", type=int, default=12)
