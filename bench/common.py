@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from model_packager.benchmark import cpu_model
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 Case = Callable[[], object]
@@ -29,7 +31,7 @@ Case = Callable[[], object]
 def machine_info() -> dict[str, Any]:
     """CPU model, core counts, memory, OS and Python: what a reader needs to compare two runs."""
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "memory_gib": _memory_gib(),
@@ -42,16 +44,6 @@ def machine_info() -> dict[str, Any]:
             if name in os.environ
         },
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _memory_gib() -> float | None:

@@ -53,7 +53,7 @@ def machine_info() -> MachineInfo:
         except metadata.PackageNotFoundError:
             continue
     return MachineInfo(
-        cpu=_cpu_model(),
+        cpu=cpu_model(),
         cores=os.cpu_count() or 1,
         arch=platform.machine() or "unknown",
         os=f"{platform.system()} {platform.release()}".strip() or "unknown",
@@ -116,7 +116,8 @@ def _time(run: Callable[[], object], samples: int, warmup: int) -> Timing:
     return Timing(tuple(values))
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text(errors="replace").splitlines():
