@@ -54,7 +54,7 @@ class VerifiedBundle:
     directory: Path
     manifest: Manifest
     manifest_bytes: bytes = field(repr=False)
-    signer_key_id: str
+    signer_key_id: str | None  # None only for an unsigned bundle opened with allow_unsigned
     bundle_sha256: str
 
     @property
@@ -121,12 +121,21 @@ def write_bundle(
 
 
 def open_bundle(
-    path: Path, trust: TrustStore, staging_root: Path, limits: ArchiveLimits | None = None
+    path: Path,
+    trust: TrustStore,
+    staging_root: Path,
+    limits: ArchiveLimits | None = None,
+    *,
+    allow_unsigned: bool = False,
 ) -> VerifiedBundle:
-    """Safely extract and fully verify the bundle at `path`; raise a `BundleError` otherwise."""
+    """Safely extract and fully verify the bundle at `path`; raise a `BundleError` otherwise.
+
+    `allow_unsigned` (development only) accepts a bundle that carries no signature file at all;
+    its files are still checked against the manifest. A signature that is present must verify.
+    """
     extracted = extract_archive(path, staging_root, limits)
     try:
-        return _verify_extracted(extracted, trust)
+        return _verify_extracted(extracted, trust, allow_unsigned=allow_unsigned)
     except BaseException:
         shutil.rmtree(extracted.directory, ignore_errors=True)
         raise
@@ -146,6 +155,52 @@ def verify_bundle(
         return verified.manifest
 
 
+def verify_directory(
+    directory: Path, trust: TrustStore, bundle_sha256: str, *, allow_unsigned: bool = False
+) -> VerifiedBundle:
+    """Verify a bundle extracted earlier (by `open_bundle`) again, in place.
+
+    The signature is checked against `trust` as it is now (a key may have been revoked since),
+    and every listed file is hashed again, so a bundle damaged on disk is never loaded.
+    """
+    manifest_bytes = _read_file(directory / MANIFEST_FILE, MAX_MANIFEST_BYTES, ManifestError)
+    signer: str | None = None
+    signature_path = directory / SIGNATURES_FILE
+    if not (allow_unsigned and not signature_path.exists()):
+        signatures = _read_file(signature_path, MAX_SMALL_FILE_BYTES, SignatureError)
+        signer = trust.verify(manifest_bytes, decode_signatures(signatures), BUNDLE_MANIFEST)
+    manifest = Manifest.from_bytes(manifest_bytes)
+    present = {
+        path.relative_to(directory).as_posix()
+        for path in directory.rglob("*")
+        if not path.is_dir()
+    } - set(RESERVED_PATHS)
+    listed = {entry.path: entry for entry in manifest.files}
+    if present != set(listed):
+        raise IntegrityError(
+            f"{directory} holds {sorted(present - set(listed))} not in the manifest and lacks "
+            f"{sorted(set(listed) - present)}; install the bundle again"
+        )
+    for path, entry in listed.items():
+        digest, size = sha256_and_size(directory.joinpath(*path.split("/")))
+        if (digest, size) != (entry.sha256, entry.size):
+            raise IntegrityError(
+                f"{path!r} in {directory} no longer matches the manifest (damaged on disk?); "
+                "install the bundle again"
+            )
+    return VerifiedBundle(directory, manifest, manifest_bytes, signer, bundle_sha256)
+
+
+def _read_file(path: Path, max_bytes: int, error: type[BundleError]) -> bytes:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise error(f"{path} is missing; install the bundle again") from None
+    if size > max_bytes:
+        raise error(f"{path} is {size} bytes, over its cap of {max_bytes}")
+    return path.read_bytes()
+
+
 def _as_source(name: str, value: Path | SourceFile) -> SourceFile:
     return value if isinstance(value, SourceFile) else SourceFile(Path(value), guess_role(name))
 
@@ -157,21 +212,28 @@ def _hash_entry(name: str, source: SourceFile) -> FileEntry:
     return FileEntry(path=name, sha256=digest, size=size, role=source.role)
 
 
-def _verify_extracted(extracted: ExtractedArchive, trust: TrustStore) -> VerifiedBundle:
+def _verify_extracted(
+    extracted: ExtractedArchive, trust: TrustStore, *, allow_unsigned: bool
+) -> VerifiedBundle:
     manifest_bytes = _read_member(
         extracted,
         MANIFEST_FILE,
         MAX_MANIFEST_BYTES,
         ManifestError(f"the bundle has no {MANIFEST_FILE}; rebuild it with model-packager"),
     )
-    signatures = _read_member(
-        extracted,
-        SIGNATURES_FILE,
-        MAX_SMALL_FILE_BYTES,
-        SignatureError(f"the bundle is not signed (no {SIGNATURES_FILE}); sign it"),
-    )
-    # The signature covers the exact stored bytes; they are parsed only once it holds.
-    signer = trust.verify(manifest_bytes, decode_signatures(signatures), BUNDLE_MANIFEST)
+    signer: str | None = None
+    if not (allow_unsigned and extracted.entry(SIGNATURES_FILE) is None):
+        signatures = _read_member(
+            extracted,
+            SIGNATURES_FILE,
+            MAX_SMALL_FILE_BYTES,
+            SignatureError(
+                f"the bundle is not signed (no {SIGNATURES_FILE}); sign it with model-packager "
+                "(unsigned bundles are accepted only where a development setting allows them)"
+            ),
+        )
+        # The signature covers the exact stored bytes; they are parsed only once it holds.
+        signer = trust.verify(manifest_bytes, decode_signatures(signatures), BUNDLE_MANIFEST)
     manifest = Manifest.from_bytes(manifest_bytes)
     _check_files(manifest, extracted)
     return VerifiedBundle(

@@ -56,6 +56,14 @@ class ImageError(BundleError):
     """An image cannot be decoded or is not acceptable (type, size, pixel count)."""
 
 
+class UnsupportedImageError(ImageError):
+    """The bytes are not an image in an accepted format (JPEG, PNG, WebP, BMP)."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image has more bytes or more pixels than allowed (decompression-bomb guard)."""
+
+
 class PreprocessError(BundleError):
     """The preprocessing spec is invalid or cannot be applied."""
 

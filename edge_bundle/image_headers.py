@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from edge_bundle.errors import ImageError
+from edge_bundle.errors import ImageError, UnsupportedImageError
 
 ACCEPTED_FORMATS = ("jpeg", "png", "webp", "bmp")
 _ACCEPTED_TEXT = "JPEG, PNG, WebP or BMP"
@@ -59,7 +59,7 @@ def sniff_format(data: bytes) -> str:
         return "webp"
     if data[:2] == b"BM" and len(data) >= 18 and _u32le(data, 14) in _BMP_HEADER_SIZES:
         return "bmp"
-    raise ImageError(f"{_describe_unknown(data)}; send the photo as {_ACCEPTED_TEXT}")
+    raise UnsupportedImageError(f"{_describe_unknown(data)}; send the photo as {_ACCEPTED_TEXT}")
 
 
 def read_dimensions(data: bytes) -> tuple[int, int]:

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from edge_bundle.errors import ImageError
+from edge_bundle.errors import ImageError, ImageTooLargeError
 from edge_bundle.image_headers import (
     ACCEPTED_FORMATS,
     HeaderInfo,
@@ -119,7 +119,7 @@ def _check_byte_count(data: bytes, max_bytes: int) -> None:
     if not data:
         raise ImageError("the image is empty (0 bytes); attach a photo and send again")
     if len(data) > max_bytes:
-        raise ImageError(
+        raise ImageTooLargeError(
             f"the image is {len(data):,} bytes, over the limit of {max_bytes:,}; "
             "send a smaller or more compressed photo"
         )
@@ -128,7 +128,7 @@ def _check_byte_count(data: bytes, max_bytes: int) -> None:
 def _check_pixel_count(info: HeaderInfo, max_pixels: int) -> None:
     pixels = info.width * info.height
     if pixels > max_pixels:
-        raise ImageError(
+        raise ImageTooLargeError(
             f"the image is {info.width}x{info.height} = {pixels:,} pixels, over the limit of "
             f"{max_pixels:,}; scale it down (e.g. to 4000x3000) before sending"
         )

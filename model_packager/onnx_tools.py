@@ -12,10 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from edge_bundle.scores import looks_like_probabilities, softmax, to_probabilities
 from model_packager.errors import SourceError
 
-#: Rows whose values lie in [0, 1] and sum to 1 within this tolerance are taken as probabilities.
-PROBABILITY_SUM_TOLERANCE = 1e-3
 
 
 def make_session(path: Path, threads: int, spinning: bool = False) -> Any:
@@ -68,22 +67,16 @@ def run_logits(session: Any, batch: np.ndarray) -> np.ndarray:
     return scores.reshape(scores.shape[0], -1)
 
 
-def looks_like_probabilities(scores: np.ndarray) -> bool:
-    """True when every row is already a probability distribution."""
-    if scores.size == 0 or scores.min() < 0.0 or scores.max() > 1.0:
-        return False
-    sums = scores.sum(axis=-1)
-    return bool(np.all(np.abs(sums - 1.0) <= PROBABILITY_SUM_TOLERANCE))
-
-
-def softmax(scores: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, computed stably in float64 and returned as float32."""
-    shifted = scores.astype(np.float64) - scores.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return np.asarray(exp / exp.sum(axis=-1, keepdims=True), dtype=np.float32)
-
-
 def run_probs(session: Any, batch: np.ndarray) -> np.ndarray:
     """Class probabilities (N, classes) for `batch`; softmax is applied when outputs are logits."""
-    scores = run_logits(session, batch)
-    return scores if looks_like_probabilities(scores) else softmax(scores)
+    return to_probabilities(run_logits(session, batch))
+
+
+__all__ = [
+    "input_name",
+    "looks_like_probabilities",
+    "make_session",
+    "run_logits",
+    "run_probs",
+    "softmax",
+]

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     trust = TrustStore.from_files(args.keys, args.revoked)
     with tempfile.TemporaryDirectory(prefix="model-packager-verify-") as staging:
         verified = open_bundle(args.bundle, trust, Path(staging))
+        assert verified.signer_key_id is not None  # open_bundle refuses unsigned bundles here
         signer = trust.key(verified.signer_key_id)
         role = signer.role.value if signer else "unknown"
         print(f"OK {verified.bundle_id} signed by {verified.signer_key_id} (role {role})")

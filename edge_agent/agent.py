@@ -1,0 +1,242 @@
+"""The composition root: builds the agent's objects from settings and runs their lifecycle.
+
+One `Agent` per process owns the profile, the trust store, the bundle store, the metrics, the
+request records and the inference core; transports get it passed in (no module-level state).
+Loading happens in the background after start-up, so `/healthz` answers while a model loads and
+`/readyz` turns ready only once every active model has passed its golden self-test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from edge_agent import __version__
+from edge_agent.core import InferenceCore, ModelState
+from edge_agent.errors import AgentError, ConfigError
+from edge_agent.install import Candidate, prepare, stage_and_prepare
+from edge_agent.metrics import AgentMetrics
+from edge_agent.records import RequestRecords
+from edge_agent.selftest import run_selftest
+from edge_agent.settings import AgentSettings
+from edge_agent.store import BundleStore
+from edge_bundle.errors import BundleError
+from edge_bundle.profiles import HardwareProfile, load_profile
+from edge_bundle.signing import TrustStore
+
+log = logging.getLogger(__name__)
+#: An inference running longer than this means the runtime is wedged: stop feeding the watchdog.
+WEDGED_AFTER_S = 60.0
+
+
+def build_trust(settings: AgentSettings) -> TrustStore:
+    try:
+        return TrustStore.from_files(settings.key_files(), revoked=settings.revoked_key_ids)
+    except BundleError as exc:
+        raise ConfigError(f"cannot read the trusted keys: {exc}") from exc
+
+
+def build_store(settings: AgentSettings) -> BundleStore:
+    trust = build_trust(settings)
+    if not trust.keys and not settings.allow_unsigned_bundles:
+        log.warning(
+            "no trusted public keys are configured (trusted_keys / trusted_keys_dir): every "
+            "bundle will be refused"
+        )
+    if settings.allow_unsigned_bundles:
+        log.warning("allow_unsigned_bundles is on: DEVELOPMENT ONLY, never on a production box")
+    return BundleStore(settings.store_dir, trust, allow_unsigned=settings.allow_unsigned_bundles)
+
+
+def build_profile(settings: AgentSettings) -> HardwareProfile:
+    try:
+        return load_profile(settings.profile)
+    except BundleError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+class Agent:
+    """Everything one running agent owns."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.profile = build_profile(settings)
+        self.store = build_store(settings)
+        self.metrics = AgentMetrics()
+        self.records = RequestRecords(
+            settings.requests_dir,
+            max_age_s=settings.keep_requests_s,
+            max_bytes=settings.keep_requests_bytes,
+            max_count=settings.keep_requests_count,
+        )
+        self.core = InferenceCore(settings, metrics=self.metrics, records=self.records)
+        self.started_at = time.time()
+        self.loading = True
+        self._install_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Begin loading the active bundles in the background; returns at once."""
+        self.store.clear_staging()
+        self._tasks.append(asyncio.create_task(self._load_active(), name="load-models"))
+        if self.settings.selftest_interval_s > 0:
+            self._tasks.append(asyncio.create_task(self._periodic_selftest(), name="selftest"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await asyncio.to_thread(self.core.close)
+
+    def start_draining(self) -> None:
+        self.core.admission.start_draining()
+        self.metrics.ready.set(0)
+
+    # ---- state ---------------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, list[str]]:
+        """(ready, reasons it is not)."""
+        reasons = []
+        if self.core.admission.draining:
+            reasons.append("shutting down")
+        if self.loading:
+            reasons.append("loading the installed bundles")
+        elif not self.core.models:
+            reasons.append(
+                "no model is installed: run `edge-agent install BUNDLE` or POST one to "
+                "/v1/admin/bundles"
+            )
+        for name, state in sorted(self.core.models.items()):
+            if state.status != "ready":
+                reasons.append(f"model {name} is {state.status}: {state.reason}")
+        ready = not reasons
+        self.metrics.ready.set(1 if ready else 0)
+        return ready, reasons
+
+    def healthy(self) -> bool:
+        """False when the inference thread has been stuck on one call (feeds the watchdog)."""
+        busy = self.core.busy_since
+        return busy is None or time.monotonic() - busy < WEDGED_AFTER_S
+
+    def describe_models(self) -> list[dict[str, Any]]:
+        described = []
+        for name, state in sorted(self.core.models.items()):
+            entry: dict[str, Any] = {"name": name, "status": state.status}
+            if state.reason:
+                entry["reason"] = state.reason
+            if state.classifier is not None:
+                entry.update(state.classifier.describe())
+            entry["selftest"] = state.last_selftest
+            entry["installed_versions"] = self.store.versions(name)
+            described.append(entry)
+        return described
+
+    # ---- installing ----------------------------------------------------------------------
+    async def install(self, bundle_file: Path) -> dict[str, Any]:
+        """Verify, load, self-test and activate a bundle; the old one serves until the swap."""
+        async with self._install_lock:
+            try:
+                candidate = await asyncio.to_thread(
+                    stage_and_prepare,
+                    self.store,
+                    bundle_file,
+                    self.profile,
+                    self.settings.cache_dir,
+                )
+            except AgentError:
+                self.metrics.installs.labels("rejected").inc()
+                raise
+            manifest = candidate.bundle.manifest
+            await asyncio.to_thread(self.store.activate, manifest.name, manifest.version)
+            self._publish(candidate)
+            self.metrics.installs.labels("activated").inc()
+            log.info(
+                "activated %s (self-test %.1f ms)",
+                manifest.bundle_id,
+                candidate.selftest.seconds * 1000,
+            )
+            return {
+                "activated": candidate.classifier.describe(),
+                "selftest": _selftest_json(candidate),
+            }
+
+    async def reload(self) -> None:
+        """Load whatever the store marks active now (after a CLI install; SIGHUP)."""
+        async with self._install_lock:
+            await self._load_active()
+
+    def _publish(self, candidate: Candidate) -> None:
+        name = candidate.bundle.manifest.name
+        self.core.set_model(
+            name,
+            ModelState(
+                "ready", classifier=candidate.classifier, last_selftest=_selftest_json(candidate)
+            ),
+        )
+
+    async def _load_active(self) -> None:
+        try:
+            for name in self.store.active_names():
+                version = self.store.active_version(name)
+                loaded = self.core.models.get(name)
+                if version is None or (
+                    loaded is not None
+                    and loaded.classifier is not None
+                    and loaded.classifier.version == version
+                ):
+                    continue
+                if loaded is None:
+                    self.core.set_model(name, ModelState("loading", f"loading version {version}"))
+                try:
+                    candidate = await asyncio.to_thread(self._prepare_installed, name, version)
+                except AgentError as exc:
+                    log.error("cannot serve %s@%s: %s", name, version, exc.message)
+                    self.core.set_model(name, ModelState("failed", exc.message))
+                    continue
+                self._publish(candidate)
+                log.info("serving %s@%s", name, version)
+        finally:
+            self.loading = False
+
+    def _prepare_installed(self, name: str, version: int) -> Candidate:
+        return prepare(self.store.open(name, version), self.profile, self.settings.cache_dir)
+
+    async def _periodic_selftest(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.selftest_interval_s)
+            for name, state in list(self.core.models.items()):
+                classifier = state.classifier
+                if classifier is None or state.status != "ready":
+                    continue
+                report = await self.core.run_inference(functools.partial(run_selftest, classifier))
+                self.metrics.selftests.labels(name, "passed" if report.passed else "failed").inc()
+                if not report.passed and self.core.models.get(name) is state:
+                    log.error("periodic self-test of %s failed: %s", name, report.failures)
+                    self.core.set_model(
+                        name,
+                        ModelState(
+                            "failed",
+                            "periodic golden self-test failed: " + "; ".join(report.failures),
+                            classifier=None,
+                        ),
+                    )
+
+
+def _selftest_json(candidate: Candidate) -> dict[str, Any]:
+    report = candidate.selftest
+    return {
+        "passed": report.passed,
+        "samples": report.samples,
+        "max_deviation": round(report.max_deviation, 6),
+        "tolerance": report.tolerance,
+        "ms": round(report.seconds * 1000, 1),
+        "at": time.time(),
+        "agent_version": __version__,
+    }

@@ -1,0 +1,247 @@
+"""The inference core: what every transport calls to classify an image.
+
+Work is split over two pools so a 2-core box stays busy without oversubscribing: decoding and
+preprocessing (OpenCV releases the GIL) run on `decode_threads` threads, while inference runs on
+a single thread because the runtime already spreads one inference over the profile's intra-op
+threads. Transports hold an admission slot (`core.admission`) for each request, which bounds
+everything the core can be asked to do at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from edge_agent.admission import Admission
+from edge_agent.classifier import Classifier
+from edge_agent.errors import NotReadyError, UnknownModelError
+from edge_agent.metrics import AgentMetrics
+from edge_agent.records import RequestRecords
+from edge_agent.settings import AgentSettings
+from edge_bundle.imaging import DecodedImage
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+#: Record writes waiting for the disk beyond this are kept without their image (bounded memory).
+MAX_PENDING_RECORD_IMAGES = 16
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One classification, shaped for every transport (and for an explanation to follow)."""
+
+    request_id: str
+    model: dict[str, Any]
+    label: str
+    score: float
+    top_k: tuple[tuple[str, float], ...]
+    knowledge: dict[str, Any] | None
+    image: dict[str, Any]
+    timings_ms: dict[str, float]
+    created_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "model": self.model,
+            "label": self.label,
+            "score": round(self.score, 6),
+            "top_k": [{"label": label, "score": round(score, 6)} for label, score in self.top_k],
+            "knowledge": self.knowledge,
+            "image": self.image,
+            "timings_ms": {stage: round(ms, 3) for stage, ms in self.timings_ms.items()},
+            "created_at": self.created_at,
+        }
+
+
+@dataclass
+class ModelState:
+    """Whether a model may serve, and why not."""
+
+    status: str  # "loading", "ready" or "failed"
+    reason: str = ""
+    classifier: Classifier | None = None
+    last_selftest: dict[str, Any] | None = None
+
+
+class InferenceCore:
+    """Active classifiers by name, the pools that run them, and admission control."""
+
+    def __init__(
+        self, settings: AgentSettings, metrics: AgentMetrics, records: RequestRecords
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.records = records
+        self.admission = Admission(settings.max_in_flight)
+        metrics.capacity.set(settings.max_in_flight)
+        self.models: dict[str, ModelState] = {}
+        self._decode_pool = ThreadPoolExecutor(settings.decode_threads, "decode")
+        self._infer_pool = ThreadPoolExecutor(1, "infer")
+        self._record_pool = ThreadPoolExecutor(1, "records")
+        self._pending_records = 0
+        self.busy_since: float | None = None  # when the running inference started
+
+    # ---- models ----------------------------------------------------------------------------
+    def set_model(self, name: str, state: ModelState) -> None:
+        """Publish a model's state; an in-flight request keeps the classifier it started with."""
+        previous = self.models.get(name)
+        self.models[name] = state
+        if state.classifier is not None:
+            info = state.classifier.describe()
+            self.metrics.set_model(
+                name,
+                info["version"],
+                info["bundle_sha256"],
+                info["runtime"],
+                ",".join(info["providers"]),
+            )
+        if previous is not None and previous.classifier not in (None, state.classifier):
+            # Closed on the inference thread, after any inference already queued on it.
+            old = previous.classifier
+            assert old is not None
+            self._infer_pool.submit(old.close)
+
+    def classifier(self, name: str) -> Classifier:
+        state = self.models.get(name)
+        if state is None:
+            raise UnknownModelError(
+                f"no model called {name!r} is installed; installed: {sorted(self.models) or 'none'}"
+                " (GET /v1/models lists them)"
+            )
+        if state.status != "ready" or state.classifier is None:
+            raise NotReadyError(
+                f"model {name!r} is {state.status}" + (f": {state.reason}" if state.reason else ""),
+                retry_after_s=5.0,
+            )
+        return state.classifier
+
+    # ---- running ---------------------------------------------------------------------------
+    async def run_inference(self, function: Callable[[], _T]) -> _T:
+        """Run `function` on the inference thread (selftests use this too, to serialise)."""
+        loop = asyncio.get_running_loop()
+        self.metrics.queued.inc()
+        queued = True
+
+        def call() -> _T:
+            nonlocal queued
+            self.busy_since = time.monotonic()
+            try:
+                return function()
+            finally:
+                self.busy_since = None
+
+        try:
+            future = loop.run_in_executor(self._infer_pool, call)
+            return await future
+        finally:
+            if queued:
+                self.metrics.queued.dec()
+
+    async def predict(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        request_id: str,
+        top_k: int = 3,
+        receive_s: float = 0.0,
+        keep: bool = True,
+    ) -> Prediction:
+        """Classify `data` with model `name`. The caller holds an admission slot."""
+        classifier = self.classifier(name)
+        loop = asyncio.get_running_loop()
+        image, tensor, decode_s, prepare_s = await loop.run_in_executor(
+            self._decode_pool, self._decode_and_prepare, classifier, data
+        )
+        started = time.perf_counter()
+        probabilities = await self.run_inference(lambda: classifier.infer(tensor))
+        infer_s = time.perf_counter() - started
+        started = time.perf_counter()
+        scored = classifier.postprocess(probabilities, top_k)
+        post_s = time.perf_counter() - started
+        timings = {
+            "receive": receive_s,
+            "decode": decode_s,
+            "preprocess": prepare_s,
+            "infer": infer_s,
+            "postprocess": post_s,
+        }
+        for stage, seconds in timings.items():
+            self.metrics.stage_seconds.labels(name, stage).observe(seconds)
+        prediction = Prediction(
+            request_id=request_id,
+            model={
+                "name": classifier.name,
+                "version": classifier.version,
+                "bundle_sha256": classifier.bundle.bundle_sha256,
+            },
+            label=scored.label,
+            score=scored.score,
+            top_k=scored.top_k,
+            knowledge=scored.knowledge.model_dump(mode="json") if scored.knowledge else None,
+            image={
+                "format": image.format,
+                "width": image.width,
+                "height": image.height,
+                "decoded_at_reduction": image.reduction,
+            },
+            timings_ms={stage: seconds * 1000 for stage, seconds in timings.items()},
+        )
+        if keep:
+            self._keep(prediction, data)
+        return prediction
+
+    def _decode_and_prepare(
+        self, classifier: Classifier, data: bytes
+    ) -> tuple[DecodedImage, NDArray[Any], float, float]:
+        started = time.perf_counter()
+        image = classifier.decode(
+            data,
+            max_pixels=self.settings.max_image_pixels,
+            max_bytes=self.settings.max_body_bytes,
+        )
+        decoded = time.perf_counter()
+        tensor = classifier.prepare(image)
+        return image, tensor, decoded - started, time.perf_counter() - decoded
+
+    def _keep(self, prediction: Prediction, data: bytes) -> None:
+        """Write the record off the request path; under a backlog, keep the answer only."""
+        if not self.records.enabled:
+            return
+        image: bytes | None = data
+        if self._pending_records >= MAX_PENDING_RECORD_IMAGES:
+            image = None
+        self._pending_records += 1
+
+        def write() -> None:
+            try:
+                self.records.put(prediction.request_id, prediction.to_json(), image)
+            finally:
+                self._pending_records -= 1
+
+        self._record_pool.submit(write)
+
+    def close(self) -> None:
+        for pool in (self._decode_pool, self._record_pool, self._infer_pool):
+            pool.shutdown(wait=True, cancel_futures=False)
+        for state in self.models.values():
+            if state.classifier is not None:
+                state.classifier.close()
+
+
+def probabilities_row(probabilities: NDArray[np.float32]) -> list[float]:
+    return [float(p) for p in probabilities[0]]

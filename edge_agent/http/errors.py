@@ -1,0 +1,111 @@
+"""Errors -> HTTP responses, in one table.
+
+Every error answer has the same JSON shape, `{"error": {"code", "message", "request_id"}}`, says
+what was wrong and what to do, and carries `Retry-After` when retrying later can succeed.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from edge_agent import errors as agent
+from edge_bundle import errors as bundle
+
+#: Most specific class first; the first match wins.
+STATUS: tuple[tuple[type[Exception], int, str | None], ...] = (
+    (agent.BadRequestError, 400, None),
+    (agent.UnauthorizedError, 401, None),
+    (agent.UnknownModelError, 404, None),
+    (agent.UnknownRequestError, 404, None),
+    (agent.PayloadTooLargeError, 413, None),
+    (agent.UnsupportedMediaError, 415, None),
+    (agent.BundleRejectedError, 422, None),
+    (agent.NotReadyError, 503, None),
+    (agent.OverloadedError, 503, None),
+    (agent.DrainingError, 503, None),
+    (agent.ConfigError, 500, None),
+    (agent.RuntimeLoadError, 500, None),
+    (agent.InferenceError, 500, None),
+    (agent.SelfTestError, 500, None),
+    (bundle.ImageTooLargeError, 413, "image_too_large"),
+    (bundle.UnsupportedImageError, 415, "unsupported_image"),
+    (bundle.ImageError, 422, "invalid_image"),
+    (bundle.PreprocessError, 422, "invalid_image"),
+)
+
+
+def status_for(exc: Exception) -> tuple[int, str]:
+    """(HTTP status, error code) for an agent or bundle error."""
+    for cls, status, code in STATUS:
+        if isinstance(exc, cls):
+            return status, code or str(getattr(exc, "code", "error"))
+    return 500, "internal_error"
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    request_id: str | None,
+    retry_after_s: float | None = None,
+) -> JSONResponse:
+    headers = {}
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
+    if request_id:
+        headers["X-Request-ID"] = request_id
+    body = {"error": {"code": code, "message": message, "request_id": request_id}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def request_id_of(request: Request) -> str | None:
+    value = getattr(request.state, "request_id", None)
+    return value if isinstance(value, str) else None
+
+
+async def handle_known(request: Request, exc: Exception) -> JSONResponse:
+    status, code = status_for(exc)
+    message = getattr(exc, "message", None) or str(exc)
+    retry = getattr(exc, "retry_after_s", None)
+    return error_response(status, code, message, request_id_of(request), retry)
+
+
+async def handle_http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    message = {
+        404: f"there is no route {request.url.path}; see /docs for the API",
+        405: f"{request.method} is not allowed on {request.url.path}; see /docs for the API",
+    }.get(exc.status_code, str(exc.detail))
+    return error_response(
+        exc.status_code, codes.get(exc.status_code, "http_error"), message, request_id_of(request)
+    )
+
+
+async def handle_validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ()))
+        problems.append(f"{where}: {error.get('msg', 'invalid')}")
+    return error_response(
+        400, "bad_request", "invalid request: " + "; ".join(problems), request_id_of(request)
+    )
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    import logging
+
+    logging.getLogger(__name__).exception("unexpected error on %s", request.url.path)
+    return error_response(
+        500,
+        "internal_error",
+        "the agent hit an unexpected error; it keeps serving. Retry, and report the request id "
+        "if it persists",
+        request_id_of(request),
+    )

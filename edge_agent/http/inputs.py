@@ -1,0 +1,83 @@
+"""Reading an image out of a prediction request, in the three forms the API accepts.
+
+- a raw body with an `image/*` (or `application/octet-stream`) content type: the fastest path;
+- `multipart/form-data` with one file field named `image` (what an HTML form or `curl -F` sends);
+- `application/json` with `{"image": "<base64>"}` (a data: URL is accepted too).
+
+The content type only picks the parser: whether the bytes are an image, and which kind, is decided
+from the bytes themselves by the decoder. Body size is capped by `BodyLimit` before any of this.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+
+from edge_agent.errors import AgentError, BadRequestError, UnsupportedMediaError
+
+IMAGE_FIELD = "image"
+ACCEPTED = "image/* (raw body), multipart/form-data (field 'image') or application/json"
+
+
+async def read_image(request: Request) -> bytes:
+    """The image bytes of a prediction request; `AgentError`s say what to send instead."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type.startswith("image/") or content_type == "application/octet-stream":
+        return await request.body()
+    if content_type == "multipart/form-data":
+        return await _from_multipart(request)
+    if content_type == "application/json":
+        return _from_json(await request.body())
+    shown = content_type or "no Content-Type"
+    raise UnsupportedMediaError(f"cannot read an image from {shown}; send {ACCEPTED}")
+
+
+async def _from_multipart(request: Request) -> bytes:
+    try:
+        form = await request.form(max_files=1, max_fields=16)
+    except AgentError:  # the body cap, raised from inside the parser's reads
+        raise
+    except Exception as exc:  # starlette's parser errors differ across versions
+        raise BadRequestError(
+            f"the multipart body could not be parsed ({exc}); send one file field named '{IMAGE_FIELD}'"
+        ) from exc
+    try:
+        upload = form.get(IMAGE_FIELD)
+        if not isinstance(upload, UploadFile):
+            files = [key for key, value in form.multi_items() if isinstance(value, UploadFile)]
+            hint = f" (found file fields {files})" if files else ""
+            raise BadRequestError(
+                f"the multipart upload has no file field named '{IMAGE_FIELD}'{hint}; send the "
+                f"photo as -F {IMAGE_FIELD}=@photo.jpg"
+            )
+        return await upload.read()
+    finally:
+        await form.close()
+
+
+def _from_json(body: bytes) -> bytes:
+    try:
+        document: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequestError(
+            f'the body is not valid JSON ({exc}); send {{"image": "<base64>"}}'
+        ) from None
+    encoded = document.get(IMAGE_FIELD) if isinstance(document, dict) else None
+    if not isinstance(encoded, str) or not encoded:
+        raise BadRequestError(
+            f"the JSON body needs a string field '{IMAGE_FIELD}' holding the base64-encoded photo"
+        )
+    if encoded.startswith("data:"):
+        _, _, encoded = encoded.partition(",")
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequestError(
+            f"the '{IMAGE_FIELD}' field is not valid base64 (standard alphabet, with padding); "
+            "encode the file's bytes with base64"
+        ) from None

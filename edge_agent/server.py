@@ -1,0 +1,121 @@
+"""Running the agent under uvicorn: binding, TLS, signals, systemd notifications, draining.
+
+On SIGTERM (or the first Ctrl-C) the agent drains instead of stopping at once: readiness turns
+false immediately, new predictions get 503 + Retry-After for `drain_grace_s` so load balancers and
+clients move on, admitted requests finish, and then uvicorn closes the listener and the remaining
+connections. From the signal to exit takes at most `shutdown_timeout_s`; a second signal exits
+at once. SIGHUP reloads the active bundles from the store (after an `edge-agent install`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import signal
+import socket
+import time
+from types import FrameType
+
+import uvicorn
+
+from edge_agent import __version__
+from edge_agent.agent import Agent
+from edge_agent.http.app import create_app
+from edge_agent.sdnotify import SystemdNotifier, watchdog_loop
+from edge_agent.settings import AgentSettings
+
+log = logging.getLogger(__name__)
+#: Part of shutdown_timeout_s kept for uvicorn to close connections and the lifespan to stop.
+CLOSE_RESERVE_S = 2.0
+
+
+class AgentServer(uvicorn.Server):
+    """uvicorn's server, with a drain phase before it stops."""
+
+    def __init__(self, config: uvicorn.Config, agent: Agent, notifier: SystemdNotifier) -> None:
+        super().__init__(config)
+        self.agent = agent
+        self.notifier = notifier
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+        self._background: list[asyncio.Task[None]] = []
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.should_exit:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_signal_handler(signal.SIGHUP, self._reload)
+        self.notifier.ready()
+        self.notifier.status("serving; loading installed bundles")
+        self._background.append(
+            asyncio.create_task(watchdog_loop(self.notifier, self.agent.healthy), name="watchdog")
+        )
+        scheme = "https" if self.agent.settings.tls else "http"
+        log.info(
+            "edge agent %s listening on %s://%s:%d (profile %s)",
+            __version__,
+            scheme,
+            self.agent.settings.host,
+            self.agent.settings.port,
+            self.agent.profile.name,
+        )
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self._loop is None:
+            if self.should_exit:
+                self.force_exit = True
+            self.should_exit = True
+            return
+        self._draining = True
+        self._loop.call_soon_threadsafe(self._start_drain, sig)
+
+    def _start_drain(self, sig: int) -> None:
+        self._background.append(asyncio.create_task(self._drain(sig), name="drain"))
+
+    async def _drain(self, sig: int) -> None:
+        settings = self.agent.settings
+        started = time.monotonic()
+        log.info("%s: draining (readiness off, new predictions get 503)", signal.Signals(sig).name)
+        self.agent.start_draining()
+        self.notifier.stopping()
+        budget = max(0.0, settings.shutdown_timeout_s - CLOSE_RESERVE_S)
+        await asyncio.sleep(min(settings.drain_grace_s, budget))
+        idle = await self.agent.core.admission.wait_idle(
+            max(0.0, budget - (time.monotonic() - started))
+        )
+        if not idle:
+            log.warning(
+                "%d predictions still running at the drain deadline",
+                self.agent.core.admission.in_flight,
+            )
+        remaining = settings.shutdown_timeout_s - (time.monotonic() - started)
+        self.config.timeout_graceful_shutdown = max(1, math.floor(remaining - 0.5))
+        self.should_exit = True
+
+    def _reload(self) -> None:
+        log.info("SIGHUP: loading the bundles the store marks active")
+        self._background.append(asyncio.create_task(self.agent.reload(), name="reload"))
+
+
+def serve(settings: AgentSettings) -> None:
+    """Run the agent until it is stopped; returns after a clean shutdown."""
+    agent = Agent(settings)
+    config = uvicorn.Config(
+        create_app(agent),
+        host=settings.host,
+        port=settings.port,
+        ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
+        ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
+        log_config=None,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        # An outer bound on connections + tasks; admission control answers first, faster.
+        limit_concurrency=settings.max_in_flight * 4 + 32,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
+        server_header=False,
+        lifespan="on",
+    )
+    AgentServer(config, agent, SystemdNotifier()).run()

@@ -1,0 +1,202 @@
+"""The agent's settings: one typed object, loaded once at start-up and passed in.
+
+Sources, highest priority first: command-line options (passed as overrides), environment variables
+(`EDGE_AGENT_<FIELD>`, lists as JSON), secret files in `$CREDENTIALS_DIRECTORY` (systemd
+`LoadCredential=`; the file name is the bare field name, e.g. `admin_token`), the TOML config file
+(`--config`, keys are the field names), then the defaults below. Unknown keys in the config file
+are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from edge_agent.errors import ConfigError
+
+ENV_PREFIX = "EDGE_AGENT_"
+MIB = 1024 * 1024
+
+
+class AgentSettings(BaseSettings):
+    """Everything the agent can be told; see docs/agent.md for a commented example file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True
+    )
+
+    # Where things live.
+    state_dir: Path = Field(
+        default=Path("/var/lib/lineside"),
+        description="bundle store, request records and caches (systemd StateDirectory)",
+    )
+    profile: str = Field(
+        default="generic-x86-64-avx2",
+        min_length=1,
+        description="firmware profile name (firmware_profiles/) or path to a profile TOML",
+    )
+
+    # HTTP.
+    host: str = Field(default="127.0.0.1", description="address to bind; 0.0.0.0 for the line")
+    port: int = Field(default=8080, ge=1, le=65535, description="TCP port to bind")
+    tls_certfile: Path | None = Field(default=None, description="PEM certificate (enables TLS)")
+    tls_keyfile: Path | None = Field(default=None, description="PEM private key for tls_certfile")
+    admin_token: SecretStr | None = Field(
+        default=None,
+        min_length=16,
+        description="bearer token for admin routes; without it admin routes are disabled",
+    )
+
+    # Trust.
+    trusted_keys: tuple[Path, ...] = Field(
+        default=(), description="public key files (*.pub) whose bundle signatures are trusted"
+    )
+    trusted_keys_dir: Path | None = Field(
+        default=None, description="a directory of trusted *.pub files, added to trusted_keys"
+    )
+    revoked_key_ids: tuple[str, ...] = Field(default=(), description="key ids never trusted")
+    allow_unsigned_bundles: bool = Field(
+        default=False, description="DEVELOPMENT ONLY: accept bundles that carry no signature"
+    )
+
+    # Input limits and overload.
+    max_body_bytes: int = Field(
+        default=32 * MIB, ge=1024, description="largest request body accepted"
+    )
+    max_image_pixels: int = Field(
+        default=50_000_000, ge=1, description="largest image (width x height) decoded"
+    )
+    max_in_flight: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description="predictions being served or waiting at once; past it, 503 + Retry-After",
+    )
+    decode_threads: int = Field(
+        default=2, ge=1, le=64, description="threads decoding and preprocessing images"
+    )
+
+    # Request records (for feedback and explanations that refer to a request later).
+    keep_requests_s: float = Field(default=86_400.0, ge=0, description="how long records are kept")
+    keep_requests_bytes: int = Field(
+        default=512 * MIB, ge=0, description="disk space for request records (images included)"
+    )
+    keep_requests_count: int = Field(default=10_000, ge=0, description="most records kept")
+
+    # Lifecycle.
+    drain_grace_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=60,
+        description="after SIGTERM, how long new predictions get 503 before the listener closes",
+    )
+    shutdown_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="the most time from SIGTERM to exit"
+    )
+    selftest_interval_s: float = Field(
+        default=3600.0, ge=0, description="golden self-test period while serving (0 = load only)"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = Field(default=False, description="log every HTTP request (uvicorn)")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Self:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile go together: set both or neither")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_certfile is not None
+
+    @property
+    def store_dir(self) -> Path:
+        return self.state_dir / "store"
+
+    @property
+    def requests_dir(self) -> Path:
+        return self.state_dir / "requests"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.state_dir / "cache"
+
+    def key_files(self) -> list[Path]:
+        """Every trusted public key file: the listed ones, then *.pub in trusted_keys_dir."""
+        files = list(self.trusted_keys)
+        if self.trusted_keys_dir is not None:
+            if not self.trusted_keys_dir.is_dir():
+                raise ConfigError(
+                    f"trusted_keys_dir {self.trusted_keys_dir} is not a directory; create it or "
+                    "fix the setting"
+                )
+            files += sorted(self.trusted_keys_dir.glob("*.pub"))
+        return files
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    credentials_dir: Path | None = None,
+) -> AgentSettings:
+    """Settings from every source; `ConfigError` says which value is wrong and where it came from."""
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file {config_file} does not exist; check --config")
+    credentials = credentials_dir or _credentials_dir()
+
+    class _Loaded(AgentSettings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if credentials is not None:
+                sources.append(
+                    SecretsSettingsSource(settings_cls, secrets_dir=credentials, env_prefix="")
+                )
+            if config_file is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+            return tuple(sources)
+
+    try:
+        loaded = _Loaded(**{k: v for k, v in (overrides or {}).items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, config_file)) from None
+    except ValueError as exc:  # TOML syntax errors and unreadable secret files
+        raise ConfigError(f"cannot read the settings: {exc}") from None
+    return AgentSettings.model_construct(**dict(loaded))
+
+
+def _credentials_dir() -> Path | None:
+    value = os.environ.get("CREDENTIALS_DIRECTORY")
+    return Path(value) if value and Path(value).is_dir() else None
+
+
+def _describe(exc: ValidationError, config_file: Path | None) -> str:
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "is not a setting (a typo?); see `edge-agent serve --help` or docs/agent.md"
+        problems.append(f"{field} ({ENV_PREFIX}{field.upper()}): {message}" if field else message)
+    where = (
+        f" (config file {config_file}, environment, credentials or options)" if config_file else ""
+    )
+    return "invalid settings" + where + ": " + "; ".join(problems)
