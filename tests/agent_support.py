@@ -101,7 +101,13 @@ def photo(seed: int, size: tuple[int, int] = (120, 160)) -> np.ndarray:
     image = image + y[..., None] * rng.uniform(-1, 1, 3) * 200 / height
     image += rng.normal(0, 6, image.shape)
     image = np.clip(image, 0, 255).astype(np.uint8)
-    cv2.circle(image, (width // 2, height // 2), height // 4, tuple(int(c) for c in rng.integers(0, 255, 3)), -1)
+    cv2.circle(
+        image,
+        (width // 2, height // 2),
+        height // 4,
+        tuple(int(c) for c in rng.integers(0, 255, 3)),
+        -1,
+    )
     return image
 
 
@@ -146,7 +152,9 @@ def build_bundle(
         arcname = f"golden/{index:02d}.png"
         (work / arcname).write_bytes(data.tobytes())
         files[arcname] = work / arcname
-        probs = to_probabilities(session.run(None, {"x": preprocess_bytes(data.tobytes(), spec)})[0], "logits")[0]
+        probs = to_probabilities(
+            session.run(None, {"x": preprocess_bytes(data.tobytes(), spec)})[0], "logits"
+        )[0]
         order = np.argsort(-probs)
         expected = tuple((LABELS[int(i)], round(float(probs[i]) + golden_offset, 6)) for i in order)
         samples.append(GoldenSample(input_path=arcname, expected_topk=expected))
@@ -197,7 +205,7 @@ class AgentProcess:
             if self.process.poll() is not None:
                 raise AssertionError(f"agent exited with {self.process.returncode}:\n{self.log()}")
             with contextlib.suppress(httpx.TransportError):
-                response = httpx.get(f"{self.url}/readyz", timeout=5)
+                response = httpx.get(f"{self.url}/readyz", timeout=5, verify=False)
                 last = response.json()
                 if response.status_code == 200:
                     return dict(response.json())
@@ -216,7 +224,9 @@ class AgentProcess:
 
 
 @contextlib.contextmanager
-def run_agent(state_dir: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[AgentProcess]:
+def run_agent(
+    state_dir: Path, *args: str, env: dict[str, str] | None = None, scheme: str = "http"
+) -> Iterator[AgentProcess]:
     """Start `edge-agent serve` on a free port; stop it (SIGTERM) afterwards."""
     port = free_port()
     log_path = state_dir.parent / f"agent-{port}.log"
@@ -227,14 +237,14 @@ def run_agent(state_dir: Path, *args: str, env: dict[str, str] | None = None) ->
     ]  # fmt: skip
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
-    agent = AgentProcess(process, f"http://127.0.0.1:{port}", log_path)
+    agent = AgentProcess(process, f"{scheme}://127.0.0.1:{port}", log_path)
     try:
         deadline = time.monotonic() + 60
         while True:
             if process.poll() is not None:
                 raise AssertionError(f"agent exited with {process.returncode}:\n{agent.log()}")
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{agent.url}/healthz", timeout=2).status_code == 200:
+                if httpx.get(f"{agent.url}/healthz", timeout=2, verify=False).status_code == 200:
                     break
             if time.monotonic() > deadline:
                 raise AssertionError(f"agent did not start:\n{agent.log()}")
