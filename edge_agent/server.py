@@ -52,6 +52,7 @@ class AgentServer(uvicorn.Server):
         self._background.append(
             asyncio.create_task(watchdog_loop(self.notifier, self.agent.healthy), name="watchdog")
         )
+        self._background.append(asyncio.create_task(self._report_loaded(), name="status"))
         scheme = "https" if self.agent.settings.tls else "http"
         log.info(
             "edge agent %s listening on %s://%s:%d (profile %s)",
@@ -61,6 +62,18 @@ class AgentServer(uvicorn.Server):
             self.agent.settings.port,
             self.agent.profile.name,
         )
+
+    async def _report_loaded(self) -> None:
+        """Tell systemd (`systemctl status`) what is served once loading is over."""
+        while self.agent.loading:
+            await asyncio.sleep(0.1)
+        ready, reasons = self.agent.readiness()
+        models = ", ".join(
+            f"{m['name']}@{m.get('version', '?')} {m['status']}"
+            for m in self.agent.describe_models()
+        )
+        self.notifier.status(f"serving {models}" if ready else "not ready: " + "; ".join(reasons))
+        log.info("ready" if ready else "not ready: %s", "; ".join(reasons))
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or self._loop is None:

@@ -4,7 +4,8 @@
 bytes of bodies sent without one, failing the read as soon as the cap is passed; memory per
 request stays bounded whatever a client sends. `Timing` measures from the moment the request
 reaches the app to the moment the last response byte is handed to the server, the server-side
-latency the budget is about, and records it per route template (never per raw path).
+latency the budget is about, and records it per route template (never per raw path). It also
+reports the time to the response's start in a `Server-Timing: app;dur=MS` header.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class Timing:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                header = (b"server-timing", f"app;dur={elapsed_ms:.2f}".encode())
+                message = {**message, "headers": [*message.get("headers", []), header]}
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 route = scope.get("route")
