@@ -16,7 +16,6 @@ from edge_bundle.scores import looks_like_probabilities, softmax, to_probabiliti
 from model_packager.errors import SourceError
 
 
-
 def make_session(path: Path, threads: int, spinning: bool = False) -> Any:
     """An `onnxruntime.InferenceSession` on CPU for `path` with `threads` intra-op threads.
 
