@@ -14,7 +14,7 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_agent import __version__
 from edge_agent.core import InferenceCore, ModelState
@@ -28,6 +28,9 @@ from edge_agent.store import BundleStore
 from edge_bundle.errors import BundleError
 from edge_bundle.profiles import HardwareProfile, load_profile
 from edge_bundle.signing import TrustStore
+
+if TYPE_CHECKING:
+    from edge_agent.mqtt.service import MqttService
 
 log = logging.getLogger(__name__)
 #: An inference running longer than this means the runtime is wedged: stop feeding the watchdog.
@@ -75,6 +78,11 @@ class Agent:
             max_count=settings.keep_requests_count,
         )
         self.core = InferenceCore(settings, metrics=self.metrics, records=self.records)
+        self.mqtt: MqttService | None = None
+        if settings.mqtt_enabled:
+            from edge_agent.mqtt.service import MqttService
+
+            self.mqtt = MqttService(self)
         self.started_at = time.time()
         self.loading = True
         self._install_lock = asyncio.Lock()
@@ -84,6 +92,8 @@ class Agent:
     async def start(self) -> None:
         """Begin loading the active bundles in the background; returns at once."""
         self.store.clear_staging()
+        if self.mqtt is not None:
+            await self.mqtt.start()
         self._tasks.append(asyncio.create_task(self._load_active(), name="load-models"))
         if self.settings.selftest_interval_s > 0:
             self._tasks.append(asyncio.create_task(self._periodic_selftest(), name="selftest"))
@@ -94,10 +104,14 @@ class Agent:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.mqtt is not None:
+            await self.mqtt.stop()
         await asyncio.to_thread(self.core.close)
 
     def start_draining(self) -> None:
         self.core.admission.start_draining()
+        if self.mqtt is not None:
+            self.mqtt.start_draining()
         self.metrics.ready.set(0)
 
     # ---- state ---------------------------------------------------------------------------
@@ -199,6 +213,10 @@ class Agent:
                 except AgentError as exc:
                     log.error("cannot serve %s@%s: %s", name, version, exc.message)
                     self.core.set_model(name, ModelState("failed", exc.message))
+                    continue
+                except Exception as exc:  # never leave a model "loading" forever
+                    log.exception("cannot serve %s@%s", name, version)
+                    self.core.set_model(name, ModelState("failed", f"load failed: {exc}"))
                     continue
                 self._publish(candidate)
                 log.info("serving %s@%s", name, version)

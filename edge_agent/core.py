@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 #: Record writes waiting for the disk beyond this are kept without their image (bounded memory).
 MAX_PENDING_RECORD_IMAGES = 16
+LATENCY_WINDOW = 2048
 
 
 def new_request_id() -> str:
@@ -93,7 +96,23 @@ class InferenceCore:
         self._infer_pool = ThreadPoolExecutor(1, "infer")
         self._record_pool = ThreadPoolExecutor(1, "records")
         self._pending_records = 0
+        self._pending_lock = threading.Lock()
         self.busy_since: float | None = None  # when the running inference started
+        #: Recent server-side latencies (ms) of answered predictions, by transport, for telemetry.
+        self.latencies: dict[str, deque[float]] = {}
+        self.outcomes: Counter[tuple[str, str]] = Counter()  # (transport, outcome) -> count
+
+    def record(
+        self, model: str, transport: str, outcome: str, total_s: float | None = None
+    ) -> None:
+        """Count one prediction's outcome (and its latency when it was answered)."""
+        known = model if model in self.models else "unknown"
+        self.metrics.requests.labels(known, transport, outcome).inc()
+        self.outcomes[(transport, outcome)] += 1
+        if total_s is not None:
+            self.latencies.setdefault(transport, deque(maxlen=LATENCY_WINDOW)).append(
+                total_s * 1000
+            )
 
     # ---- models ----------------------------------------------------------------------------
     def set_model(self, name: str, state: ModelState) -> None:
@@ -134,10 +153,11 @@ class InferenceCore:
         """Run `function` on the inference thread (selftests use this too, to serialise)."""
         loop = asyncio.get_running_loop()
         self.metrics.queued.inc()
-        queued = True
+        started = threading.Event()
 
         def call() -> _T:
-            nonlocal queued
+            started.set()
+            self.metrics.queued.dec()  # running now, no longer waiting
             self.busy_since = time.monotonic()
             try:
                 return function()
@@ -145,10 +165,9 @@ class InferenceCore:
                 self.busy_since = None
 
         try:
-            future = loop.run_in_executor(self._infer_pool, call)
-            return await future
+            return await loop.run_in_executor(self._infer_pool, call)
         finally:
-            if queued:
+            if not started.is_set():  # cancelled before it ran
                 self.metrics.queued.dec()
 
     async def predict(
@@ -222,16 +241,18 @@ class InferenceCore:
         """Write the record off the request path; under a backlog, keep the answer only."""
         if not self.records.enabled:
             return
-        image: bytes | None = data
-        if self._pending_records >= MAX_PENDING_RECORD_IMAGES:
-            image = None
-        self._pending_records += 1
+        with self._pending_lock:
+            image: bytes | None = (
+                data if self._pending_records < MAX_PENDING_RECORD_IMAGES else None
+            )
+            self._pending_records += 1
 
         def write() -> None:
             try:
                 self.records.put(prediction.request_id, prediction.to_json(), image)
             finally:
-                self._pending_records -= 1
+                with self._pending_lock:
+                    self._pending_records -= 1
 
         self._record_pool.submit(write)
 

@@ -102,3 +102,19 @@ class SelfTestError(AgentError):
     """The golden self-test did not reproduce the bundle's expected outputs."""
 
     code = "self_test_failed"
+
+
+def error_code(exc: BaseException) -> str:
+    """The stable code of an error, the same on every transport."""
+    # Imported here: the agent's error tree must not depend on edge_bundle at import time.
+    from edge_bundle import errors as bundle
+
+    if isinstance(exc, AgentError):
+        return exc.code
+    if isinstance(exc, bundle.ImageTooLargeError):
+        return "image_too_large"
+    if isinstance(exc, bundle.UnsupportedImageError):
+        return "unsupported_image"
+    if isinstance(exc, bundle.ImageError | bundle.PreprocessError):
+        return "invalid_image"
+    return "internal_error"

@@ -17,6 +17,7 @@ from edge_agent.errors import AgentError, BundleRejectedError
 from edge_agent.selftest import SelfTestReport, run_selftest
 from edge_agent.store import BundleStore
 from edge_bundle.bundle import VerifiedBundle
+from edge_bundle.errors import BundleError
 from edge_bundle.manifest import semver_tuple
 from edge_bundle.profiles import HardwareProfile
 
@@ -66,6 +67,12 @@ def prepare(bundle: VerifiedBundle, profile: HardwareProfile, cache_dir: Path) -
     except AgentError as exc:
         classifier.close()
         raise BundleRejectedError(exc.message) from exc
+    except BundleError as exc:  # a golden sample the bundle's own pipeline cannot read
+        classifier.close()
+        raise BundleRejectedError(
+            f"{bundle.bundle_id} failed its golden self-test: {exc}; the bundle is broken, "
+            "rebuild it with model-packager"
+        ) from exc
     return Candidate(bundle, classifier, report)
 
 

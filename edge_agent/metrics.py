@@ -92,6 +92,46 @@ class AgentMetrics:
             registry=r,
         )
 
+        self.mqtt_connected = Gauge(
+            "lineside_mqtt_connected", "1 while connected to the MQTT broker", registry=r
+        )
+        self.mqtt_queued = Gauge(
+            "lineside_mqtt_queued", "MQTT messages waiting for a worker", registry=r
+        )
+        self.mqtt_shed = Counter(
+            "lineside_mqtt_shed_total",
+            "MQTT messages dropped because the inbound queue was full",
+            registry=r,
+        )
+        self.mqtt_errors = Counter(
+            "lineside_mqtt_errors_total",
+            "MQTT requests and events answered with an error, by code",
+            ["code"],
+            registry=r,
+        )
+        self.outbox_messages = Gauge(
+            "lineside_outbox_messages",
+            "Messages in the durable outbox, not yet acknowledged",
+            registry=r,
+        )
+        self.outbox_bytes = Gauge(
+            "lineside_outbox_bytes", "Bytes in the durable outbox", registry=r
+        )
+        self.outbox_dropped = Counter(
+            "lineside_outbox_dropped_total",
+            "Outbox messages dropped to stay within its bounds, by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.disk_free = Gauge(
+            "lineside_state_disk_free_bytes",
+            "Free space where the state directory lives",
+            registry=r,
+        )
+        self.temperature = Gauge(
+            "lineside_temperature_celsius", "Hottest temperature sensor reading", registry=r
+        )
+
     def set_model(self, name: str, version: int, sha256: str, runtime: str, providers: str) -> None:
         """Replace the info series of `name` with this version's."""
         for labels in list(self._model_series(name)):

@@ -76,6 +76,9 @@ class RequestRecords:
             self._delete_files(request_id)
             return
         with self._lock:
+            replaced = self._index.pop(request_id, None)
+            if replaced is not None:
+                self._bytes -= replaced.size
             self._index[request_id] = _Entry(time.time(), size)
             self._bytes += size
             self._prune_locked(time.time())

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -26,6 +26,36 @@ from edge_agent.errors import ConfigError
 
 ENV_PREFIX = "EDGE_AGENT_"
 MIB = 1024 * 1024
+
+
+SEGMENT = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class EventMapping(BaseModel):
+    """A plant topic whose messages are classified, and where the results go."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    topic: str = Field(
+        min_length=1,
+        description="topic filter to subscribe to (+ and # allowed; $share/GROUP/... to split a "
+        "stream between agents)",
+    )
+    model: str = Field(min_length=1, description="the model that classifies the images")
+    image: str = Field(
+        default="raw",
+        min_length=1,
+        description="'raw' (the payload is the image) or a dotted JSON path to a base64 string",
+    )
+    carry: tuple[str, ...] = Field(
+        default=(), description="dotted JSON paths copied into the result under source.carry"
+    )
+    result_topic: str = Field(
+        default="lineside/v1/{site}/{device}/results/{model}",
+        min_length=1,
+        description="where results go; {site}, {device} and {model} are filled in",
+    )
+    top_k: int = Field(default=3, ge=1, le=100)
 
 
 class AgentSettings(BaseSettings):
@@ -106,6 +136,52 @@ class AgentSettings(BaseSettings):
     selftest_interval_s: float = Field(
         default=3600.0, ge=0, description="golden self-test period while serving (0 = load only)"
     )
+    # Identity (MQTT topics and telemetry).
+    site: str = Field(default="site", pattern=SEGMENT, description="plant or site id")
+    device: str = Field(default="box", pattern=SEGMENT, description="this box's id")
+
+    # MQTT.
+    mqtt_enabled: bool = Field(default=False, description="connect to an MQTT broker")
+    mqtt_host: str = Field(default="127.0.0.1", description="broker host")
+    mqtt_port: int = Field(default=1883, ge=1, le=65535, description="broker port (8883 for TLS)")
+    mqtt_protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT version")
+    mqtt_client_id: str | None = Field(
+        default=None, description="client id (default lineside-SITE-DEVICE); keep it stable"
+    )
+    mqtt_username: str | None = None
+    mqtt_password: SecretStr | None = Field(default=None, description="a systemd credential")
+    mqtt_tls_ca: Path | None = Field(default=None, description="CA bundle: enables TLS")
+    mqtt_tls_certfile: Path | None = Field(default=None, description="client certificate (PEM)")
+    mqtt_tls_keyfile: Path | None = Field(default=None, description="client key (PEM)")
+    mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
+    mqtt_session_expiry_s: int = Field(
+        default=86_400, ge=0, description="how long the broker keeps our session while we are away"
+    )
+    mqtt_reconnect_min_s: float = Field(default=0.5, gt=0, le=60)
+    mqtt_reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
+    mqtt_max_payload_bytes: int = Field(default=16 * MIB, ge=1024)
+    mqtt_max_correlation_bytes: int = Field(default=256, ge=1, le=65535)
+    mqtt_response_topics: tuple[str, ...] = Field(
+        default=("lineside/v1/replies/#",),
+        description="topic filters MQTT 5 response topics must match (an allow-list)",
+    )
+    mqtt_inbound_queue: int = Field(
+        default=64, ge=1, description="messages waiting for a worker; beyond it they are shed"
+    )
+    mqtt_workers: int = Field(default=3, ge=1, le=64, description="messages processed at once")
+    mqtt_shared_group: str | None = Field(
+        default=None,
+        pattern=SEGMENT,
+        description="also take requests from $share/GROUP/lineside/v1/SITE/shared/infer/+",
+    )
+    mqtt_events: tuple[EventMapping, ...] = Field(default=(), description="event mappings")
+    mqtt_publish_http_results: bool = Field(
+        default=False, description="also publish HTTP predictions to the results topic"
+    )
+    telemetry_interval_s: float = Field(default=60.0, ge=0, description="0 turns telemetry off")
+    outbox_max_bytes: int = Field(default=64 * MIB, ge=MIB)
+    outbox_max_messages: int = Field(default=100_000, ge=10)
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = Field(default=False, description="log every HTTP request (uvicorn)")
 
@@ -113,7 +189,23 @@ class AgentSettings(BaseSettings):
     def _tls_pair(self) -> Self:
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("tls_certfile and tls_keyfile go together: set both or neither")
+        if (self.mqtt_tls_certfile is None) != (self.mqtt_tls_keyfile is None):
+            raise ValueError(
+                "mqtt_tls_certfile and mqtt_tls_keyfile go together: set both or neither"
+            )
+        if self.mqtt_tls_certfile is not None and self.mqtt_tls_ca is None:
+            raise ValueError("a client certificate needs mqtt_tls_ca (the broker's CA) too")
+        if self.mqtt_reconnect_max_s < self.mqtt_reconnect_min_s:
+            raise ValueError("mqtt_reconnect_max_s must be at least mqtt_reconnect_min_s")
         return self
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt_client_id or f"lineside-{self.site}-{self.device}"
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.state_dir / "outbox.sqlite3"
 
     @property
     def tls(self) -> bool:

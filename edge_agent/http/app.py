@@ -140,6 +140,10 @@ def _add_routes(app: FastAPI, agent: Agent) -> None:
     async def metrics() -> Response:
         agent.metrics.in_flight.set(agent.core.admission.in_flight)
         agent.readiness()
+        if agent.mqtt is not None:
+            depth = agent.mqtt.outbox.depth()
+            agent.metrics.outbox_messages.set(depth["messages"])
+            agent.metrics.outbox_bytes.set(depth["bytes"])
         return PlainTextResponse(agent.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", tags=["models"], summary="Installed models and their state")
@@ -168,6 +172,7 @@ def _add_routes(app: FastAPI, agent: Agent) -> None:
         request_id = new_request_id()
         request.state.request_id = request_id
         outcome = "error"
+        arrived = time.perf_counter()
         try:
             with agent.core.admission.slot():
                 agent.metrics.in_flight.set(agent.core.admission.in_flight)
@@ -183,10 +188,11 @@ def _add_routes(app: FastAPI, agent: Agent) -> None:
             outcome = errors.status_for(exc)[1]
             raise
         finally:
-            agent.metrics.requests.labels(
-                name if name in agent.core.models else "unknown", "http", outcome
-            ).inc()
+            elapsed = time.perf_counter() - arrived if outcome == "ok" else None
+            agent.core.record(name, "http", outcome, elapsed)
             agent.metrics.in_flight.set(agent.core.admission.in_flight)
+        if agent.mqtt is not None and agent.settings.mqtt_publish_http_results:
+            await agent.mqtt.publish_result(prediction, source={"transport": "http"})
         body = prediction.to_json()
         body["links"] = {"self": f"/v1/requests/{request_id}"}
         headers = {"X-Request-ID": request_id}

@@ -16,34 +16,34 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edge_agent import errors as agent
 from edge_bundle import errors as bundle
 
-#: Most specific class first; the first match wins.
-STATUS: tuple[tuple[type[Exception], int, str | None], ...] = (
-    (agent.BadRequestError, 400, None),
-    (agent.UnauthorizedError, 401, None),
-    (agent.UnknownModelError, 404, None),
-    (agent.UnknownRequestError, 404, None),
-    (agent.PayloadTooLargeError, 413, None),
-    (agent.UnsupportedMediaError, 415, None),
-    (agent.BundleRejectedError, 422, None),
-    (agent.NotReadyError, 503, None),
-    (agent.OverloadedError, 503, None),
-    (agent.DrainingError, 503, None),
-    (agent.ConfigError, 500, None),
-    (agent.RuntimeLoadError, 500, None),
-    (agent.InferenceError, 500, None),
-    (agent.SelfTestError, 500, None),
-    (bundle.ImageTooLargeError, 413, "image_too_large"),
-    (bundle.UnsupportedImageError, 415, "unsupported_image"),
-    (bundle.ImageError, 422, "invalid_image"),
-    (bundle.PreprocessError, 422, "invalid_image"),
+#: Most specific class first; the first match wins. Codes come from `agent.error_code`.
+STATUS: tuple[tuple[type[Exception], int], ...] = (
+    (agent.BadRequestError, 400),
+    (agent.UnauthorizedError, 401),
+    (agent.UnknownModelError, 404),
+    (agent.UnknownRequestError, 404),
+    (agent.PayloadTooLargeError, 413),
+    (agent.UnsupportedMediaError, 415),
+    (agent.BundleRejectedError, 422),
+    (agent.NotReadyError, 503),
+    (agent.OverloadedError, 503),
+    (agent.DrainingError, 503),
+    (agent.ConfigError, 500),
+    (agent.RuntimeLoadError, 500),
+    (agent.InferenceError, 500),
+    (agent.SelfTestError, 500),
+    (bundle.ImageTooLargeError, 413),
+    (bundle.UnsupportedImageError, 415),
+    (bundle.ImageError, 422),
+    (bundle.PreprocessError, 422),
 )
 
 
 def status_for(exc: Exception) -> tuple[int, str]:
     """(HTTP status, error code) for an agent or bundle error."""
-    for cls, status, code in STATUS:
+    for cls, status in STATUS:
         if isinstance(exc, cls):
-            return status, code or str(getattr(exc, "code", "error"))
+            return status, agent.error_code(exc)
     return 500, "internal_error"
 
 
@@ -82,9 +82,11 @@ async def handle_http(request: Request, exc: Exception) -> JSONResponse:
         404: f"there is no route {request.url.path}; see /docs for the API",
         405: f"{request.method} is not allowed on {request.url.path}; see /docs for the API",
     }.get(exc.status_code, str(exc.detail))
-    return error_response(
+    response = error_response(
         exc.status_code, codes.get(exc.status_code, "http_error"), message, request_id_of(request)
     )
+    response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+    return response
 
 
 async def handle_validation(request: Request, exc: Exception) -> JSONResponse:

@@ -1,0 +1,390 @@
+"""The one owner of the paho client: a thread that connects, reads, writes and publishes.
+
+paho-mqtt is not safe to drive from several threads (deadlocks, lost subscriptions, swallowed
+exceptions in its own issue tracker), so exactly one thread touches it. Everything else hands this
+thread work through a queue and wakes it through a socket pair; incoming messages leave it through
+the `on_message` callback, which must only hand them on.
+
+- Each connection attempt uses a fresh paho client (no stale in-flight state carried over); the
+  broker keeps our persistent session (same client id, clean start off, session expiry), so QoS 1
+  messages that arrived but were not acknowledged are delivered again.
+- Reconnects back off exponentially with full jitter; every connect resubscribes and republishes
+  the retained "online" status; the last will publishes "offline".
+- TCP_NODELAY is set on the socket: with Nagle's algorithm a QoS 1 round trip took 88 ms here.
+- Incoming QoS 1 messages are acknowledged by the application (`ack`) once their result is in the
+  outbox, so a crash before that makes the broker deliver them again.
+- The outbox is published in row order with a bounded window of unacknowledged messages; a row is
+  deleted when its PUBACK arrives. After a reconnect the window starts again from the oldest row,
+  so delivery is at least once and in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import random
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edge_agent.mqtt.outbox import Outbox, OutboxMessage
+from edge_agent.mqtt.topics import Topic, TopicFilter
+from edge_agent.settings import AgentSettings
+
+log = logging.getLogger(__name__)
+#: Unacknowledged outbox messages on the wire at once.
+PUBLISH_WINDOW = 32
+CONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A received message, copied out of paho's object."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    generation: int
+    retain: bool = False
+    dup: bool = False
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    content_type: str | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
+    received_at: float = field(default_factory=time.monotonic)
+
+
+Command = Callable[[paho.Client, int], None]
+
+
+class MqttLink:
+    """Runs the owner thread; thread-safe methods hand it work."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        outbox: Outbox,
+        subscriptions: list[TopicFilter],
+        status_topic: Topic,
+        on_message: Callable[[Inbound], None],
+        on_state: Callable[[bool], None] = lambda connected: None,
+    ) -> None:
+        self.settings = settings
+        self.outbox = outbox
+        self.subscriptions = subscriptions
+        self.status_topic = status_topic
+        self.on_message = on_message
+        self.on_state = on_state
+        self.connected = False
+        self.generation = 0
+        self.connects = 0
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox row id
+        self._last_sent = 0
+        self._v5 = settings.mqtt_protocol == "5"
+
+    # ---- thread-safe API -----------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish "offline", disconnect cleanly and end the thread."""
+        self._stop.set()
+        self.wake()
+        self._thread.join(timeout)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def wake(self) -> None:
+        """New outbox rows or commands: have the thread look now."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\0")
+
+    def ack(self, message: Inbound) -> None:
+        """Acknowledge a QoS 1 message (only on the connection it arrived on)."""
+        if message.qos == 0:
+            return
+
+        def command(client: paho.Client, generation: int) -> None:
+            if generation == message.generation:
+                client.ack(message.mid, message.qos)
+
+        self.call(command)
+
+    def publish_now(self, topic: Topic, payload: bytes, *, qos: int = 0) -> None:
+        """A best-effort publish that bypasses the outbox (shed notices)."""
+
+        def command(client: paho.Client, _generation: int) -> None:
+            if self.connected:
+                client.publish(str(topic), payload, qos=qos, properties=self._json_properties())
+
+        self.call(command)
+
+    def call(self, command: Command) -> None:
+        self._commands.put(command)
+        self.wake()
+
+    # ---- the owner thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            client = self._new_client()
+            try:
+                self._connect(client)
+                attempt = 0 if self._serve(client) else attempt + 1
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                log.warning(
+                    "MQTT broker %s:%d unreachable: %s",
+                    self.settings.mqtt_host,
+                    self.settings.mqtt_port,
+                    exc,
+                )
+                attempt += 1
+            finally:
+                self._disconnected(client)
+            if not self._stop.is_set():
+                self._stop.wait(self._backoff(attempt))
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with full jitter (no reconnect storms after a broker restart)."""
+        cap = min(
+            self.settings.mqtt_reconnect_max_s,
+            self.settings.mqtt_reconnect_min_s * 2 ** min(attempt, 16),
+        )
+        return random.uniform(self.settings.mqtt_reconnect_min_s / 2, cap)  # noqa: S311
+
+    def _new_client(self) -> paho.Client:
+        settings = self.settings
+        self.generation += 1
+        generation = self.generation
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if self._v5 else False,
+            manual_ack=True,
+            reconnect_on_failure=False,
+        )
+        if settings.mqtt_username:
+            password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
+            client.username_pw_set(settings.mqtt_username, password)
+        if settings.mqtt_tls_ca is not None:
+            client.tls_set(
+                ca_certs=str(settings.mqtt_tls_ca),
+                certfile=str(settings.mqtt_tls_certfile) if settings.mqtt_tls_certfile else None,
+                keyfile=str(settings.mqtt_tls_keyfile) if settings.mqtt_tls_keyfile else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        client.will_set(str(self.status_topic), self._status("offline"), qos=1, retain=True)
+        client.on_socket_open = _no_delay
+        client.on_connect = self._on_connect
+        client.on_message = lambda _c, _u, message: self._on_message(message, generation)
+        client.on_publish = self._on_publish
+        return client
+
+    def _connect(self, client: paho.Client) -> None:
+        properties = None
+        if self._v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = self.settings.mqtt_session_expiry_s
+        client.connect(
+            self.settings.mqtt_host,
+            self.settings.mqtt_port,
+            keepalive=self.settings.mqtt_keepalive_s,
+            clean_start=False if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
+        )
+
+    def _serve(self, client: paho.Client) -> bool:
+        """Drive one connection until it drops or we stop; True if it ever connected."""
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        ever = False
+        while not self._stop.is_set():
+            sock = client.socket()
+            if sock is None:
+                return ever
+            if not self.connected and time.monotonic() > deadline and not ever:
+                log.warning("MQTT broker did not answer CONNECT within %.0f s", CONNECT_TIMEOUT_S)
+                return False
+            writers = [sock] if client.want_write() else []
+            readable, writable, _ = select.select([sock, self._wake_r], writers, [], 1.0)
+            reading = sock in readable or _ssl_pending(sock)
+            if reading and client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return ever
+            if self._wake_r in readable:
+                with contextlib.suppress(BlockingIOError):
+                    while self._wake_r.recv(4096):
+                        pass
+            self._run_commands(client)
+            if self.connected:
+                ever = True
+                self._pump(client)
+            if (sock in writable or client.want_write()) and (
+                client.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS
+            ):
+                return ever
+            if client.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return ever
+        self._goodbye(client)
+        return ever
+
+    def _run_commands(self, client: paho.Client) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                command(client, self.generation)
+            except Exception:  # a failing command must not kill the owner thread
+                log.exception("MQTT command failed")
+
+    def _pump(self, client: paho.Client) -> None:
+        room = PUBLISH_WINDOW - len(self._inflight)
+        if room <= 0:
+            return
+        for message in self.outbox.pending(after_row_id=self._last_sent, limit=room):
+            info = client.publish(
+                message.topic,
+                message.payload,
+                qos=message.qos,
+                retain=message.retain,
+                properties=self._properties(message),
+            )
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return
+            self._last_sent = message.row_id
+            if message.qos == 0:
+                self.outbox.ack(message.row_id)
+            else:
+                self._inflight[info.mid] = message.row_id
+
+    def _goodbye(self, client: paho.Client) -> None:
+        """A clean disconnect: publish "offline" ourselves (the will is not sent then)."""
+        if not self.connected:
+            return
+        client.publish(str(self.status_topic), self._status("offline"), qos=1, retain=True)
+        for _ in range(3):
+            client.loop_write()
+        client.disconnect()
+        client.loop_write()
+
+    def _disconnected(self, client: paho.Client) -> None:
+        was = self.connected
+        self.connected = False
+        self._inflight.clear()
+        self._last_sent = 0  # resend everything not acknowledged, in order
+        sock = client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+        if was:
+            log.warning(
+                "MQTT connection to %s:%d lost", self.settings.mqtt_host, self.settings.mqtt_port
+            )
+            self.on_state(False)
+
+    # ---- paho callbacks (owner thread) ---------------------------------------------------
+    def _on_connect(
+        self, client: paho.Client, _userdata: Any, flags: Any, reason: Any, _properties: Any
+    ) -> None:
+        if reason.is_failure:
+            log.error("MQTT broker refused the connection: %s", reason)
+            client.disconnect()
+            return
+        self.connected = True
+        self.connects += 1
+        log.info(
+            "MQTT connected to %s:%d (session %s)",
+            self.settings.mqtt_host,
+            self.settings.mqtt_port,
+            "resumed" if getattr(flags, "session_present", False) else "new",
+        )
+        if self.subscriptions:
+            if self._v5:
+                client.subscribe([(str(f), SubscribeOptions(qos=1)) for f in self.subscriptions])
+            else:
+                client.subscribe([(str(f), 1) for f in self.subscriptions])
+        client.publish(str(self.status_topic), self._status("online"), qos=1, retain=True)
+        self.on_state(True)
+
+    def _on_message(self, message: paho.MQTTMessage, generation: int) -> None:
+        properties = getattr(message, "properties", None)
+        inbound = Inbound(
+            topic=message.topic,
+            payload=bytes(message.payload),
+            qos=message.qos,
+            mid=message.mid,
+            generation=generation,
+            retain=bool(message.retain),
+            dup=bool(message.dup),
+            response_topic=getattr(properties, "ResponseTopic", None),
+            correlation_data=getattr(properties, "CorrelationData", None),
+            content_type=getattr(properties, "ContentType", None),
+            user_properties=tuple(getattr(properties, "UserProperty", ()) or ()),
+        )
+        try:
+            self.on_message(inbound)
+        except Exception:  # never let a handler bug take down the owner thread
+            log.exception("MQTT message handler failed for %s", message.topic)
+
+    def _on_publish(
+        self, _client: paho.Client, _userdata: Any, mid: int, _reason: Any, _properties: Any
+    ) -> None:
+        row = self._inflight.pop(mid, None)
+        if row is not None:
+            self.outbox.ack(row)
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _properties(self, message: OutboxMessage) -> Properties | None:
+        if not self._v5:
+            return None
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        extra = message.properties
+        properties.ContentType = str(extra.get("content_type", "application/json"))
+        if extra.get("correlation_data"):
+            properties.CorrelationData = bytes.fromhex(str(extra["correlation_data"]))
+        properties.UserProperty = [("message_id", message.message_id)]
+        return properties
+
+    def _json_properties(self) -> Properties | None:
+        if not self._v5:
+            return None
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.ContentType = "application/json"
+        return properties
+
+    def _status(self, state: str) -> bytes:
+        return json.dumps(
+            {"status": state, "client_id": self.settings.client_id, "at": time.time()}
+        ).encode()
+
+
+def _no_delay(_client: paho.Client, _userdata: Any, sock: Any) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _ssl_pending(sock: Any) -> bool:
+    pending = getattr(sock, "pending", None)
+    return bool(pending and pending())

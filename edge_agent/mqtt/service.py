@@ -1,0 +1,353 @@
+"""The MQTT transport over the inference core: requests, event mappings, results, telemetry.
+
+Messages leave the owner thread (`link.MqttLink`) into a bounded queue; a fixed number of workers
+take them from there. A message that finds the queue full is shed at once: the sender gets an
+`overloaded` error where it named a response topic, a counter goes up, and the message is
+acknowledged, so a flood never builds an unbounded backlog anywhere.
+
+Every answer, result and error reply goes through the durable outbox before the incoming message
+is acknowledged, so an agent killed at any point either has the answer on disk or gets the message
+again from the broker. Answers to messages from one source topic enter the outbox in the order
+the messages arrived, even though several are processed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from edge_agent.core import Prediction, new_request_id
+from edge_agent.errors import AgentError, BadRequestError, error_code
+from edge_agent.mqtt.link import Inbound, MqttLink
+from edge_agent.mqtt.messages import ImageRequest, carry, error_payload, parse_request
+from edge_agent.mqtt.outbox import Kind, Outbox, OutboxError
+from edge_agent.mqtt.topics import Topic, TopicFilter, TopicScheme
+from edge_agent.settings import EventMapping
+from edge_bundle.errors import BundleError
+
+if TYPE_CHECKING:
+    from edge_agent.agent import Agent
+
+log = logging.getLogger(__name__)
+#: Client request ids remembered to refuse replays.
+REPLAY_WINDOW = 4096
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    topic: Topic
+    payload: bytes
+    kind: Kind
+    message_id: str
+    properties: dict[str, Any]
+
+
+class MqttService:
+    """One per agent, when `mqtt_enabled`."""
+
+    def __init__(self, agent: Agent) -> None:
+        settings = agent.settings
+        self.agent = agent
+        self.settings = settings
+        self.scheme = TopicScheme(settings.site, settings.device)
+        self.outbox = Outbox(
+            settings.outbox_path,
+            max_bytes=settings.outbox_max_bytes,
+            max_messages=settings.outbox_max_messages,
+        )
+        self.mappings = [(TopicFilter(m.topic), m) for m in settings.mqtt_events]
+        self.allowed_replies = [TopicFilter(f) for f in settings.mqtt_response_topics]
+        subscriptions = [self.scheme.infer_filter(), *(f for f, _ in self.mappings)]
+        if settings.mqtt_shared_group:
+            subscriptions.append(self.scheme.shared_infer_filter(settings.mqtt_shared_group))
+        self.link = MqttLink(
+            settings,
+            self.outbox,
+            subscriptions,
+            self.scheme.status(),
+            self._received,
+            self._connection_changed,
+        )
+        self.queue: asyncio.Queue[Inbound] = asyncio.Queue(maxsize=settings.mqtt_inbound_queue)
+        self.shed = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._tails: dict[str, asyncio.Future[None]] = {}
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._accepting = True
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.link.start()
+        for number in range(self.settings.mqtt_workers):
+            self._workers.append(asyncio.create_task(self._work(), name=f"mqtt-worker-{number}"))
+        if self.settings.telemetry_interval_s > 0:
+            self._workers.append(asyncio.create_task(self._telemetry(), name="telemetry"))
+
+    def start_draining(self) -> None:
+        """Take no new messages; unacknowledged ones are delivered again by the broker later."""
+        self._accepting = False
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while not self.queue.empty() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for task in self._workers:
+            task.cancel()
+        for task in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.to_thread(self.link.stop, max(0.5, deadline - time.monotonic()))
+        self.outbox.close()
+
+    # ---- from the owner thread -----------------------------------------------------------
+    def _received(self, message: Inbound) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._enqueue, message)
+
+    def _connection_changed(self, connected: bool) -> None:
+        self.agent.metrics.mqtt_connected.set(1 if connected else 0)
+
+    def _enqueue(self, message: Inbound) -> None:
+        if not self._accepting:
+            return  # not acknowledged: the broker delivers it again (here after a restart, or elsewhere)
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:
+            self._shed(message)
+        self.agent.metrics.mqtt_queued.set(self.queue.qsize())
+
+    def _shed(self, message: Inbound) -> None:
+        self.shed += 1
+        self.agent.metrics.mqtt_shed.inc()
+        target = self._reply_topic(message)
+        if target is not None and not isinstance(target, AgentError):
+            payload = error_payload(
+                "overloaded",
+                "the agent is at capacity and dropped this message; publish it again later",
+                request_id=None,
+                message_id=new_request_id(),
+                extra={},
+            )
+            self.link.publish_now(target, payload)
+        self.link.ack(message)
+
+    # ---- workers -------------------------------------------------------------------------
+    async def _work(self) -> None:
+        while True:
+            message = await self.queue.get()
+            self.agent.metrics.mqtt_queued.set(self.queue.qsize())
+            try:
+                await self._handle(message)
+            except Exception:  # a bug in one message must not stop the worker
+                log.exception("MQTT message on %s failed", message.topic)
+                self.link.ack(message)
+
+    async def _handle(self, message: Inbound) -> None:
+        loop = asyncio.get_running_loop()
+        previous = self._tails.get(message.topic)
+        done: asyncio.Future[None] = loop.create_future()
+        self._tails[message.topic] = done
+        try:
+            outgoing = await self._process(message)
+            if previous is not None:
+                await asyncio.shield(previous)  # keep arrival order per source topic
+            if outgoing:
+                await asyncio.to_thread(self._put, outgoing)
+            self.link.ack(message)
+        finally:
+            done.set_result(None)
+            if self._tails.get(message.topic) is done:
+                del self._tails[message.topic]
+
+    def _put(self, outgoing: list[Outgoing]) -> None:
+        for item in outgoing:
+            try:
+                result = self.outbox.put(
+                    str(item.topic),
+                    item.payload,
+                    kind=item.kind,
+                    properties=item.properties,
+                    message_id=item.message_id,
+                )
+            except OutboxError as exc:
+                log.error("outbox refused a %s for %s: %s", item.kind, item.topic, exc)
+                continue
+            for kind, count in result.dropped.items():
+                self.agent.metrics.outbox_dropped.labels(kind).inc(count)
+        self.link.wake()
+
+    async def _process(self, message: Inbound) -> list[Outgoing]:
+        model = self.scheme.model_of_request(message.topic)
+        if model is not None:
+            return await self._request(message, model)
+        for topic_filter, mapping in self.mappings:
+            if topic_filter.matches(message.topic):
+                return await self._event(message, mapping)
+        log.debug("ignoring a message on %s (no request topic, no mapping)", message.topic)
+        return []
+
+    # ---- requests ------------------------------------------------------------------------
+    async def _request(self, message: Inbound, model: str) -> list[Outgoing]:
+        message_id = new_request_id()
+        target = self._reply_topic(message)
+        properties: dict[str, Any] = {}
+        if isinstance(target, AgentError):
+            return [
+                self._error(self.scheme.errors(), target, None, message_id, properties, message)
+            ]
+        reply_to = target or self.scheme.results(model)
+        if message.correlation_data is not None:
+            properties["correlation_data"] = message.correlation_data.hex()
+        request: ImageRequest | None = None
+        try:
+            request = parse_request(
+                message.payload,
+                message.content_type,
+                max_bytes=self.settings.mqtt_max_payload_bytes,
+            )
+            self._check_replay(message, request)
+            prediction = await self._predict(model, request)
+        except (AgentError, BundleError) as exc:
+            client_id = request.client_request_id if request else None
+            return [self._error(reply_to, exc, client_id, message_id, properties, message)]
+        body = prediction.to_json()
+        body["message_id"] = message_id
+        if request.client_request_id is not None:
+            body["client_request_id"] = request.client_request_id
+        return [Outgoing(reply_to, _json(body), "reply", message_id, properties)]
+
+    def _reply_topic(self, message: Inbound) -> Topic | AgentError | None:
+        """The MQTT 5 response topic if allowed; an error if not; None if there is none."""
+        if message.response_topic is None:
+            return None
+        if message.correlation_data is not None and (
+            len(message.correlation_data) > self.settings.mqtt_max_correlation_bytes
+        ):
+            return BadRequestError(
+                f"the correlation data is {len(message.correlation_data)} bytes, over the limit "
+                f"of {self.settings.mqtt_max_correlation_bytes}"
+            )
+        try:
+            topic = Topic(message.response_topic)
+        except ValueError as exc:
+            return BadRequestError(f"the response topic is not usable: {exc}")
+        if not any(allowed.matches(topic.value) for allowed in self.allowed_replies):
+            return BadRequestError(
+                f"response topic {topic.value!r} is not allowed; use one matching "
+                f"{[str(a) for a in self.allowed_replies]} (setting mqtt_response_topics)"
+            )
+        return topic
+
+    def _check_replay(self, message: Inbound, request: ImageRequest) -> None:
+        key = request.client_request_id or (
+            message.correlation_data.hex() if message.correlation_data else None
+        )
+        if key is None:
+            return
+        key = f"{message.response_topic or message.topic}|{key}"
+        if key in self._seen:
+            raise BadRequestError(
+                "this request id was already answered (a replay); give each request a new id"
+            )
+        self._seen[key] = time.monotonic()
+        while len(self._seen) > REPLAY_WINDOW:
+            self._seen.popitem(last=False)
+
+    # ---- events --------------------------------------------------------------------------
+    async def _event(self, message: Inbound, mapping: EventMapping) -> list[Outgoing]:
+        message_id = new_request_id()
+        topic = Topic(
+            mapping.result_topic.format(
+                site=self.settings.site, device=self.settings.device, model=mapping.model
+            )
+        )
+        source: dict[str, Any] = {"topic": message.topic}
+        try:
+            path = "image" if mapping.image == "raw" else mapping.image
+            request = parse_request(
+                message.payload,
+                None if mapping.image != "raw" else "application/octet-stream",
+                max_bytes=self.settings.mqtt_max_payload_bytes,
+                image_path=path,
+                default_top_k=mapping.top_k,
+            )
+            source["carry"] = carry(request.document, mapping.carry)
+            prediction = await self._predict(mapping.model, request)
+        except (AgentError, BundleError) as exc:
+            return [self._error(topic, exc, None, message_id, {}, message, source=source)]
+        body = prediction.to_json()
+        body["message_id"] = message_id
+        body["source"] = source
+        return [Outgoing(topic, _json(body), "result", message_id, {})]
+
+    # ---- shared ----------------------------------------------------------------------------
+    async def _predict(self, model: str, request: ImageRequest) -> Prediction:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            prediction = await self.agent.core.predict(
+                model, request.image, request_id=new_request_id(), top_k=request.top_k
+            )
+            outcome = "ok"
+            return prediction
+        except (AgentError, BundleError) as exc:
+            outcome = error_code(exc)
+            raise
+        finally:
+            elapsed = time.perf_counter() - started if outcome == "ok" else None
+            self.agent.core.record(model, "mqtt", outcome, elapsed)
+
+    def _error(
+        self,
+        topic: Topic,
+        exc: Exception,
+        client_request_id: str | None,
+        message_id: str,
+        properties: dict[str, Any],
+        message: Inbound,
+        source: dict[str, Any] | None = None,
+    ) -> Outgoing:
+        code = error_code(exc)
+        text = getattr(exc, "message", None) or str(exc)
+        self.agent.metrics.mqtt_errors.labels(code).inc()
+        extra: dict[str, Any] = {"source": source or {"topic": message.topic}}
+        payload = error_payload(
+            code, text, request_id=client_request_id, message_id=message_id, extra=extra
+        )
+        return Outgoing(topic, payload, "reply", message_id, properties)
+
+    async def publish_result(self, prediction: Prediction, source: dict[str, Any]) -> None:
+        """Publish a prediction made elsewhere (HTTP) to the model's results topic."""
+        message_id = new_request_id()
+        body = prediction.to_json()
+        body["message_id"] = message_id
+        body["source"] = source
+        topic = self.scheme.results(str(prediction.model["name"]))
+        await asyncio.to_thread(self._put, [Outgoing(topic, _json(body), "result", message_id, {})])
+
+    async def _telemetry(self) -> None:
+        from edge_agent.telemetry import snapshot
+
+        while True:
+            await asyncio.sleep(self.settings.telemetry_interval_s)
+            message_id = new_request_id()
+            figures = await asyncio.to_thread(snapshot, self.agent)
+            figures["message_id"] = message_id
+            outgoing = Outgoing(
+                self.scheme.telemetry(), _json(figures), "telemetry", message_id, {}
+            )
+            await asyncio.to_thread(self._put, [outgoing])
+
+
+def _json(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
