@@ -73,7 +73,10 @@ class AgentServer(uvicorn.Server):
             for m in self.agent.describe_models()
         )
         self.notifier.status(f"serving {models}" if ready else "not ready: " + "; ".join(reasons))
-        log.info("ready" if ready else "not ready: %s", "; ".join(reasons))
+        if ready:
+            log.info("ready: %s", models)
+        else:
+            log.warning("not ready: %s", "; ".join(reasons))
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or self._loop is None:

@@ -272,6 +272,8 @@ class MqttService:
             )
         )
         source: dict[str, Any] = {"topic": message.topic}
+        if mapping.carry:
+            source["carry"] = carry(_json_or_none(message.payload), mapping.carry)
         try:
             path = "image" if mapping.image == "raw" else mapping.image
             request = parse_request(
@@ -281,7 +283,6 @@ class MqttService:
                 image_path=path,
                 default_top_k=mapping.top_k,
             )
-            source["carry"] = carry(request.document, mapping.carry)
             prediction = await self._predict(mapping.model, request)
         except (AgentError, BundleError) as exc:
             return [self._error(topic, exc, None, message_id, {}, message, source=source)]
@@ -347,6 +348,15 @@ class MqttService:
                 self.scheme.telemetry(), _json(figures), "telemetry", message_id, {}
             )
             await asyncio.to_thread(self._put, [outgoing])
+
+
+def _json_or_none(payload: bytes) -> dict[str, Any] | None:
+    """The payload as a JSON object, or None (for carrying metadata over even into errors)."""
+    try:
+        document = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return document if isinstance(document, dict) else None
 
 
 def _json(body: dict[str, Any]) -> bytes:
