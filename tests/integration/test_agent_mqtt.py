@@ -575,3 +575,76 @@ def test_telemetry_is_published(state: Path, keys: Keys, broker: Broker) -> None
         assert figures["models"][0]["version"] == 1  # type: ignore[index]
         assert figures["mqtt"]["connected"] is True  # type: ignore[index]
         assert "process_rss_mb" in figures["system"]  # type: ignore[operator]
+
+
+def test_example_mosquitto_config_with_tls_and_acls(
+    tmp_path: Path, state: Path, keys: Keys
+) -> None:
+    """deploy/mosquitto runs as shipped (paths and ports swapped) and its ACLs hold."""
+    from tests.agent_support import free_port
+
+    pki = _pki(tmp_path / "pki")
+    deploy = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
+    plain, secure = free_port(), free_port()
+    config = (deploy / "lineside.conf").read_text()
+    for old, new in {
+        "listener 1883 127.0.0.1": f"listener {plain} 127.0.0.1",
+        "listener 8883": f"listener {secure} 127.0.0.1",
+        "/etc/mosquitto/certs/plant-ca.crt": str(pki["ca.crt"]),
+        "/etc/mosquitto/certs/broker.crt": str(pki["broker.crt"]),
+        "/etc/mosquitto/certs/broker.key": str(pki["broker.key"]),
+        "/etc/mosquitto/lineside.acl": str(deploy / "lineside.acl"),
+        "/var/lib/mosquitto/": f"{tmp_path}/",
+    }.items():
+        assert old in config, old
+        config = config.replace(old, new)
+    (tmp_path / "broker").mkdir()
+    conf = tmp_path / "broker" / "mosquitto.conf"
+    import getpass
+
+    conf.write_text(f"user {getpass.getuser()}\n{config}")
+    broker_process = subprocess.Popen(["mosquitto", "-c", str(conf)])
+    try:
+        deadline = time.monotonic() + 10
+        import socket
+
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", secure), 0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (
+                    "mosquitto did not start with the example config"
+                )
+                time.sleep(0.05)
+        broker = Broker(tmp_path / "broker", port=secure)
+        env = mqtt_env(
+            broker,
+            EDGE_AGENT_MQTT_HOST="localhost",
+            EDGE_AGENT_MQTT_TLS_CA=str(pki["ca.crt"]),
+            EDGE_AGENT_MQTT_TLS_CERTFILE=str(pki["agent.crt"]),  # CN box1
+            EDGE_AGENT_MQTT_TLS_KEYFILE=str(pki["agent.key"]),
+            EDGE_AGENT_MQTT_RESPONSE_TOPICS=json.dumps(["lineside/v1/replies/#"]),
+        )
+        tls = {
+            "ca_certs": str(pki["ca.crt"]),
+            "certfile": str(pki["client.crt"]),
+            "keyfile": str(pki["client.key"]),
+        }
+        with run_agent(state, "--trusted-key", str(keys.public), env=env) as agent:
+            agent.wait_ready()
+            time.sleep(1.0)
+            mes = TestClient(secure, "mes", tls=tls)  # CN mes
+            mes.subscribe("lineside/v1/replies/mes/#")
+            mes.publish(
+                f"{BASE}/infer/defects",
+                jpeg(9),
+                response_topic="lineside/v1/replies/mes/1",
+                correlation=b"acl",
+            )
+            [reply] = mes.wait_for(1, topic="lineside/v1/replies/mes/1")
+            assert body(reply)["label"]
+            mes.close()
+    finally:
+        broker_process.terminate()
+        broker_process.wait(10)
