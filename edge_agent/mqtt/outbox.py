@@ -7,7 +7,9 @@ carries a `message_id` that consumers use to drop duplicates. Row ids come from 
 they are never reused: the owner's `after_row_id` cursor stays valid even after the table empties.
 
 Durability. WAL journal with synchronous=FULL: `put()` returns only after its commit is fsynced,
-so a returned put survives SIGKILL and power loss. NORMAL (an option, for slow flash) survives a
+so a returned put survives SIGKILL and power loss. Replies to MQTT 5 requests are committed but
+not fsynced (`put(fsync=False)`): they survive a killed agent, and on power loss the requester,
+which waits online with a timeout, asks again; this keeps an fsync off every round trip. NORMAL (an option, for slow flash) survives a
 killed process but may lose the last commits on power loss. `ack()` is not fsynced on its own: a
 power cut may bring back a few acknowledged rows, which are sent again and deduplicated by their
 message_id. The file is opened with an exclusive lock: a second agent on the same outbox would publish every row twice and break the totals.
@@ -172,8 +174,16 @@ class Outbox:
         retain: bool = False,
         properties: dict[str, Any] | None = None,
         message_id: str | None = None,
+        fsync: bool | None = None,
     ) -> PutResult:
-        """Store a message durably (committed and fsynced when this returns)."""
+        """Store a message (committed, and fsynced unless `fsync` is False, when this returns).
+
+        `fsync` defaults to True for every kind but "reply": an MQTT 5 requester waits online with
+        a timeout and asks again, so a reply that a power cut would lose is not worth an fsync
+        (~4 ms) on every round trip. A reply still survives a killed agent (it is committed).
+        """
+        if fsync is None:
+            fsync = kind != "reply"
         props_json = _check_message(topic, kind, qos, properties)
         size = len(payload) + len(topic.encode()) + len(props_json.encode())
         if size > self.max_bytes:
@@ -194,15 +204,23 @@ class Outbox:
         )
         with self._lock, self._errors("store a message"):
             conn = self._live()
-            conn.execute("BEGIN IMMEDIATE")
+            if not fsync:
+                conn.execute("PRAGMA synchronous = NORMAL")
             try:
-                victims = self._choose_victims(conn, size)
-                conn.executemany("DELETE FROM outbox WHERE row_id = ?", [(v[0],) for v in victims])
-                cursor = conn.execute(_INSERT, _row_values(message, props_json))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    victims = self._choose_victims(conn, size)
+                    conn.executemany(
+                        "DELETE FROM outbox WHERE row_id = ?", [(v[0],) for v in victims]
+                    )
+                    cursor = conn.execute(_INSERT, _row_values(message, props_json))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            finally:
+                if not fsync:
+                    conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             # Totals change only once the commit has succeeded.
             dropped: dict[str, int] = {}
             for _, victim_kind, victim_size in victims:

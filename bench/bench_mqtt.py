@@ -1,0 +1,348 @@
+"""MQTT benchmark: request/response round trip, the photo path over MQTT vs HTTP, and sustained
+events per second before shedding starts — all in one run, against a real Mosquitto and a real
+`edge-agent serve` process (the load comes from this process).
+
+    python -m bench.bench_mqtt [--rounds 6] [--per-round 40] [--quick]
+
+Cases:
+- broker echo: a QoS 1 publish to a topic this client subscribes to (what the broker alone costs);
+- small round trip: a QoS 1 MQTT 5 request (a ~1 KB JPEG) to a tiny model and its reply
+  (target p50 <= 2 ms on loopback);
+- photo path: the same phone photo to the demo classifier (real EfficientNet-Lite0, int8) over
+  MQTT request/response and over HTTP (raw body, keep-alive), interleaved (target MQTT p50 <= 1.1x
+  HTTP p50);
+- events: camera events offered at rising rates to an event mapping; the highest rate answered
+  completely with nothing shed is the sustained rate.
+Writes bench/results/mqtt.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import httpx
+import numpy as np
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from bench.common import (
+    flatten,
+    format_table,
+    interleaved,
+    library_versions,
+    percentile,
+    round_ratios,
+    summarize_ms,
+    write_json,
+)
+from tests.agent_support import build_bundle, make_keys, run_agent
+from tests.mqtt_support import Broker
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_BUNDLE = ROOT / "demo" / "bundle" / "defects-1.bundle"
+DEMO_KEY = ROOT / "demo" / "keys" / "demo.pub"
+SITE, DEVICE = "bench", "box"
+BASE = f"lineside/v1/{SITE}/{DEVICE}"
+
+
+class Requester:
+    """A paho MQTT 5 client that sends requests and waits for their correlated replies."""
+
+    def __init__(self, port: int, reply_topic: str) -> None:
+        self.reply_topic = reply_topic
+        self._waiting: dict[bytes, threading.Event] = {}
+        self._replies: dict[bytes, bytes] = {}
+        self.client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"bench-{time.monotonic_ns()}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        self.client.on_message = self._on_message
+        self.client.on_socket_open = lambda _c, _u, sock: sock.setsockopt(6, 1, 1)  # TCP_NODELAY
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *args: subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe(reply_topic, 1)
+        assert subscribed.wait(10)
+        self._counter = 0
+
+    def _on_message(self, _c: Any, _u: Any, message: paho.MQTTMessage) -> None:
+        key = getattr(message.properties, "CorrelationData", None) or message.topic.encode()
+        self._replies[key] = message.payload
+        event = self._waiting.pop(key, None)
+        if event is not None:
+            event.set()
+
+    def request(self, topic: str, payload: bytes, timeout: float = 30) -> bytes:
+        self._counter += 1
+        key = str(self._counter).encode()
+        event = threading.Event()
+        self._waiting[key] = event
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.ResponseTopic = self.reply_topic
+        properties.CorrelationData = key
+        self.client.publish(topic, payload, qos=1, properties=properties)
+        if not event.wait(timeout):
+            raise TimeoutError(f"no reply on {self.reply_topic} within {timeout}s")
+        return self._replies.pop(key)
+
+    def echo(self, payload: bytes) -> None:
+        """Publish to the reply topic itself and wait for it to come back (the broker's cost)."""
+        self.request(self.reply_topic, payload)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def phone_photo() -> bytes:
+    """A 12-megapixel JPEG that compresses like a phone photo (texture + sensor noise)."""
+    rng = np.random.default_rng(12)
+    base = cv2.resize(
+        rng.integers(60, 200, (300, 400, 3), dtype=np.uint8),
+        (4000, 3000),
+        interpolation=cv2.INTER_CUBIC,
+    )
+    noise = rng.normal(0, 6, base.shape)
+    image = np.clip(base + noise, 0, 255).astype(np.uint8)
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return data.tobytes()
+
+
+def small_jpeg() -> bytes:
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 60])
+    assert ok and len(data) <= 1024, len(data)
+    return data.tobytes()
+
+
+def install(state: Path, bundle: Path, key: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", "install", str(bundle), "--state-dir", str(state),
+         "--trusted-key", str(key)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+
+
+def event_rates(
+    port: int, rates: Sequence[int], seconds: float, image: bytes, agent_url: str
+) -> list[dict[str, Any]]:
+    """Offer events at each rate; count results, shed replies and the time to the last result."""
+    results: list[dict[str, Any]] = []
+    consumer = Requester(port, "bench/verdicts/#")
+    publisher = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5
+    )
+    publisher.connect("127.0.0.1", port)
+    publisher.loop_start()
+    payload = json.dumps({"frame": base64.b64encode(image).decode()}).encode()
+    for rate in rates:
+        received: list[float] = []
+        consumer.client.on_message = lambda _c, _u, m, sink=received: sink.append(
+            time.perf_counter()
+        )
+        shed_before = _shed(agent_url)
+        count = int(rate * seconds)
+        start = time.perf_counter()
+        for number in range(count):
+            target = start + number / rate
+            delay = target - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            publisher.publish("bench/camera/1", payload, qos=1)
+        offered_s = time.perf_counter() - start
+        deadline = time.perf_counter() + 30
+        while (
+            len(received) < count - (_shed(agent_url) - shed_before)
+            and time.perf_counter() < deadline
+        ):
+            time.sleep(0.05)
+        shed = _shed(agent_url) - shed_before
+        answered = len(received)
+        span = (received[-1] - start) if received else float("nan")
+        results.append(
+            {
+                "offered_per_s": rate,
+                "offered_actual_per_s": round(count / offered_s, 1),
+                "events": count,
+                "results": answered,
+                "shed": int(shed),
+                "throughput_per_s": round(answered / span, 1) if received else 0.0,
+                "drain_s_after_last_event": round(span - offered_s, 3) if received else None,
+            }
+        )
+        print(f"  events at {rate}/s: {answered}/{count} answered, {int(shed)} shed")
+        time.sleep(1.0)
+    publisher.disconnect()
+    publisher.loop_stop()
+    consumer.close()
+    return results
+
+
+def _shed(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("lineside_mqtt_shed_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--per-round", type=int, default=40)
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.per_round = 2, 10
+    if not DEMO_BUNDLE.is_file():
+        print(f"{DEMO_BUNDLE} is missing; run demo/rebuild-bundle first", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="bench-mqtt-") as tmp:
+        work = Path(tmp)
+        broker = Broker(work / "broker").start()
+        keys = make_keys(work / "keys")
+        tiny = build_bundle(work / "tiny", keys, name="tiny")
+        state = work / "state"
+        install(state, tiny.path, keys.public)
+        install(state, DEMO_BUNDLE, DEMO_KEY)
+        env = {
+            "EDGE_AGENT_MQTT_ENABLED": "true",
+            "EDGE_AGENT_MQTT_PORT": str(broker.port),
+            "EDGE_AGENT_SITE": SITE,
+            "EDGE_AGENT_DEVICE": DEVICE,
+            "EDGE_AGENT_MQTT_RESPONSE_TOPICS": json.dumps(["bench/#"]),
+            "EDGE_AGENT_TELEMETRY_INTERVAL_S": "0",
+            "EDGE_AGENT_KEEP_REQUESTS_COUNT": "0",
+            "EDGE_AGENT_MQTT_EVENTS": json.dumps(
+                [
+                    {
+                        "topic": "bench/camera/+",
+                        "model": "defects",
+                        "image": "frame",
+                        "result_topic": "bench/verdicts/{model}",
+                    }
+                ]
+            ),
+        }
+        try:
+            with run_agent(
+                state, "--trusted-key", str(keys.public), "--trusted-key", str(DEMO_KEY), env=env
+            ) as agent:
+                agent.wait_ready(120)
+                time.sleep(1.0)
+                result = measure(agent.url, broker.port, args)
+        finally:
+            broker.stop()
+    path = write_json("mqtt", result)
+    print(f"wrote {path}")
+    return 0
+
+
+def measure(url: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
+    requester = Requester(port, "bench/replies/1")
+    small, photo = small_jpeg(), phone_photo()
+    http = httpx.Client(base_url=url, timeout=60)
+
+    def over_http() -> None:
+        response = http.post(
+            "/v1/models/defects/predict", content=photo, headers={"Content-Type": "image/jpeg"}
+        )
+        assert response.status_code == 200, response.text
+
+    def over_mqtt() -> None:
+        assert b'"label"' in requester.request(f"{BASE}/infer/defects", photo)
+
+    cases = {
+        "broker_echo": lambda: requester.echo(small),
+        "small_round_trip": lambda: requester.request(f"{BASE}/infer/tiny", small),
+    }
+    small_samples = interleaved(cases, rounds=args.rounds, per_round=args.per_round * 5, warmup=20)
+    photo_samples = interleaved(
+        {"photo_http": over_http, "photo_mqtt": over_mqtt},
+        rounds=args.rounds,
+        per_round=max(5, args.per_round // 2),
+        warmup=3,
+    )
+    rates = (10, 20, 40, 80) if args.quick else (10, 20, 30, 40, 60, 80, 120)
+    events = event_rates(port, rates, 2.0 if args.quick else 4.0, photo_for_events(), url)
+    requester.close()
+    http.close()
+    summary = {
+        name: summarize_ms(flatten(rounds))
+        for name, rounds in {**small_samples, **photo_samples}.items()
+    }
+    ratio = round_ratios(
+        photo_samples["photo_mqtt"], photo_samples["photo_http"]
+    )  # >1: HTTP faster
+    sustained = max(
+        (r["offered_per_s"] for r in events if r["shed"] == 0 and r["results"] == r["events"]),
+        default=0,
+    )
+    small_p50 = percentile([s * 1000 for s in flatten(small_samples["small_round_trip"])], 50)
+    checks = {
+        "small_round_trip_p50_ms<=2": {"value": round(small_p50, 3), "met": small_p50 <= 2.0},
+        "photo_mqtt_over_http_p50<=1.1": {
+            "value": ratio["median_of_rounds"],
+            "met": ratio["median_of_rounds"] <= 1.1,
+        },
+        "sustained_events_per_s": {"value": sustained},
+    }
+    rows = [[name, s["n"], s["p50_ms"], s["p95_ms"]] for name, s in summary.items()]
+    print(format_table(["case", "n", "p50 ms", "p95 ms"], rows))
+    print(
+        f"photo over MQTT / over HTTP, p50: {ratio['median_of_rounds']}x (rounds {ratio['min_round']}-{ratio['max_round']})"
+    )
+    print(f"sustained events/s with nothing shed: {sustained}")
+    for name, check in checks.items():
+        print(f"  {name}: {check}")
+    return {
+        "summary": summary,
+        "photo_mqtt_over_http": ratio,
+        "events": events,
+        "checks": checks,
+        "photo_bytes": len(photo),
+        "small_bytes": len(small),
+        "pinned": {
+            "profile": "generic-x86-64-avx2",
+            "qos": 1,
+            "mqtt": "5",
+            "broker": "mosquitto, set_tcp_nodelay",
+        },
+        "libraries": library_versions(["paho-mqtt", "onnxruntime", "fastapi", "uvicorn", "httpx"]),
+    }
+
+
+def photo_for_events() -> bytes:
+    """Events carry a line camera frame (1280x960), not a 12-megapixel phone photo."""
+    rng = np.random.default_rng(5)
+    base = cv2.resize(
+        rng.integers(60, 200, (120, 160, 3), dtype=np.uint8),
+        (1280, 960),
+        interpolation=cv2.INTER_CUBIC,
+    )
+    image = np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return data.tobytes()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The README's run command, end to end: `scripts/demo` installs the committed demo bundle, serves
+it over HTTP and MQTT, prints how to try it, and answers a demo photo correctly both ways."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.agent_support import free_port
+from tests.mqtt_support import running_broker
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_scripts_demo_serves_the_demo_bundle(tmp_path: Path) -> None:
+    port = free_port()
+    with running_broker(tmp_path / "broker") as broker:
+        env = {
+            **os.environ,
+            "LINESIDE_SKIP_INSTALL": "1",
+            "LINESIDE_DEMO_DIR": str(tmp_path / "demo"),
+            "EDGE_AGENT_MQTT_PORT": str(broker.port),
+        }
+        process = subprocess.Popen(
+            [str(ROOT / "scripts" / "demo"), "--port", str(port)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        assert process.stdout is not None
+        lines: list[str] = []
+        try:
+            deadline = time.monotonic() + 120
+            while not any("Ctrl-C stops it" in line for line in lines):
+                line = process.stdout.readline().decode(errors="replace")
+                if not line and process.poll() is not None:
+                    raise AssertionError("scripts/demo exited:\n" + "".join(lines))
+                lines.append(line)
+                assert time.monotonic() < deadline, "".join(lines)
+            banner = "".join(lines)
+            assert f"http://127.0.0.1:{port}/" in banner
+            curl = re.search(r"curl: +(curl .*)", banner)
+            assert curl is not None, banner
+            photo = ROOT / "demo" / "photos" / "scratch.jpg"
+            answer = httpx.post(
+                f"http://127.0.0.1:{port}/v1/models/defects/predict",
+                content=photo.read_bytes(),
+                headers={"Content-Type": "image/jpeg"},
+                timeout=30,
+            ).json()
+            assert answer["label"] == "scratch", answer
+            assert answer["knowledge"]["corrective_actions"]
+            topic = re.search(r"-t (lineside/v1/\S+/infer/defects)", banner)
+            assert topic is not None, banner
+            request = json.dumps({"image": base64.b64encode(photo.read_bytes()).decode()})
+            reply = subprocess.run(
+                ["mosquitto_rr", "-p", str(broker.port), "-t", topic.group(1),
+                 "-e", "lineside/v1/replies/test", "-m", request, "-W", "20"],
+                capture_output=True, timeout=30,
+            )  # fmt: skip
+            assert json.loads(reply.stdout)["label"] == "scratch", reply
+        finally:
+            os.killpg(process.pid, signal.SIGINT)
+            process.wait(30)
+        assert process.returncode == 0, "".join(lines) + process.stdout.read().decode(
+            errors="replace"
+        )
