@@ -31,6 +31,7 @@ from edge_bundle.signing import TrustStore
 
 if TYPE_CHECKING:
     from edge_agent.mqtt.service import MqttService
+    from edge_agent.updater.runner import Updater
 
 log = logging.getLogger(__name__)
 #: An inference running longer than this means the runtime is wedged: stop feeding the watchdog.
@@ -42,6 +43,13 @@ def build_trust(settings: AgentSettings) -> TrustStore:
         return TrustStore.from_files(settings.key_files(), revoked=settings.revoked_key_ids)
     except BundleError as exc:
         raise ConfigError(f"cannot read the trusted keys: {exc}") from exc
+
+
+def _keys(paths: tuple[Path, ...]) -> TrustStore:
+    try:
+        return TrustStore.from_files(paths)
+    except BundleError as exc:
+        raise ConfigError(f"cannot read a release or root key: {exc}") from exc
 
 
 def build_store(settings: AgentSettings) -> BundleStore:
@@ -83,6 +91,16 @@ class Agent:
             from edge_agent.mqtt.service import MqttService
 
             self.mqtt = MqttService(self)
+        self.updater: Updater | None = None
+        if settings.release_keys:
+            if not settings.mqtt_enabled:
+                raise ConfigError(
+                    "release_keys are set but mqtt_enabled is false: updates arrive over MQTT, "
+                    "so enable MQTT (or remove release_keys)"
+                )
+            from edge_agent.updater.runner import Updater
+
+            self.updater = Updater(self, _keys(settings.release_keys), _keys(settings.root_keys))
         self.started_at = time.time()
         self.loading = True
         self._install_lock = asyncio.Lock()
@@ -104,6 +122,8 @@ class Agent:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.updater is not None:
+            await self.updater.stop()
         if self.mqtt is not None:
             await self.mqtt.stop()
         await asyncio.to_thread(self.core.close)
@@ -221,6 +241,8 @@ class Agent:
                 self._publish(candidate)
                 log.info("serving %s@%s", name, version)
         finally:
+            if self.loading and self.updater is not None:
+                await self.updater.start()  # resume an update once the active models are loaded
             self.loading = False
 
     def _prepare_installed(self, name: str, version: int) -> Candidate:

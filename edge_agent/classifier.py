@@ -68,6 +68,11 @@ class Classifier:
     def infer(self, tensor: NDArray[Any]) -> NDArray[np.float32]:
         """Class probabilities, shape (N, classes)."""
         probabilities = to_probabilities(self.session.run(tensor), self.output_kind)
+        if not np.isfinite(probabilities).all():
+            raise InferenceError(
+                f"{self.bundle.bundle_id} produced non-finite scores (NaN or infinity) for this "
+                "input; the model is broken for it"
+            )
         if probabilities.shape[1] != len(self.labels):
             raise InferenceError(
                 f"{self.bundle.bundle_id} produced {probabilities.shape[1]} scores for "

@@ -101,6 +101,9 @@ class InferenceCore:
         #: Recent server-side latencies (ms) of answered predictions, by transport, for telemetry.
         self.latencies: dict[str, deque[float]] = {}
         self.outcomes: Counter[tuple[str, str]] = Counter()  # (transport, outcome) -> count
+        self.model_outcomes: Counter[tuple[str, str]] = Counter()  # (model, outcome) -> count
+        #: Recent pipeline times (ms, decode to postprocess) per model version, for probation.
+        self.model_latencies: dict[tuple[str, int], deque[float]] = {}
 
     def record(
         self, model: str, transport: str, outcome: str, total_s: float | None = None
@@ -109,14 +112,19 @@ class InferenceCore:
         known = model if model in self.models else "unknown"
         self.metrics.requests.labels(known, transport, outcome).inc()
         self.outcomes[(transport, outcome)] += 1
+        self.model_outcomes[(known, outcome)] += 1
         if total_s is not None:
             self.latencies.setdefault(transport, deque(maxlen=LATENCY_WINDOW)).append(
                 total_s * 1000
             )
 
     # ---- models ----------------------------------------------------------------------------
-    def set_model(self, name: str, state: ModelState) -> None:
-        """Publish a model's state; an in-flight request keeps the classifier it started with."""
+    def set_model(self, name: str, state: ModelState, *, close_previous: bool = True) -> None:
+        """Publish a model's state; an in-flight request keeps the classifier it started with.
+
+        The previous classifier is closed once the inference thread has finished what was queued
+        for it, unless `close_previous` is False (an update keeps it for an instant rollback).
+        """
         previous = self.models.get(name)
         self.models[name] = state
         if state.classifier is not None:
@@ -128,7 +136,11 @@ class InferenceCore:
                 info["runtime"],
                 ",".join(info["providers"]),
             )
-        if previous is not None and previous.classifier not in (None, state.classifier):
+        if (
+            close_previous
+            and previous is not None
+            and previous.classifier not in (None, state.classifier)
+        ):
             # Closed on the inference thread, after any inference already queued on it.
             old = previous.classifier
             assert old is not None
@@ -201,6 +213,9 @@ class InferenceCore:
         }
         for stage, seconds in timings.items():
             self.metrics.stage_seconds.labels(name, stage).observe(seconds)
+        pipeline_ms = (decode_s + prepare_s + infer_s + post_s) * 1000
+        key = (classifier.name, classifier.version)
+        self.model_latencies.setdefault(key, deque(maxlen=LATENCY_WINDOW)).append(pipeline_ms)
         prediction = Prediction(
             request_id=request_id,
             model={
@@ -255,6 +270,10 @@ class InferenceCore:
                     self._pending_records -= 1
 
         self._record_pool.submit(write)
+
+    def close_later(self, classifier: Classifier) -> None:
+        """Close a classifier after whatever the inference thread has queued for it."""
+        self._infer_pool.submit(classifier.close)
 
     def close(self) -> None:
         for pool in (self._decode_pool, self._record_pool, self._infer_pool):

@@ -132,6 +132,13 @@ class AgentMetrics:
             "lineside_temperature_celsius", "Hottest temperature sensor reading", registry=r
         )
 
+        self.updates = Counter(
+            "lineside_update_reports_total",
+            "Updater reports by outcome (progress, refused, committed, rolled_back, ignored)",
+            ["outcome"],
+            registry=r,
+        )
+
     def set_model(self, name: str, version: int, sha256: str, runtime: str, providers: str) -> None:
         """Replace the info series of `name` with this version's."""
         for labels in list(self._model_series(name)):

@@ -182,6 +182,36 @@ class AgentSettings(BaseSettings):
     outbox_max_bytes: int = Field(default=64 * MIB, ge=MIB)
     outbox_max_messages: int = Field(default=100_000, ge=10)
 
+    # Updates (pulled over MQTT; needs mqtt_enabled and at least one release key).
+    release_keys: tuple[Path, ...] = Field(
+        default=(), description="public keys (role release) whose release notices are trusted"
+    )
+    root_keys: tuple[Path, ...] = Field(
+        default=(), description="public keys (role root) whose trust notices rotate release keys"
+    )
+    update_groups: tuple[str, ...] = Field(
+        default=(), description="fleet groups this box takes releases for (besides its own id)"
+    )
+    probation_s: float = Field(
+        default=300.0, ge=0, description="how long a new version is watched before it is kept"
+    )
+    probation_max_errors: int = Field(
+        default=3, ge=1, description="inference failures during probation that roll it back"
+    )
+    probation_latency_factor: float = Field(
+        default=2.0, gt=1, description="p95 slower than this x the previous version rolls back"
+    )
+    probation_min_samples: int = Field(
+        default=20, ge=1, description="live predictions needed before latency is judged"
+    )
+    probation_selftest_s: float = Field(
+        default=10.0, gt=0, description="golden self-test period during probation"
+    )
+    keep_versions: int = Field(default=3, ge=2, description="installed versions kept per model")
+    update_min_free_mb: int = Field(
+        default=64, ge=0, description="free disk space kept beyond twice the bundle's size"
+    )
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = Field(default=False, description="log every HTTP request (uvicorn)")
 
@@ -202,6 +232,10 @@ class AgentSettings(BaseSettings):
     @property
     def client_id(self) -> str:
         return self.mqtt_client_id or f"lineside-{self.site}-{self.device}"
+
+    @property
+    def updater_dir(self) -> Path:
+        return self.state_dir / "updater"
 
     @property
     def outbox_path(self) -> Path:

@@ -168,6 +168,22 @@ class BundleStore:
             shutil.rmtree(directory, ignore_errors=True)
             directory.with_suffix(".json").unlink(missing_ok=True)
 
+    def deactivate(self, name: str) -> None:
+        """Serve no version of `name` any more (a first install that was rolled back)."""
+        with self._locked():
+            link = self.root / "active" / name
+            link.unlink(missing_ok=True)
+            _fsync_dir(link.parent)
+
+    def prune(self, name: str, keep: int) -> list[int]:
+        """Remove all but the newest `keep` versions (never the active one); returns the removed."""
+        active = self.active_version(name)
+        versions = self.versions(name)
+        doomed = [v for v in versions[: max(0, len(versions) - keep)] if v != active]
+        for version in doomed:
+            self.remove(name, version)
+        return doomed
+
     def clear_staging(self) -> None:
         """Remove leftovers of installs interrupted by a crash or power loss."""
         with self._locked():

@@ -201,6 +201,13 @@ def _add_routes(app: FastAPI, agent: Agent) -> None:
             body["client_request_id"] = client_id
         return JSONResponse(body, headers=headers)
 
+    @app.get("/v1/updates", tags=["operations"], summary="The updater's state and recent reports")
+    async def updates() -> dict[str, Any]:
+        updater = agent.updater
+        if updater is None:
+            return {"enabled": False, "state": None, "reports": []}
+        return {"enabled": True, "state": updater.state.to_json(), "reports": updater.reports}
+
     @app.get("/v1/requests/{request_id}", tags=["requests"], summary="A kept prediction")
     async def get_request(request_id: str) -> dict[str, Any]:
         record = agent.records.get(request_id)

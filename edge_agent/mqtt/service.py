@@ -30,6 +30,7 @@ from edge_agent.mqtt.outbox import Kind, Outbox, OutboxError
 from edge_agent.mqtt.topics import Topic, TopicFilter, TopicScheme
 from edge_agent.settings import EventMapping
 from edge_bundle.errors import BundleError
+from edge_bundle.release import TRUST_TOPIC
 
 if TYPE_CHECKING:
     from edge_agent.agent import Agent
@@ -66,6 +67,17 @@ class MqttService:
         subscriptions = [self.scheme.infer_filter(), *(f for f, _ in self.mappings)]
         if settings.mqtt_shared_group:
             subscriptions.append(self.scheme.shared_infer_filter(settings.mqtt_shared_group))
+        self.release_filters: list[TopicFilter] = []
+        if settings.release_keys:
+            self.release_filters = [
+                TopicFilter(f"{self.scheme.base}/release"),
+                TopicFilter(TRUST_TOPIC),
+                *(
+                    TopicFilter(f"lineside/v1/fleet/{group}/release")
+                    for group in settings.update_groups
+                ),
+            ]
+            subscriptions += self.release_filters
         self.link = MqttLink(
             settings,
             self.outbox,
@@ -187,6 +199,11 @@ class MqttService:
         self.link.wake()
 
     async def _process(self, message: Inbound) -> list[Outgoing]:
+        if any(f.matches(message.topic) for f in self.release_filters):
+            updater = self.agent.updater
+            if updater is not None:
+                await updater.on_notice(message.topic, message.payload)
+            return []
         model = self.scheme.model_of_request(message.topic)
         if model is not None:
             return await self._request(message, model)
@@ -335,6 +352,13 @@ class MqttService:
         body["source"] = source
         topic = self.scheme.results(str(prediction.model["name"]))
         await asyncio.to_thread(self._put, [Outgoing(topic, _json(body), "result", message_id, {})])
+
+    async def publish_update(self, report: dict[str, Any]) -> None:
+        """An updater progress/outcome report, through the outbox, to .../update."""
+        message_id = new_request_id()
+        body = {**report, "message_id": message_id}
+        topic = Topic(f"{self.scheme.base}/update")
+        await asyncio.to_thread(self._put, [Outgoing(topic, _json(body), "update", message_id, {})])
 
     async def _telemetry(self) -> None:
         from edge_agent.telemetry import snapshot

@@ -1,0 +1,408 @@
+"""The updater's rules as a pure state machine: `transition(state, event) -> (state, actions)`.
+
+No I/O happens here: the runner (`edge_agent.updater.runner`) performs the actions, feeds back
+events, and persists every new state before acting on it, so a crash at any point resumes from a
+state whose actions can simply be performed again (every action is idempotent).
+
+    idle ─notice ok─► downloading ─► verifying ─► staging ─► activating ─► probation ─► committed
+      ▲                  │              │            │           │             │
+      └──────────────────┴──── refused (reason) ─────┘           └─ rolled_back (reason) ◄┘
+
+A notice is checked before anything is fetched (`check_notice`): signed by a trusted release key
+(done by the caller), meant for this device or one of its groups, newer than every release
+sequence seen, not expired (judged against the later of the local clock and the newest signed
+issue time seen, so a clock set back cannot revive an expired notice and a box without a clock is
+not frozen), for a version strictly newer than the active one unless the notice is a signed
+rollback, and not a version that already failed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Literal
+
+Phase = Literal[
+    "idle", "downloading", "verifying", "staging", "activating", "probation",
+    "committed", "rolled_back", "refused",
+]  # fmt: skip
+BUSY: frozenset[str] = frozenset({"downloading", "verifying", "staging", "activating", "probation"})
+
+
+@dataclass(frozen=True)
+class Release:
+    """What the machine needs from a verified release notice."""
+
+    name: str
+    version: int
+    sha256: str
+    size: int
+    url: str
+    sequence: int
+    issued_at: datetime
+    expires_at: datetime
+    rollback: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        data = dict(self.__dict__)
+        data["issued_at"] = self.issued_at.isoformat()
+        data["expires_at"] = self.expires_at.isoformat()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Release:
+        values = dict(data)
+        values["issued_at"] = datetime.fromisoformat(values["issued_at"])
+        values["expires_at"] = datetime.fromisoformat(values["expires_at"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class UpdateState:
+    """Everything the updater must remember across restarts."""
+
+    phase: Phase = "idle"
+    release: Release | None = None
+    previous_version: int | None = None  # active before activation; the rollback target
+    reason: str | None = None
+    last_sequence: int = 0  # highest release sequence acted on (refused ones included)
+    clock_floor: datetime | None = None  # newest signed issue time seen
+    bad_versions: tuple[tuple[str, int], ...] = ()
+    pending: Release | None = None  # a newer notice that arrived during activation/probation
+
+    @property
+    def busy(self) -> bool:
+        return self.phase in BUSY
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "release": self.release.to_json() if self.release else None,
+            "previous_version": self.previous_version,
+            "reason": self.reason,
+            "last_sequence": self.last_sequence,
+            "clock_floor": self.clock_floor.isoformat() if self.clock_floor else None,
+            "bad_versions": [list(item) for item in self.bad_versions],
+            "pending": self.pending.to_json() if self.pending else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UpdateState:
+        return cls(
+            phase=data["phase"],
+            release=Release.from_json(data["release"]) if data.get("release") else None,
+            previous_version=data.get("previous_version"),
+            reason=data.get("reason"),
+            last_sequence=int(data.get("last_sequence", 0)),
+            clock_floor=datetime.fromisoformat(data["clock_floor"])
+            if data.get("clock_floor")
+            else None,
+            bad_versions=tuple((str(n), int(v)) for n, v in data.get("bad_versions", ())),
+            pending=Release.from_json(data["pending"]) if data.get("pending") else None,
+        )
+
+
+# ---- events -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NoticeReceived:
+    release: Release
+    now: datetime
+    active_version: int | None  # of the release's model name, None if not installed
+
+
+@dataclass(frozen=True)
+class Restarted:
+    """The agent started again: resume whatever was in progress."""
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """The current step succeeded (download complete, verified, staged, activated, probation)."""
+
+    phase: Phase
+
+
+@dataclass(frozen=True)
+class StepFailed:
+    """The current step failed; `retry` for transient problems (network), else it is refused."""
+
+    phase: Phase
+    reason: str
+    retry: bool = False
+
+
+Event = NoticeReceived | Restarted | StepDone | StepFailed
+
+
+# ---- actions ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Download:
+    release: Release
+
+
+@dataclass(frozen=True)
+class Verify:
+    release: Release
+
+
+@dataclass(frozen=True)
+class Stage:
+    release: Release
+
+
+@dataclass(frozen=True)
+class Activate:
+    release: Release
+
+
+@dataclass(frozen=True)
+class Probation:
+    release: Release
+
+
+@dataclass(frozen=True)
+class RollBack:
+    release: Release
+    to_version: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Keep the new version, prune old ones, forget the download."""
+
+    release: Release
+
+
+@dataclass(frozen=True)
+class Discard:
+    """Remove what a refused or superseded release left behind (download, staged copy)."""
+
+    release: Release
+
+
+@dataclass(frozen=True)
+class Report:
+    phase: str
+    outcome: Literal["progress", "refused", "committed", "rolled_back", "ignored"]
+    sequence: int
+    reason: str | None = None
+    name: str | None = None
+    version: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Resubmit:
+    """Feed a release that waited behind the finished update back in as a fresh notice."""
+
+    release: Release
+
+
+Action = (
+    Download
+    | Verify
+    | Stage
+    | Activate
+    | Probation
+    | RollBack
+    | Commit
+    | Discard
+    | Report
+    | Resubmit
+)
+
+_NEXT: dict[str, tuple[Phase, type]] = {
+    "downloading": ("verifying", Verify),
+    "verifying": ("staging", Stage),
+    "staging": ("activating", Activate),
+    "activating": ("probation", Probation),
+}
+_STEP_ACTION: dict[str, type] = {
+    "downloading": Download,
+    "verifying": Verify,
+    "staging": Stage,
+    "activating": Activate,
+    "probation": Probation,
+}
+
+
+def check_notice(state: UpdateState, event: NoticeReceived) -> str | None:
+    """Why a release must be refused, or None when it may go ahead."""
+    release = event.release
+    if release.sequence <= state.last_sequence:
+        return (
+            f"sequence {release.sequence} is not newer than {state.last_sequence}, the newest "
+            "already seen (a replayed or stale notice)"
+        )
+    floor = state.clock_floor
+    now = max(event.now, floor) if floor is not None else event.now
+    if now >= release.expires_at:
+        return (
+            f"the notice expired at {release.expires_at.isoformat()} (judged at {now.isoformat()}, "
+            "the later of this box's clock and the newest signed issue time it has seen)"
+        )
+    if (release.name, release.version) in state.bad_versions:
+        return f"{release.name}@{release.version} already failed on this device and is not retried"
+    active = event.active_version
+    if active is not None:
+        if release.version == active:
+            return f"{release.name}@{release.version} is already active"
+        if release.version < active and not release.rollback:
+            return (
+                f"{release.name}@{release.version} is older than the active version {active}; "
+                "going back needs a notice published with --rollback"
+            )
+    return None
+
+
+def transition(state: UpdateState, event: Event) -> tuple[UpdateState, list[Action]]:
+    """The next state and what to do, for `event` in `state`."""
+    if isinstance(event, NoticeReceived):
+        return _on_notice(state, event)
+    if isinstance(event, Restarted):
+        return _on_restart(state)
+    if state.release is None or event.phase != state.phase:
+        return state, []  # a late report from a step that no longer matters
+    if isinstance(event, StepDone):
+        return _on_done(state, state.release)
+    return _on_failed(state, state.release, event)
+
+
+def _on_notice(state: UpdateState, event: NoticeReceived) -> tuple[UpdateState, list[Action]]:
+    release = event.release
+    floor = max(filter(None, (state.clock_floor, release.issued_at)))
+    state = replace(state, clock_floor=floor)
+    reason = check_notice(state, event)
+    if reason is not None:
+        # A stale notice must not move last_sequence backwards; a newer refused one moves it on.
+        sequence = max(state.last_sequence, release.sequence)
+        ignored = release.sequence <= state.last_sequence
+        report = Report(
+            "idle" if not state.busy else state.phase,
+            "ignored" if ignored else "refused",
+            release.sequence,
+            reason,
+            release.name,
+            release.version,
+        )
+        return replace(state, last_sequence=sequence), [report]
+    if state.phase in ("activating", "probation"):
+        # Never interrupt a swap or a probation: the newer release waits for the outcome.
+        return replace(state, pending=release), [
+            Report(
+                state.phase,
+                "progress",
+                release.sequence,
+                "queued behind the current update",
+                release.name,
+                release.version,
+            )
+        ]
+    actions: list[Action] = []
+    if state.busy and state.release is not None:
+        actions += [
+            Discard(state.release),
+            Report(
+                state.phase,
+                "refused",
+                state.release.sequence,
+                f"superseded by sequence {release.sequence}",
+                state.release.name,
+                state.release.version,
+            ),
+        ]
+    new = replace(
+        state,
+        phase="downloading",
+        release=release,
+        previous_version=event.active_version,
+        reason=None,
+        last_sequence=release.sequence,
+        pending=None,
+    )
+    actions += [
+        Report("downloading", "progress", release.sequence, None, release.name, release.version),
+        Download(release),
+    ]
+    return new, actions
+
+
+def _on_restart(state: UpdateState) -> tuple[UpdateState, list[Action]]:
+    release = state.release
+    if not state.busy or release is None:
+        return state, []
+    action = _STEP_ACTION[state.phase](release)
+    return state, [
+        Report(
+            state.phase,
+            "progress",
+            release.sequence,
+            "resumed after a restart",
+            release.name,
+            release.version,
+        ),
+        action,
+    ]
+
+
+def _on_done(state: UpdateState, release: Release) -> tuple[UpdateState, list[Action]]:
+    if state.phase == "probation":
+        done = replace(state, phase="committed", reason=None)
+        actions: list[Action] = [
+            Commit(release),
+            Report("committed", "committed", release.sequence, None, release.name, release.version),
+        ]
+        return _then_pending(done, actions)
+    next_phase, action = _NEXT[state.phase]
+    return replace(state, phase=next_phase), [
+        Report(next_phase, "progress", release.sequence, None, release.name, release.version),
+        action(release),
+    ]
+
+
+def _on_failed(
+    state: UpdateState, release: Release, event: StepFailed
+) -> tuple[UpdateState, list[Action]]:
+    if event.retry and state.phase == "downloading":
+        return state, [
+            Report(
+                "downloading",
+                "progress",
+                release.sequence,
+                f"retrying: {event.reason}",
+                release.name,
+                release.version,
+            ),
+            Download(release),
+        ]
+    bad = (*state.bad_versions, (release.name, release.version))
+    if state.phase in ("activating", "probation"):
+        done = replace(state, phase="rolled_back", reason=event.reason, bad_versions=bad)
+        actions: list[Action] = [
+            RollBack(release, state.previous_version, event.reason),
+            Report(
+                "rolled_back",
+                "rolled_back",
+                release.sequence,
+                event.reason,
+                release.name,
+                release.version,
+            ),
+        ]
+        return _then_pending(done, actions)
+    refused = replace(state, phase="refused", reason=event.reason, bad_versions=bad)
+    return refused, [
+        Discard(release),
+        Report(
+            state.phase, "refused", release.sequence, event.reason, release.name, release.version
+        ),
+    ]
+
+
+def _then_pending(state: UpdateState, actions: list[Action]) -> tuple[UpdateState, list[Action]]:
+    """After an update ends, start the release that arrived meanwhile (if still acceptable)."""
+    pending = state.pending
+    if pending is None:
+        return state, actions
+    return replace(state, pending=None), [*actions, Resubmit(pending)]

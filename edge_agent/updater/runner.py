@@ -1,0 +1,493 @@
+"""The updater's runner: feeds events to the pure state machine and performs its actions.
+
+Every new state is persisted (atomically) before its actions run, and every action can be run
+again after a crash with the same result, so a SIGKILL or power cut at any point resumes cleanly:
+the store swaps versions with one rename, so the box serves the old version or the new one, never
+neither and never a partial bundle. Long steps (download, staging, probation) run as tasks and
+report back with an event; one lock keeps events in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edge_agent import faults
+from edge_agent.core import ModelState
+from edge_agent.errors import AgentError
+from edge_agent.install import Candidate, check_fits, prepare
+from edge_agent.updater import persist
+from edge_agent.updater.download import DownloadError, discard, download
+from edge_agent.updater.machine import (
+    Action,
+    Activate,
+    Commit,
+    Discard,
+    Download,
+    Event,
+    NoticeReceived,
+    Probation,
+    Release,
+    Report,
+    Restarted,
+    Resubmit,
+    RollBack,
+    Stage,
+    StepDone,
+    StepFailed,
+    Verify,
+    transition,
+)
+from edge_bundle.errors import BundleError
+from edge_bundle.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from edge_bundle.release import ReleaseNotice, TrustNotice, apply_trust, decode_notice
+from edge_bundle.signing import TrustStore
+
+if TYPE_CHECKING:
+    from edge_agent.agent import Agent
+
+log = logging.getLogger(__name__)
+RETRY_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+TRUST_FILE = "trust-notice.json"
+STAGING_LATENCY_RUNS = 10
+
+
+@dataclass
+class _Swap:
+    """What probation needs: the classifier to roll back to and the latency before the swap."""
+
+    previous: Any  # Classifier | None
+    baseline_p95_ms: float | None
+    errors_before: int
+    started: float
+
+
+class Updater:
+    """One per agent when updates are configured."""
+
+    def __init__(self, agent: Agent, release_trust: TrustStore, root_trust: TrustStore) -> None:
+        self.agent = agent
+        self.settings = agent.settings
+        self.directory = agent.settings.updater_dir
+        self.state_path = self.directory / "state.json"
+        self.downloads = self.directory / "downloads"
+        self.release_trust = release_trust
+        self.root_trust = root_trust
+        self.state = persist.load(self.state_path)
+        self.reports: list[dict[str, Any]] = []  # recent reports, for /v1/updates
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._candidate: Candidate | None = None
+        self._swap: _Swap | None = None
+        self._retries = 0
+        self._trust_sequence = 0
+        self._restore_trust()
+
+    # ---- inputs --------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.handle(Restarted())
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def on_notice(self, topic: str, payload: bytes) -> None:
+        """A retained notice arrived on a release or trust topic."""
+        if not payload:
+            return  # a cleared retained message
+        try:
+            notice, signer = decode_notice(payload, self._trust_for_notices())
+        except BundleError as exc:
+            await self._report(Report("idle", "refused", 0, f"notice on {topic} refused: {exc}"))
+            return
+        if isinstance(notice, TrustNotice):
+            await self._apply_trust(notice, signer, payload)
+            return
+        if not self._targets_me(notice):
+            await self._report(
+                Report(
+                    "idle",
+                    "ignored",
+                    notice.sequence,
+                    f"for another target ({notice.target})",
+                    notice.name,
+                    notice.version,
+                )
+            )
+            return
+        release = Release(
+            name=notice.name,
+            version=notice.version,
+            sha256=notice.bundle_sha256,
+            size=notice.bundle_size,
+            url=notice.url,
+            sequence=notice.sequence,
+            issued_at=notice.issued_at,
+            expires_at=notice.expires_at,
+            rollback=notice.rollback,
+        )
+        await self.handle(
+            NoticeReceived(
+                release, datetime.now(UTC), self.agent.store.active_version(release.name)
+            )
+        )
+
+    def _restore_trust(self) -> None:
+        """Re-apply the last trust notice (verified again) so key rotations survive restarts."""
+        path = self.directory / TRUST_FILE
+        if not path.exists():
+            return
+        try:
+            notice, signer = decode_notice(path.read_bytes(), self.root_trust)
+            if isinstance(notice, TrustNotice):
+                self.release_trust = apply_trust(self.release_trust, notice, signer_key_id=signer)
+                self._trust_sequence = notice.sequence
+        except (BundleError, OSError) as exc:
+            log.error("the saved trust notice %s is no longer valid (%s); ignoring it", path, exc)
+
+    def _trust_for_notices(self) -> TrustStore:
+        return TrustStore(
+            self.release_trust.keys + self.root_trust.keys,
+            self.release_trust.revoked | self.root_trust.revoked,
+        )
+
+    def _targets_me(self, notice: ReleaseNotice) -> bool:
+        target = notice.target
+        device = f"{self.settings.site}/{self.settings.device}"
+        return (target.device is not None and target.device == device) or (
+            target.group is not None and target.group in self.settings.update_groups
+        )
+
+    async def _apply_trust(self, notice: TrustNotice, signer: str, payload: bytes) -> None:
+        if notice.sequence <= self._trust_sequence:
+            return  # the retained notice again, or an older one replayed: never re-add a key
+        try:
+            self.release_trust = apply_trust(self.release_trust, notice, signer_key_id=signer)
+        except BundleError as exc:
+            await self._report(
+                Report("idle", "refused", notice.sequence, f"trust notice refused: {exc}")
+            )
+            return
+        self._trust_sequence = notice.sequence
+        await asyncio.to_thread(_save_trust, self.directory / TRUST_FILE, payload)
+        await self._report(
+            Report("idle", "progress", notice.sequence, f"release keys updated by {signer}",
+                   extra={"added": [k.key_id for k in notice.add], "revoked": list(notice.revoke)})
+        )  # fmt: skip
+
+    # ---- the loop ------------------------------------------------------------------------
+    async def handle(self, event: Event) -> None:
+        async with self._lock:
+            new, actions = transition(self.state, event)
+            if new != self.state:
+                faults.hit(f"update.{new.phase}")
+                try:
+                    await asyncio.to_thread(persist.save, self.state_path, new)
+                except OSError as exc:
+                    # Not persisted, so not acted on: the old state stays true on disk and here.
+                    log.error("cannot persist the updater state (%s); the update step waits", exc)
+                    await self._report(
+                        Report(
+                            self.state.phase,
+                            "progress",
+                            new.last_sequence,
+                            f"state not saved: {exc}",
+                        )
+                    )
+                    self._later(self._retry_event(event), 5.0)
+                    return
+                self.state = new
+            for action in actions:
+                await self._perform(action)
+
+    def _retry_event(self, event: Event) -> Event:
+        return event
+
+    def _later(self, event: Event, delay: float) -> None:
+        async def run() -> None:
+            await asyncio.sleep(delay)
+            await self.handle(event)
+
+        self._spawn(run())
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _perform(self, action: Action) -> None:
+        if isinstance(action, Report):
+            await self._report(action)
+        elif isinstance(action, Download):
+            self._spawn(self._step("downloading", self._download, action.release))
+        elif isinstance(action, Verify):
+            self._spawn(self._step("verifying", self._verify, action.release))
+        elif isinstance(action, Stage):
+            self._spawn(self._step("staging", self._stage, action.release))
+        elif isinstance(action, Activate):
+            self._spawn(self._step("activating", self._activate, action.release))
+        elif isinstance(action, Probation):
+            self._spawn(self._step("probation", self._probation, action.release))
+        elif isinstance(action, RollBack):
+            await self._roll_back(action)
+        elif isinstance(action, Commit):
+            await self._commit(action.release)
+        elif isinstance(action, Discard):
+            await asyncio.to_thread(self._discard, action.release)
+        elif isinstance(action, Resubmit):
+            active = self.agent.store.active_version(action.release.name)
+            await self.handle(NoticeReceived(action.release, datetime.now(UTC), active))
+
+    async def _step(self, phase: str, work: Any, release: Release) -> None:
+        try:
+            await work(release)
+        except DownloadError as exc:
+            if exc.retry:
+                delay = RETRY_DELAYS_S[min(self._retries, len(RETRY_DELAYS_S) - 1)]
+                self._retries += 1
+                await asyncio.sleep(delay)
+            await self.handle(StepFailed(phase, str(exc), retry=exc.retry))  # type: ignore[arg-type]
+            return
+        except (AgentError, BundleError, OSError) as exc:
+            reason = getattr(exc, "message", None) or str(exc)
+            await self.handle(StepFailed(phase, reason))  # type: ignore[arg-type]
+            return
+        self._retries = 0
+        await self.handle(StepDone(phase))  # type: ignore[arg-type]
+
+    # ---- steps ---------------------------------------------------------------------------
+    async def _download(self, release: Release) -> None:
+        free = shutil.disk_usage(self.settings.state_dir).free
+        needed = 2 * release.size + self.settings.update_min_free_mb * 2**20
+        if free < needed:
+            raise DownloadError(
+                f"not enough disk space: {free / 2**20:.0f} MB free, {needed / 2**20:.0f} MB "
+                "needed (twice the bundle plus the reserve); free space or raise nothing",
+                retry=False,
+            )
+        await asyncio.to_thread(download, release, self.downloads)
+
+    async def _verify(self, release: Release) -> None:
+        def work() -> None:
+            from edge_agent.updater.download import part_path
+
+            bundle = self.agent.store.stage(part_path(self.downloads, release))
+            manifest = bundle.manifest
+            if (manifest.name, manifest.version) != (release.name, release.version):
+                raise AgentError(
+                    f"the bundle is {manifest.bundle_id} but the notice announced "
+                    f"{release.name}@{release.version}"
+                )
+            check_fits(bundle, self.agent.profile)
+
+        await asyncio.to_thread(work)
+
+    async def _stage(self, release: Release) -> None:
+        def work() -> Candidate:
+            bundle = self.agent.store.open(release.name, release.version)
+            candidate = prepare(bundle, self.agent.profile, self.settings.cache_dir)
+            try:
+                self._check_latency(candidate)
+            except AgentError:
+                candidate.classifier.close()
+                raise
+            return candidate
+
+        self._candidate = await asyncio.to_thread(work)
+
+    def _check_latency(self, candidate: Candidate) -> None:
+        classifier = candidate.classifier
+        golden = classifier.bundle.manifest.golden
+        assert golden is not None  # prepare() refused bundles without golden samples
+        inputs = [classifier.bundle.path(s.input_path).read_bytes() for s in golden.samples]
+        times = []
+        for run in range(STAGING_LATENCY_RUNS):
+            data = inputs[run % len(inputs)]
+            started = time.perf_counter()
+            image = classifier.decode(
+                data, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_BYTES
+            )
+            classifier.infer(classifier.prepare(image))
+            times.append((time.perf_counter() - started) * 1000)
+        p95 = float(np.percentile(times, 95))
+        budget = self.agent.profile.budgets.latency_p95_ms
+        if p95 > budget:
+            raise AgentError(
+                f"staged latency p95 {p95:.1f} ms is over the profile's budget of {budget} ms"
+            )
+
+    async def _activate(self, release: Release) -> None:
+        candidate = self._candidate
+        self._candidate = None
+        if candidate is None or candidate.bundle.manifest.version != release.version:
+            # After a restart the staged classifier is gone: load and test it again.
+            bundle = self.agent.store.open(release.name, release.version)
+            candidate = await asyncio.to_thread(
+                prepare, bundle, self.agent.profile, self.settings.cache_dir
+            )
+        core = self.agent.core
+        current = core.models.get(release.name)
+        previous = current.classifier if current is not None else None
+        baseline = (
+            _p95(core.model_latencies.get((release.name, previous.version))) if previous else None
+        )
+        await asyncio.to_thread(self.agent.store.activate, release.name, release.version)
+        faults.hit("update.swapped-store")
+        core.set_model(
+            release.name,
+            ModelState("ready", classifier=candidate.classifier, last_selftest=None),
+            close_previous=False,
+        )
+        self._swap = _Swap(
+            previous,
+            baseline,
+            core.model_outcomes[(release.name, "inference_failed")],
+            time.monotonic(),
+        )
+        log.info(
+            "activated %s@%s; probation for %.0f s",
+            release.name,
+            release.version,
+            self.settings.probation_s,
+        )
+
+    async def _probation(self, release: Release) -> None:
+        core = self.agent.core
+        settings = self.settings
+        swap = self._swap
+        if swap is None:  # resumed after a restart: watch from now, roll back from the store
+            swap = _Swap(
+                None,
+                None,
+                core.model_outcomes[(release.name, "inference_failed")],
+                time.monotonic(),
+            )
+            self._swap = swap
+        deadline = swap.started + settings.probation_s
+        next_selftest = time.monotonic() + settings.probation_selftest_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+            errors = core.model_outcomes[(release.name, "inference_failed")] - swap.errors_before
+            if errors >= settings.probation_max_errors:
+                raise AgentError(f"{errors} inference failures on live traffic during probation")
+            samples = core.model_latencies.get((release.name, release.version))
+            if swap.baseline_p95_ms and samples and len(samples) >= settings.probation_min_samples:
+                p95 = _p95(samples)
+                assert p95 is not None
+                if p95 > settings.probation_latency_factor * swap.baseline_p95_ms:
+                    raise AgentError(
+                        f"p95 latency {p95:.1f} ms on live traffic is over "
+                        f"{settings.probation_latency_factor}x the previous version's "
+                        f"{swap.baseline_p95_ms:.1f} ms"
+                    )
+            if time.monotonic() >= next_selftest:
+                next_selftest = time.monotonic() + settings.probation_selftest_s
+                state = core.models.get(release.name)
+                if state is not None and state.classifier is not None:
+                    from edge_agent.selftest import run_selftest
+
+                    report = await core.run_inference(
+                        functools.partial(run_selftest, state.classifier)
+                    )
+                    if not report.passed:
+                        raise AgentError(
+                            "golden self-test failed during probation: "
+                            + "; ".join(report.failures)
+                        )
+
+    async def _roll_back(self, action: RollBack) -> None:
+        release, core, store = action.release, self.agent.core, self.agent.store
+        swap, self._swap = self._swap, None
+        if action.to_version is None:
+            await asyncio.to_thread(store.deactivate, release.name)
+            state = core.models.pop(release.name, None)
+            if state is not None and state.classifier is not None:
+                core.close_later(state.classifier)
+        else:
+            await asyncio.to_thread(store.activate, release.name, action.to_version)
+            previous = swap.previous if swap is not None else None
+            if previous is None or previous.version != action.to_version:
+                bundle = store.open(release.name, action.to_version)
+                candidate = await asyncio.to_thread(
+                    prepare, bundle, self.agent.profile, self.settings.cache_dir
+                )
+                previous = candidate.classifier
+            core.set_model(release.name, ModelState("ready", classifier=previous))
+        with contextlib.suppress(AgentError, OSError):
+            if store.active_version(release.name) != release.version:
+                await asyncio.to_thread(store.remove, release.name, release.version)
+        log.warning("rolled back %s@%s: %s", release.name, release.version, action.reason)
+
+    async def _commit(self, release: Release) -> None:
+        swap, self._swap = self._swap, None
+        if swap is not None and swap.previous is not None:
+            self.agent.core.close_later(swap.previous)
+        removed = await asyncio.to_thread(
+            self.agent.store.prune, release.name, self.settings.keep_versions
+        )
+        await asyncio.to_thread(discard, self.downloads, release)
+        log.info(
+            "committed %s@%s (removed old versions %s)", release.name, release.version, removed
+        )
+
+    def _discard(self, release: Release) -> None:
+        discard(self.downloads, release)
+        store = self.agent.store
+        if (
+            release.version in store.versions(release.name)
+            and store.active_version(release.name) != release.version
+        ):
+            with contextlib.suppress(AgentError, OSError):
+                store.remove(release.name, release.version)
+
+    # ---- reports -------------------------------------------------------------------------
+    async def _report(self, report: Report) -> None:
+        message = {
+            "phase": report.phase,
+            "outcome": report.outcome,
+            "sequence": report.sequence,
+            "reason": report.reason,
+            "name": report.name,
+            "version": report.version,
+            "device": f"{self.settings.site}/{self.settings.device}",
+            "at": time.time(),
+            **report.extra,
+        }
+        self.reports.append(message)
+        del self.reports[:-50]
+        level = logging.WARNING if report.outcome in ("refused", "rolled_back") else logging.INFO
+        log.log(level, "update %s: %s", report.outcome, message)
+        self.agent.metrics.updates.labels(report.outcome).inc()
+        mqtt = self.agent.mqtt
+        if mqtt is not None:
+            await mqtt.publish_update(message)
+
+
+def _p95(samples: Any) -> float | None:
+    if not samples:
+        return None
+    return float(np.percentile(np.fromiter(samples, dtype=np.float64), 95))
+
+
+def _save_trust(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.replace(path)
