@@ -82,8 +82,11 @@ class Updater:
         self.directory = agent.settings.updater_dir
         self.state_path = self.directory / "state.json"
         self.downloads = self.directory / "downloads"
-        self.release_trust = release_trust
-        self.root_trust = root_trust
+        # One store for both: the purpose of each notice pins the role that may sign it, and a
+        # trust notice's signer must be a root key of this very store.
+        self.trust = TrustStore(
+            release_trust.keys + root_trust.keys, release_trust.revoked | root_trust.revoked
+        )
         self.state = persist.load(self.state_path)
         self.reports: list[dict[str, Any]] = []  # recent reports, for /v1/updates
         self._lock = asyncio.Lock()
@@ -110,7 +113,7 @@ class Updater:
         if not payload:
             return  # a cleared retained message
         try:
-            notice, signer = decode_notice(payload, self._trust_for_notices())
+            notice, signer = decode_notice(payload, self.trust)
         except BundleError as exc:
             await self._report(Report("idle", "refused", 0, f"notice on {topic} refused: {exc}"))
             return
@@ -152,18 +155,12 @@ class Updater:
         if not path.exists():
             return
         try:
-            notice, signer = decode_notice(path.read_bytes(), self.root_trust)
+            notice, signer = decode_notice(path.read_bytes(), self.trust)
             if isinstance(notice, TrustNotice):
-                self.release_trust = apply_trust(self.release_trust, notice, signer_key_id=signer)
+                self.trust = apply_trust(self.trust, notice, signer_key_id=signer)
                 self._trust_sequence = notice.sequence
         except (BundleError, OSError) as exc:
             log.error("the saved trust notice %s is no longer valid (%s); ignoring it", path, exc)
-
-    def _trust_for_notices(self) -> TrustStore:
-        return TrustStore(
-            self.release_trust.keys + self.root_trust.keys,
-            self.release_trust.revoked | self.root_trust.revoked,
-        )
 
     def _targets_me(self, notice: ReleaseNotice) -> bool:
         target = notice.target
@@ -176,7 +173,7 @@ class Updater:
         if notice.sequence <= self._trust_sequence:
             return  # the retained notice again, or an older one replayed: never re-add a key
         try:
-            self.release_trust = apply_trust(self.release_trust, notice, signer_key_id=signer)
+            self.trust = apply_trust(self.trust, notice, signer_key_id=signer)
         except BundleError as exc:
             await self._report(
                 Report("idle", "refused", notice.sequence, f"trust notice refused: {exc}")
