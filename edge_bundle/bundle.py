@@ -171,9 +171,7 @@ def verify_directory(
         signer = trust.verify(manifest_bytes, decode_signatures(signatures), BUNDLE_MANIFEST)
     manifest = Manifest.from_bytes(manifest_bytes)
     present = {
-        path.relative_to(directory).as_posix()
-        for path in directory.rglob("*")
-        if not path.is_dir()
+        path.relative_to(directory).as_posix() for path in directory.rglob("*") if not path.is_dir()
     } - set(RESERVED_PATHS)
     listed = {entry.path: entry for entry in manifest.files}
     if present != set(listed):

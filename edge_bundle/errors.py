@@ -82,3 +82,7 @@ class BundleIdError(ManifestError):
 
 class KnowledgeBaseError(BundleError):
     """The knowledge base is malformed or names labels the model does not have."""
+
+
+class NoticeError(BundleError):
+    """A release or trust notice is malformed, oversized, of the wrong kind, or cannot apply."""

@@ -14,6 +14,7 @@ from edge_bundle.errors import (
     IntegrityError,
     KeyFileError,
     ManifestError,
+    NoticeError,
     RevokedKeyError,
     SignatureError,
     UnsafeMemberError,
@@ -22,13 +23,14 @@ from edge_bundle.errors import (
     WrongRoleError,
 )
 from model_packager import commands
-from model_packager.commands import build, inspect, keygen, verify
+from model_packager.commands import build, inspect, keygen, publish, trust, verify
 from model_packager.errors import (
     CalibrationError,
     ExportError,
     GateError,
     KnowledgeError,
     PackagerError,
+    PublishError,
     QuantizationError,
     SourceError,
 )
@@ -42,6 +44,8 @@ COMMANDS: tuple[Callable[[commands.Subparsers], None], ...] = (
     verify.register,
     build.register,
     inspect.register,
+    publish.register,
+    trust.register,
 )
 
 # The one translation from errors to exit codes; the most specific class in an error's MRO wins.
@@ -59,6 +63,7 @@ EXIT_CODES: dict[type[BaseException], tuple[int, str]] = {
     UnsafeMemberError: (19, "the archive holds a link, device, or unsafe name"),
     ArchiveLimitError: (20, "the archive breaks a size, count or compression-ratio cap"),
     KeyFileError: (21, "a key file is unreadable, invalid, or already exists"),
+    NoticeError: (22, "a release or trust notice is invalid"),
     PackagerError: (30, "another packaging error"),
     SourceError: (31, "the model source is missing, corrupt, unsupported or a pickle"),
     ExportError: (32, "exporting the model failed"),
@@ -66,6 +71,7 @@ EXIT_CODES: dict[type[BaseException], tuple[int, str]] = {
     CalibrationError: (34, "calibration or evaluation images are missing or unusable"),
     KnowledgeError: (35, "the knowledge base is unreadable or names unknown labels"),
     GateError: (36, "a validation or latency gate refused the bundle"),
+    PublishError: (37, "the MQTT broker was unreachable, refused the notice, or never acked"),
 }
 
 

@@ -31,3 +31,7 @@ class KnowledgeError(PackagerError):
 
 class GateError(PackagerError):
     """A validation or latency gate refused the bundle; the message carries the numbers."""
+
+
+class PublishError(PackagerError):
+    """A notice could not be published: the broker is unreachable, refused it, or never acked."""

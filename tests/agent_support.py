@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -135,13 +135,20 @@ def build_bundle(
     seed: int = 3,
     golden_offset: float = 0.0,
     profiles: tuple[str, ...] = ("generic-x86-64-avx2",),
+    model_builder: Callable[[Path, int], Path] | None = None,
+    model_bytes: bytes | None = None,
 ) -> BuiltBundle:
-    """A signed image-classification bundle; `golden_offset` shifts the recorded expectations."""
+    """A signed image-classification bundle; `golden_offset` shifts the recorded expectations.
+
+    `model_builder(path, seed)` writes another ONNX model (the golden outputs are recorded with
+    it); `model_bytes` replaces the model file after the golden outputs were recorded (a model
+    that does not load).
+    """
     import onnxruntime as ort
 
     work = out_dir / f"{name}-{version}-src"
     (work / "golden").mkdir(parents=True, exist_ok=True)
-    model = tiny_model(work / "model.onnx", seed)
+    model = (model_builder or tiny_model)(work / "model.onnx", seed)
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     spec = load_spec(SPEC)
     samples = []
@@ -158,6 +165,8 @@ def build_bundle(
         order = np.argsort(-probs)
         expected = tuple((LABELS[int(i)], round(float(probs[i]) + golden_offset, 6)) for i in order)
         samples.append(GoldenSample(input_path=arcname, expected_topk=expected))
+    if model_bytes is not None:
+        model.write_bytes(model_bytes)
     knowledge = work / "knowledge.json"
     knowledge.write_bytes(KnowledgeBase.from_mapping(KNOWLEDGE).to_bytes())
     files["knowledge.json"] = knowledge

@@ -163,6 +163,7 @@ class TestClient:
         response_topic: str | None = None,
         correlation: bytes | None = None,
         content_type: str | None = None,
+        retain: bool = False,
     ) -> None:
         properties = None
         if response_topic or correlation or content_type:
@@ -173,7 +174,7 @@ class TestClient:
                 properties.CorrelationData = correlation
             if content_type:
                 properties.ContentType = content_type
-        info = self.client.publish(topic, payload, qos=qos, properties=properties)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if qos:
             info.wait_for_publish(10)
 

@@ -75,7 +75,7 @@ def download(release: Release, directory: Path, *, timeout: float = 30.0) -> Dow
                 if not offset:
                     handle.truncate(0)
                 received = offset
-                for chunk in response.iter_bytes(CHUNK):
+                for chunk in response.iter_bytes():  # as received: a cut keeps what arrived
                     received += len(chunk)
                     if received > release.size:
                         raise DownloadError(

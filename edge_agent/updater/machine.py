@@ -376,7 +376,11 @@ def _on_failed(
             ),
             Download(release),
         ]
-    bad = (*state.bad_versions, (release.name, release.version))
+    # A version that failed to load, test or serve is bad and not retried; a failed download or
+    # verification says nothing about the version (a wrong file on a server), so it may come again.
+    bad = state.bad_versions
+    if state.phase in ("staging", "activating", "probation"):
+        bad = (*bad, (release.name, release.version))
     if state.phase in ("activating", "probation"):
         done = replace(state, phase="rolled_back", reason=event.reason, bad_versions=bad)
         actions: list[Action] = [

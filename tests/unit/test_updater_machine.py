@@ -103,9 +103,7 @@ def test_a_clock_set_back_cannot_revive_an_expired_notice() -> None:
 
 def test_a_box_without_a_clock_is_not_frozen() -> None:
     # Clock at 1970: a notice issued "in the future" still goes ahead and moves the floor.
-    new, _ = transition(
-        UpdateState(), notice(release(), now=datetime(1970, 1, 1, tzinfo=UTC))
-    )
+    new, _ = transition(UpdateState(), notice(release(), now=datetime(1970, 1, 1, tzinfo=UTC)))
     assert new.phase == "downloading"
     assert new.clock_floor == release().issued_at
 
@@ -121,13 +119,23 @@ def test_a_refused_stale_notice_does_not_move_the_sequence_back() -> None:
     assert new.last_sequence == 20 and actions[0].outcome == "ignored"  # type: ignore[attr-defined]
 
 
-def test_failure_before_activation_refuses_and_remembers_the_version() -> None:
+def test_failure_at_staging_refuses_and_remembers_the_version() -> None:
     state, _ = transition(UpdateState(), notice(release()))
     state, _ = transition(state, StepDone("downloading"))
-    state, actions = transition(state, StepFailed("verifying", "bad signature"))
-    assert state.phase == "refused" and state.reason == "bad signature"
+    state, _ = transition(state, StepDone("verifying"))
+    state, actions = transition(state, StepFailed("staging", "golden self-test failed"))
+    assert state.phase == "refused" and state.reason == "golden self-test failed"
     assert ("defects", 2) in state.bad_versions
     assert kinds(actions) == [Discard, Report]
+
+
+def test_a_failed_download_or_verification_does_not_mark_the_version_bad() -> None:
+    state, _ = transition(UpdateState(), notice(release()))
+    state, _ = transition(state, StepDone("downloading"))
+    state, _ = transition(state, StepFailed("verifying", "bad signature"))
+    assert state.phase == "refused" and state.bad_versions == ()
+    again, _ = transition(state, notice(release(sequence=11)))
+    assert again.phase == "downloading"
 
 
 def test_failure_in_probation_rolls_back_to_the_previous_version() -> None:
