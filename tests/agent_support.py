@@ -232,11 +232,10 @@ class AgentProcess:
         return int(self.process.returncode)
 
 
-@contextlib.contextmanager
-def run_agent(
+def spawn_agent(
     state_dir: Path, *args: str, env: dict[str, str] | None = None, scheme: str = "http"
-) -> Iterator[AgentProcess]:
-    """Start `edge-agent serve` on a free port; stop it (SIGTERM) afterwards."""
+) -> AgentProcess:
+    """Start `edge-agent serve` on a free port without waiting for it (it may die on purpose)."""
     port = free_port()
     log_path = state_dir.parent / f"agent-{port}.log"
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -246,7 +245,16 @@ def run_agent(
     ]  # fmt: skip
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
-    agent = AgentProcess(process, f"{scheme}://127.0.0.1:{port}", log_path)
+    return AgentProcess(process, f"{scheme}://127.0.0.1:{port}", log_path)
+
+
+@contextlib.contextmanager
+def run_agent(
+    state_dir: Path, *args: str, env: dict[str, str] | None = None, scheme: str = "http"
+) -> Iterator[AgentProcess]:
+    """Start `edge-agent serve` on a free port, wait until it is alive; SIGTERM it afterwards."""
+    agent = spawn_agent(state_dir, *args, env=env, scheme=scheme)
+    process = agent.process
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -350,3 +350,51 @@ def _white_jpeg() -> bytes:
     ok, data = cv2.imencode(".jpg", np.full((120, 160, 3), 252, np.uint8))
     assert ok
     return data.tobytes()
+
+
+def test_release_keys_rotate_and_revoke_by_signed_trust_notices(
+    tmp_path: Path, state: Path, keys: Keys, broker: Broker, files: Any
+) -> None:
+    from edge_bundle.release import TRUST_TOPIC, PublicKeyEntry, TrustNotice, encode_notice
+    from edge_bundle.signing import KeyRole, SigningKey, write_key_files
+
+    directory, url, _ = files
+    old_key, old_pub = release_key(tmp_path / "old", "old")
+    new_key, _ = release_key(tmp_path / "new", "new")
+    root = SigningKey.generate(KeyRole.ROOT)
+    _, root_pub = write_key_files(root, tmp_path / "root", "root")
+    v2 = build_bundle(tmp_path / "v2", keys, version=2, seed=9)
+    v3 = build_bundle(tmp_path / "v3", keys, version=3, seed=11)
+    (directory / "v2.bundle").write_bytes(v2.path.read_bytes())
+    (directory / "v3.bundle").write_bytes(v3.path.read_bytes())
+    now = datetime.now(UTC)
+    rotation = TrustNotice(
+        sequence=1, issued_at=now - timedelta(seconds=5), expires_at=now + timedelta(days=30),
+        add=(PublicKeyEntry.of(new_key.public),), revoke=(old_key.key_id,),
+    )  # fmt: skip
+    env = update_env(broker, old_pub, EDGE_AGENT_ROOT_KEYS=json.dumps([str(root_pub)]))
+    with run_agent(state, "--trusted-key", str(keys.public), env=env) as agent:
+        agent.wait_ready()
+        watcher = Watcher(broker.port)
+        publish(broker, encode_notice(rotation, root), TRUST_TOPIC)
+        deadline = time.monotonic() + 30
+        while not any("release keys updated" in (r.get("reason") or "") for r in watcher.reports()):
+            assert time.monotonic() < deadline, watcher.reports()
+            time.sleep(0.05)
+        publish(broker, signed_notice(old_key, v2.path, f"{url}/v2.bundle", sequence=20))
+        refused = watcher.wait("refused")
+        assert "revoked" in refused["reason"], refused
+        publish(broker, signed_notice(new_key, v2.path, f"{url}/v2.bundle", sequence=21))
+        watcher.wait("committed", sequence=21)
+        watcher.close()
+    # The rotation survives a restart: the revoked key stays revoked.
+    with run_agent(state, "--trusted-key", str(keys.public), env=env) as agent:
+        agent.wait_ready()
+        watcher = Watcher(broker.port)
+        publish(broker, signed_notice(old_key, v3.path, f"{url}/v3.bundle", sequence=30))
+        deadline = time.monotonic() + 30
+        while not any("revoked" in (r.get("reason") or "") for r in watcher.reports()):
+            assert time.monotonic() < deadline, watcher.reports()
+            time.sleep(0.05)
+        watcher.close()
+        assert predict(agent).json()["model"]["version"] == 2
