@@ -3,7 +3,6 @@ it over HTTP and MQTT, prints how to try it, and answers a demo photo correctly 
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -59,15 +58,20 @@ def test_scripts_demo_serves_the_demo_bundle(tmp_path: Path) -> None:
             ).json()
             assert answer["label"] == "scratch", answer
             assert answer["knowledge"]["corrective_actions"]
-            topic = re.search(r"-t (lineside/v1/\S+/infer/defects)", banner)
-            assert topic is not None, banner
-            request = json.dumps({"image": base64.b64encode(photo.read_bytes()).decode()})
-            reply = subprocess.run(
-                ["mosquitto_rr", "-p", str(broker.port), "-t", topic.group(1),
-                 "-e", "lineside/v1/replies/test", "-m", request, "-W", "20"],
-                capture_output=True, timeout=30,
+            publish = re.search(r"(mosquitto_pub .* -t (\S+) -f (\S+))", banner)
+            assert publish is not None, banner
+            base = publish.group(2).rsplit("/infer/", 1)[0]
+            listener = subprocess.Popen(
+                ["mosquitto_sub", "-p", str(broker.port), "-t", f"{base}/results/defects", "-C", "1", "-W", "30"],
+                stdout=subprocess.PIPE,
             )  # fmt: skip
-            assert json.loads(reply.stdout)["label"] == "scratch", reply
+            time.sleep(0.5)
+            subprocess.run(
+                ["mosquitto_pub", "-p", str(broker.port), "-t", publish.group(2), "-f", publish.group(3)],
+                check=True, cwd=ROOT, timeout=30,
+            )  # fmt: skip
+            result, _ = listener.communicate(timeout=40)
+            assert json.loads(result)["label"] == "crack", result
         finally:
             os.killpg(process.pid, signal.SIGINT)
             process.wait(30)
