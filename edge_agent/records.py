@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_bundle.files import write_atomically
+
 log = logging.getLogger(__name__)
 
 REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -69,8 +71,10 @@ class RequestRecords:
         size = len(body) + (len(image) if image is not None else 0)
         try:
             if image is not None:
-                _write(self.directory / f"{request_id}.img", image)
-            _write(self.directory / f"{request_id}.json", body)  # last: its presence is the record
+                write_atomically(self.directory / f"{request_id}.img", image, durable=False)
+            write_atomically(
+                self.directory / f"{request_id}.json", body, durable=False
+            )  # last: its presence is the record
         except OSError as exc:
             log.warning("could not keep request %s: %s", request_id, exc)
             self._delete_files(request_id)
@@ -144,10 +148,3 @@ class RequestRecords:
 def _check_id(request_id: str) -> None:
     if not REQUEST_ID.match(request_id):
         raise ValueError(f"request id {request_id!r} is not 32 lowercase hex digits")
-
-
-def _write(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as handle:
-        handle.write(data)
-    temporary.replace(path)

@@ -28,6 +28,7 @@ from edge_agent.errors import BundleRejectedError, ConfigError, UnknownModelErro
 from edge_bundle.archive import ArchiveLimits
 from edge_bundle.bundle import VerifiedBundle, open_bundle, verify_directory
 from edge_bundle.errors import BundleError
+from edge_bundle.files import fsync_directory, write_atomically
 from edge_bundle.manifest import BundleId
 from edge_bundle.signing import TrustStore
 
@@ -135,9 +136,9 @@ class BundleStore:
                 verified.bundle_sha256, verified.signer_key_id, datetime.now(UTC).isoformat()
             )
             target.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(target.with_suffix(".json"), record.to_json())
+            write_atomically(target.with_suffix(".json"), record.to_json())
             verified.directory.rename(target)
-            _fsync_dir(target.parent)
+            fsync_directory(target.parent)
             return VerifiedBundle(
                 target,
                 verified.manifest,
@@ -157,7 +158,7 @@ class BundleStore:
             temporary.unlink(missing_ok=True)
             temporary.symlink_to(Path("..") / "bundles" / name / str(version))
             temporary.replace(link)
-            _fsync_dir(link.parent)
+            fsync_directory(link.parent)
 
     def remove(self, name: str, version: int) -> None:
         """Delete an installed version that is not active."""
@@ -173,7 +174,7 @@ class BundleStore:
         with self._locked():
             link = self.root / "active" / name
             link.unlink(missing_ok=True)
-            _fsync_dir(link.parent)
+            fsync_directory(link.parent)
 
     def prune(self, name: str, keep: int) -> list[int]:
         """Remove all but the newest `keep` versions (never the active one); returns the removed."""
@@ -201,20 +202,3 @@ class BundleStore:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temporary.replace(path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from edge_bundle.errors import ArchiveError, ArchiveLimitError, IntegrityError, UnsafeMemberError
+from edge_bundle.files import fsync_directory
 from edge_bundle.hashing import (
     CHUNK_BYTES,
     ByteSource,
@@ -149,7 +150,7 @@ def write_archive(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_directory(out_path.parent)
+    fsync_directory(out_path.parent)
     return WrittenArchive(out_path, sink.hexdigest(), sink.size, entries)
 
 
@@ -363,11 +364,3 @@ def _read_exact(stream: ByteSource, size: int) -> bytes:
         parts.append(chunk)
         remaining -= len(chunk)
     return b"".join(parts)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

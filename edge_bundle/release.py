@@ -11,8 +11,6 @@ state machine); this module checks only that a notice is well formed and properl
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 from datetime import UTC, datetime, timedelta
@@ -30,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from edge_bundle.encoding import b64, canonical_json, strict_json, unb64
 from edge_bundle.errors import (
     NoticeError,
     RevokedKeyError,
@@ -105,7 +104,7 @@ def _device(value: str) -> str:
 
 
 def _public_key(value: str) -> str:
-    if len(_unb64(value, "public_key")) != _RAW_PUBLIC_KEY_BYTES:
+    if len(unb64(value, "public_key")) != _RAW_PUBLIC_KEY_BYTES:
         raise ValueError(f"an Ed25519 public key is {_RAW_PUBLIC_KEY_BYTES} bytes")
     return value
 
@@ -163,7 +162,7 @@ class _Notice(_Strict):
 
     def to_bytes(self) -> bytes:
         """The canonical JSON of this notice (sorted keys, UTF-8, indent 2, final newline)."""
-        return _canonical_json(self.model_dump(mode="json"))
+        return canonical_json(self.model_dump(mode="json"))
 
 
 class ReleaseNotice(_Notice):
@@ -194,16 +193,16 @@ class PublicKeyEntry(_Strict):
 
     @model_validator(mode="after")
     def _id_matches_key(self) -> Self:
-        if key_id_for(_unb64(self.public_key, "public_key")) != self.key_id:
+        if key_id_for(unb64(self.public_key, "public_key")) != self.key_id:
             raise ValueError(f"key_id {self.key_id} is not the id of this public key")
         return self
 
     @classmethod
     def of(cls, key: PublicKey) -> PublicKeyEntry:
-        return cls(key_id=key.key_id, role=key.role, public_key=_b64(key.raw))
+        return cls(key_id=key.key_id, role=key.role, public_key=b64(key.raw))
 
     def to_public_key(self) -> PublicKey:
-        return PublicKey(self.role, _unb64(self.public_key, "public_key"))
+        return PublicKey(self.role, unb64(self.public_key, "public_key"))
 
 
 class TrustNotice(_Notice):
@@ -257,10 +256,10 @@ def encode_notice(notice: Notice, key: SigningKey) -> bytes:
     payload = notice.to_bytes()
     signature = key.sign(payload, _PURPOSES[notice.kind])
     envelope = {
-        "notice": _b64(payload),
+        "notice": b64(payload),
         "signatures": json.loads(encode_signatures([signature])),
     }
-    data = _canonical_json(envelope)
+    data = canonical_json(envelope)
     if len(data) > MAX_NOTICE_BYTES:
         raise NoticeError(
             f"the signed notice is {len(data)} bytes, over the {MAX_NOTICE_BYTES}-byte cap; "
@@ -348,13 +347,13 @@ def _open_envelope(data: bytes) -> tuple[bytes, tuple[Signature, ...]]:
             "it was not made by model-packager: ask the publisher to re-issue it"
         )
     try:
-        envelope = _strict_json(data)
+        envelope = strict_json(data)
         if not isinstance(envelope, dict) or set(envelope) != {"notice", "signatures"}:
             raise ValueError("expected an object with exactly 'notice' and 'signatures'")
-        payload = _unb64(envelope["notice"], "notice")
+        payload = unb64(envelope["notice"], "notice")
         # Re-serialised canonically so decode_signatures can check each entry strictly; the
         # signatures cover the notice bytes, not this list, so its layout carries no meaning.
-        signatures = _canonical_json(envelope["signatures"])
+        signatures = canonical_json(envelope["signatures"])
     except (ValueError, RecursionError) as exc:
         raise NoticeError(
             f"the notice envelope is malformed ({exc}); ask the publisher to re-issue it "
@@ -365,7 +364,7 @@ def _open_envelope(data: bytes) -> tuple[bytes, tuple[Signature, ...]]:
 
 def _parse_notice(payload: bytes) -> Notice:
     try:
-        document = _strict_json(payload)
+        document = strict_json(payload)
     except (ValueError, RecursionError) as exc:
         raise NoticeError(f"the signed notice is not UTF-8 JSON ({exc}); re-issue it") from exc
     if not isinstance(document, dict):
@@ -405,36 +404,3 @@ def _seriousness(exc: SignatureError) -> int:
     """Same order as `TrustStore.verify`: a bad signature first, then revoked, role, untrusted."""
     order = (RevokedKeyError, WrongRoleError, UntrustedKeyError)
     return next((i + 1 for i, kind in enumerate(order) if isinstance(exc, kind)), 0)
-
-
-def _canonical_json(value: object) -> bytes:
-    return (json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
-
-
-def _strict_json(data: bytes) -> Any:
-    """UTF-8 JSON with duplicate keys refused (two parsers must never disagree)."""
-    return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise ValueError("duplicate keys in a JSON object")
-    return result
-
-
-def _b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
-
-
-def _unb64(value: Any, what: str) -> bytes:
-    """Strict base64: only the canonical encoding of some bytes is accepted."""
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a base64 string")
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except binascii.Error as exc:
-        raise ValueError(f"{what} is not valid base64") from exc
-    if _b64(raw) != value:
-        raise ValueError(f"{what} is not canonical base64")
-    return raw

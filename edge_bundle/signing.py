@@ -9,10 +9,7 @@ stores, so the updater can apply signed key notices as pure state transitions.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import json
 import os
 import re
 import tempfile
@@ -25,6 +22,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edge_bundle.encoding import b64, canonical_json, strict_json, unb64
 from edge_bundle.errors import (
     KeyFileError,
     RevokedKeyError,
@@ -161,9 +159,9 @@ class SigningKey:
 def encode_signatures(signatures: Sequence[Signature]) -> bytes:
     """The canonical bytes of a signatures file (a JSON list, sorted keys, indent 2)."""
     entries = [
-        {"key_id": s.key_id, "role": s.role.value, "signature": _b64(s.value)} for s in signatures
+        {"key_id": s.key_id, "role": s.role.value, "signature": b64(s.value)} for s in signatures
     ]
-    return _canonical_json(entries)
+    return canonical_json(entries)
 
 
 def decode_signatures(data: bytes) -> tuple[Signature, ...]:
@@ -171,7 +169,7 @@ def decode_signatures(data: bytes) -> tuple[Signature, ...]:
     if len(data) > MAX_SMALL_FILE_BYTES:
         raise SignatureError("the signatures file is larger than 64 KiB; re-sign the bundle")
     try:
-        entries = _strict_json(data)
+        entries = strict_json(data)
         if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_SIGNATURES:
             raise ValueError(f"expected a list of 1 to {MAX_SIGNATURES} signatures")
         signatures = tuple(_signature_from_json(entry) for entry in entries)
@@ -185,7 +183,7 @@ def decode_signatures(data: bytes) -> tuple[Signature, ...]:
 def _signature_from_json(entry: Any) -> Signature:
     if not isinstance(entry, dict) or set(entry) != {"key_id", "role", "signature"}:
         raise ValueError("each signature must have exactly key_id, role and signature")
-    value = _unb64(entry["signature"], "signature")
+    value = unb64(entry["signature"], "signature")
     if len(value) != _SIGNATURE_BYTES:
         raise ValueError(f"an Ed25519 signature is {_SIGNATURE_BYTES} bytes")
     return Signature(check_key_id(_text(entry["key_id"])), KeyRole(entry["role"]), value)
@@ -286,8 +284,8 @@ def write_key_files(key: SigningKey, directory: Path, name: str) -> tuple[Path, 
     directory.mkdir(parents=True, exist_ok=True)
     public = key.public
     document = {"algorithm": ALGORITHM, "key_id": public.key_id, "role": key.role.value}
-    public_doc = {**document, "public_key": _b64(public.raw)}
-    _write_new_file(private_path, {**public_doc, "private_key": _b64(key.private_raw)}, 0o600)
+    public_doc = {**document, "public_key": b64(public.raw)}
+    _write_new_file(private_path, {**public_doc, "private_key": b64(key.private_raw)}, 0o600)
     try:
         _write_new_file(public_path, public_doc, 0o644)
     except BaseException:
@@ -299,14 +297,14 @@ def write_key_files(key: SigningKey, directory: Path, name: str) -> tuple[Path, 
 def read_public_key(path: Path) -> PublicKey:
     """Load a `.pub` key file; a private key file is refused (pass the public half)."""
     document = _read_key_document(path, private=False)
-    return PublicKey(KeyRole(document["role"]), _unb64(document["public_key"], "public_key"))
+    return PublicKey(KeyRole(document["role"]), unb64(document["public_key"], "public_key"))
 
 
 def read_signing_key(path: Path) -> SigningKey:
     """Load a `.key` file and check its private and public halves match."""
     document = _read_key_document(path, private=True)
-    key = SigningKey(KeyRole(document["role"]), _unb64(document["private_key"], "private_key"))
-    if key.public.raw != _unb64(document["public_key"], "public_key"):
+    key = SigningKey(KeyRole(document["role"]), unb64(document["private_key"], "private_key"))
+    if key.public.raw != unb64(document["public_key"], "public_key"):
         raise KeyFileError(f"{path}: the private and public halves do not match; regenerate it")
     return key
 
@@ -316,14 +314,14 @@ def _read_key_document(path: Path, *, private: bool) -> dict[str, str]:
     if private:
         expected.add("private_key")
     try:
-        document = _strict_json(_read_small(path))
+        document = strict_json(_read_small(path))
         if not isinstance(document, dict) or set(document) != expected:
             hint = "a private .key file" if private else "a public .pub file"
             raise ValueError(f"expected {hint} with fields {', '.join(sorted(expected))}")
         if document["algorithm"] != ALGORITHM:
             raise ValueError(f"algorithm is {document['algorithm']!r}, expected {ALGORITHM!r}")
         KeyRole(document["role"])
-        public_raw = _unb64(document["public_key"], "public_key")
+        public_raw = unb64(document["public_key"], "public_key")
         if len(public_raw) != _RAW_KEY_BYTES or document["key_id"] != key_id_for(public_raw):
             raise ValueError("key_id does not match the public key")
         return {k: _text(v) for k, v in document.items()}
@@ -348,7 +346,7 @@ def _write_new_file(path: Path, document: dict[str, str], mode: int) -> None:
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as stream:
-            stream.write(_canonical_json(document))
+            stream.write(canonical_json(document))
             stream.flush()
             os.fsync(stream.fileno())
         tmp.chmod(mode)
@@ -362,37 +360,6 @@ def _write_new_file(path: Path, document: dict[str, str], mode: int) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def _canonical_json(value: object) -> bytes:
-    return (json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
-
-
-def _strict_json(data: bytes) -> Any:
-    """UTF-8 JSON with duplicate keys refused (two parsers must never disagree)."""
-    return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise ValueError("duplicate keys in a JSON object")
-    return result
-
-
-def _b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
-
-
-def _unb64(value: Any, what: str) -> bytes:
-    """Strict base64: only the canonical encoding of some bytes is accepted."""
-    try:
-        raw = base64.b64decode(_text(value), validate=True)
-    except binascii.Error as exc:
-        raise ValueError(f"{what} is not valid base64") from exc
-    if _b64(raw) != value:
-        raise ValueError(f"{what} is not canonical base64")
-    return raw
 
 
 def _text(value: Any) -> str:

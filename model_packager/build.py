@@ -9,7 +9,6 @@ slow ones.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from edge_bundle.bundle import SourceFile, write_bundle
+from edge_bundle.files import write_atomically
 from edge_bundle.knowledge import KNOWLEDGE_FILE, KnowledgeBase
 from edge_bundle.manifest import BundleId, Lineage, ManifestBody
 from edge_bundle.profile_host import HostMatch, matches_host
@@ -178,7 +178,7 @@ def _run(plan: _Plan, work: Path, progress: Progress) -> BuildResult:
     files["report.html"] = SourceFile(report_in_bundle, "report")
     progress.step(f"signing and writing {plan.bundle_path.name}")
     write_bundle(plan.bundle_path, files, body, plan.key)
-    _write_atomically(plan.report_path, report)
+    write_atomically(plan.report_path, report.encode())
     summary = _summary(plan, reference_path, choice, before, after)
     return BuildResult(plan.bundle_path, plan.report_path, tuple(plan.warnings), summary)
 
@@ -375,15 +375,6 @@ def _dataset(evaluation: list[ImageSample], calibration: list[ImageSample]) -> s
     if evaluation:
         return f"{len(evaluation)} labelled evaluation images"
     return f"{len(calibration)} calibration images (no labels)"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temporary.replace(path)
 
 
 def _summary(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edge_agent import faults
 from edge_agent.updater.machine import UpdateState
+from edge_bundle.files import fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,7 @@ def save(path: Path, state: UpdateState) -> None:
             os.fsync(handle.fileno())
         faults.hit("persist.rename")
         temporary.replace(path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(path.parent)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

@@ -13,12 +13,10 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -50,6 +48,7 @@ from edge_agent.updater.machine import (
     transition,
 )
 from edge_bundle.errors import BundleError
+from edge_bundle.files import write_atomically
 from edge_bundle.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from edge_bundle.release import ReleaseNotice, TrustNotice, apply_trust, decode_notice
 from edge_bundle.signing import TrustStore
@@ -180,7 +179,8 @@ class Updater:
             )
             return
         self._trust_sequence = notice.sequence
-        await asyncio.to_thread(_save_trust, self.directory / TRUST_FILE, payload)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(write_atomically, self.directory / TRUST_FILE, payload)
         await self._report(
             Report("idle", "progress", notice.sequence, f"release keys updated by {signer}",
                    extra={"added": [k.key_id for k in notice.add], "revoked": list(notice.revoke)})
@@ -478,13 +478,3 @@ def _p95(samples: Any) -> float | None:
     if not samples:
         return None
     return float(np.percentile(np.fromiter(samples, dtype=np.float64), 95))
-
-
-def _save_trust(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temporary.replace(path)

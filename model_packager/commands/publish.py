@@ -6,7 +6,6 @@ Also the delivery options that `trust` shares: sequence, expiry, `--out` and the
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 from edge_bundle.archive import extract_archive
 from edge_bundle.bundle import open_bundle
 from edge_bundle.errors import IntegrityError, WrongRoleError
+from edge_bundle.files import write_atomically
 from edge_bundle.hashing import sha256_and_size
 from edge_bundle.manifest import MANIFEST_FILE, Manifest
 from edge_bundle.release import ReleaseNotice, Target, encode_notice, release_topic
@@ -142,7 +142,7 @@ def deliver(args: argparse.Namespace, topic: str, data: bytes, expires_at: datet
     """Write the signed notice to `--out` and/or publish it retained to `topic`."""
     broker = _broker(args) if args.broker is not None else None
     if args.out is not None:
-        _write_atomically(args.out, data)
+        write_atomically(args.out, data)
         print(f"wrote {args.out}")
     if broker is not None:
         if broker.tls_ca is None and broker.password is not None:
@@ -215,16 +215,3 @@ def _broker(args: argparse.Namespace) -> BrokerConfig:
         password=password,
         timeout_s=args.timeout,
     )
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
-        tmp.chmod(0o644)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
