@@ -188,6 +188,32 @@ class Golden(_Strict):
     samples: tuple[GoldenSample, ...]
 
 
+class TextGolden(_Strict):
+    """A greedy completion the shipped language model must reproduce on the device."""
+
+    prompt: Annotated[str, StringConstraints(min_length=1, max_length=4000)]
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=256)]
+    expected_text: Annotated[str, StringConstraints(max_length=4000)]
+
+
+class ChatTemplate(_Strict):
+    """The chat template, pinned: a file of the bundle and its sha256 (rendered sandboxed)."""
+
+    path: RelativePath
+    sha256: Sha256Hex
+    source: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class Generation(_Strict):
+    """How a text-generation bundle is run: context, template (None = plain completion only),
+    the golden completions, and the stop strings."""
+
+    context_size: Annotated[StrictInt, Field(ge=128, le=131072)]
+    chat_template: ChatTemplate | None = None
+    golden: tuple[TextGolden, ...] = ()
+    stop: tuple[Annotated[str, StringConstraints(min_length=1, max_length=64)], ...] = ()
+
+
 class ManifestBody(_Strict):
     """Everything in a manifest except `files`: what the packager decides before hashing."""
 
@@ -211,6 +237,10 @@ class ManifestBody(_Strict):
     golden: Golden | None = None
     min_agent_version: SemVer = "0.1.0"
     knowledge_path: RelativePath | None = None
+    # Text generation (runtime "llama"): how to run it and what it must reproduce.
+    generation: Generation | None = None
+    # A classifier may name the text-generation bundle that explains its answers.
+    explainer: Name | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -249,6 +279,8 @@ class Manifest(ManifestBody):
         if not any(entry.role == "model" for entry in self.files):
             raise ValueError("files must include at least one file with role 'model'")
         referenced = [self.knowledge_path] if self.knowledge_path else []
+        if self.generation is not None and self.generation.chat_template is not None:
+            referenced.append(self.generation.chat_template.path)
         referenced += [s.input_path for s in (self.golden.samples if self.golden else ())]
         missing = sorted(set(referenced) - set(paths))
         if missing:
