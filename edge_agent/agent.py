@@ -19,7 +19,16 @@ from typing import TYPE_CHECKING, Any
 from edge_agent import __version__
 from edge_agent.core import InferenceCore, ModelState
 from edge_agent.errors import AgentError, ConfigError
-from edge_agent.install import Candidate, prepare, stage_and_prepare
+from edge_agent.explain import Explainer
+from edge_agent.generation import GenerationService, GeneratorState
+from edge_agent.install import (
+    AnyCandidate,
+    Candidate,
+    TextCandidate,
+    check_memory,
+    prepare_any,
+    stage_and_prepare,
+)
 from edge_agent.metrics import AgentMetrics
 from edge_agent.records import RequestRecords
 from edge_agent.selftest import run_selftest
@@ -86,6 +95,8 @@ class Agent:
             max_count=settings.keep_requests_count,
         )
         self.core = InferenceCore(settings, metrics=self.metrics, records=self.records)
+        self.generation = GenerationService(settings, self.core)
+        self.explainer = Explainer(settings, self.generation)
         self.mqtt: MqttService | None = None
         if settings.mqtt_enabled:
             from edge_agent.mqtt.service import MqttService
@@ -124,9 +135,11 @@ class Agent:
                 await task
         if self.updater is not None:
             await self.updater.stop()
+        await self.explainer.stop()
         if self.mqtt is not None:
             await self.mqtt.stop()
         await asyncio.to_thread(self.core.close)
+        await asyncio.to_thread(self.generation.close)
 
     def start_draining(self) -> None:
         self.core.admission.start_draining()
@@ -142,14 +155,20 @@ class Agent:
             reasons.append("shutting down")
         if self.loading:
             reasons.append("loading the installed bundles")
-        elif not self.core.models:
+        elif not self.core.models and not self.generation.models:
             reasons.append(
                 "no model is installed: run `edge-agent install BUNDLE` or POST one to "
                 "/v1/admin/bundles"
             )
-        for name, state in sorted(self.core.models.items()):
-            if state.status != "ready":
-                reasons.append(f"model {name} is {state.status}: {state.reason}")
+        states: list[tuple[str, str, str]] = [
+            (name, state.status, state.reason) for name, state in self.core.models.items()
+        ]
+        states += [
+            (name, state.status, state.reason) for name, state in self.generation.models.items()
+        ]
+        for name, status, reason in sorted(states):
+            if status != "ready":
+                reasons.append(f"model {name} is {status}: {reason}")
         ready = not reasons
         self.metrics.ready.set(1 if ready else 0)
         return ready, reasons
@@ -170,6 +189,15 @@ class Agent:
             entry["selftest"] = state.last_selftest
             entry["installed_versions"] = self.store.versions(name)
             described.append(entry)
+        for name, text_state in sorted(self.generation.models.items()):
+            entry = {"name": name, "status": text_state.status}
+            if text_state.reason:
+                entry["reason"] = text_state.reason
+            if text_state.generator is not None:
+                entry.update(text_state.generator.describe())
+            entry["selftest"] = text_state.last_selftest
+            entry["installed_versions"] = self.store.versions(name)
+            described.append(entry)
         return described
 
     # ---- installing ----------------------------------------------------------------------
@@ -183,6 +211,7 @@ class Agent:
                     bundle_file,
                     self.profile,
                     self.settings.cache_dir,
+                    self.settings.memory_budget_mb,
                 )
             except AgentError:
                 self.metrics.installs.labels("rejected").inc()
@@ -196,18 +225,26 @@ class Agent:
                 manifest.bundle_id,
                 candidate.selftest.seconds * 1000,
             )
-            return {
-                "activated": candidate.classifier.describe(),
-                "selftest": _selftest_json(candidate),
-            }
+            served = (
+                candidate.classifier if isinstance(candidate, Candidate) else candidate.generator
+            )
+            return {"activated": served.describe(), "selftest": _selftest_json(candidate)}
 
     async def reload(self) -> None:
         """Load whatever the store marks active now (after a CLI install; SIGHUP)."""
         async with self._install_lock:
             await self._load_active()
 
-    def _publish(self, candidate: Candidate) -> None:
+    def _publish(self, candidate: AnyCandidate) -> None:
         name = candidate.bundle.manifest.name
+        if isinstance(candidate, TextCandidate):
+            self.generation.set_model(
+                name,
+                GeneratorState(
+                    "ready", generator=candidate.generator, last_selftest=_selftest_json(candidate)
+                ),
+            )
+            return
         self.core.set_model(
             name,
             ModelState(
@@ -219,24 +256,17 @@ class Agent:
         try:
             for name in self.store.active_names():
                 version = self.store.active_version(name)
-                loaded = self.core.models.get(name)
-                if version is None or (
-                    loaded is not None
-                    and loaded.classifier is not None
-                    and loaded.classifier.version == version
-                ):
+                if version is None or self._serving(name) == version:
                     continue
-                if loaded is None:
-                    self.core.set_model(name, ModelState("loading", f"loading version {version}"))
                 try:
                     candidate = await asyncio.to_thread(self._prepare_installed, name, version)
                 except AgentError as exc:
                     log.error("cannot serve %s@%s: %s", name, version, exc.message)
-                    self.core.set_model(name, ModelState("failed", exc.message))
+                    self._failed(name, version, exc.message)
                     continue
                 except Exception as exc:  # never leave a model "loading" forever
                     log.exception("cannot serve %s@%s", name, version)
-                    self.core.set_model(name, ModelState("failed", f"load failed: {exc}"))
+                    self._failed(name, version, f"load failed: {exc}")
                     continue
                 self._publish(candidate)
                 log.info("serving %s@%s", name, version)
@@ -245,8 +275,27 @@ class Agent:
                 await self.updater.start()  # resume an update once the active models are loaded
             self.loading = False
 
-    def _prepare_installed(self, name: str, version: int) -> Candidate:
-        return prepare(self.store.open(name, version), self.profile, self.settings.cache_dir)
+    def _serving(self, name: str) -> int | None:
+        state = self.core.models.get(name)
+        if state is not None and state.classifier is not None:
+            return state.classifier.version
+        text = self.generation.models.get(name)
+        if text is not None and text.generator is not None:
+            return text.generator.version
+        return None
+
+    def _failed(self, name: str, version: int, reason: str) -> None:
+        if self.store.open(name, version).manifest.task == "text-generation":
+            self.generation.set_model(name, GeneratorState("failed", reason))
+        else:
+            self.core.set_model(name, ModelState("failed", reason))
+
+    def _prepare_installed(self, name: str, version: int) -> AnyCandidate:
+        bundle = self.store.open(name, version)
+        check_memory(
+            self.store, bundle, self.settings.memory_budget_mb or self.profile.budgets.memory_mb
+        )
+        return prepare_any(bundle, self.profile, self.settings.cache_dir)
 
     async def _periodic_selftest(self) -> None:
         while True:
@@ -269,7 +318,7 @@ class Agent:
                     )
 
 
-def _selftest_json(candidate: Candidate) -> dict[str, Any]:
+def _selftest_json(candidate: AnyCandidate) -> dict[str, Any]:
     report = candidate.selftest
     return {
         "passed": report.passed,

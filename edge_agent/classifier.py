@@ -132,9 +132,14 @@ def load_classifier(
         raise RuntimeLoadError(f"{bundle.bundle_id}: {exc}") from exc
     kind = manifest.extra.get("output_kind")
     session = runtime_for(manifest.runtime).load(bundle, profile, cache_dir)
+    if not hasattr(session, "run"):
+        session.close()
+        raise RuntimeLoadError(
+            f"{bundle.bundle_id}: the {manifest.runtime} runtime does not run classifiers"
+        )
     return Classifier(
         bundle=bundle,
-        session=session,
+        session=cast(TensorSession, session),
         spec=spec,
         labels=manifest.labels,
         knowledge=knowledge,

@@ -71,13 +71,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _install(args: argparse.Namespace) -> int:
     from edge_agent.agent import build_profile, build_store
-    from edge_agent.install import stage_and_prepare
+    from edge_agent.install import Candidate, stage_and_prepare
 
     settings = _settings(args)
     _configure_logging(settings.log_level)
     store = build_store(settings)
     profile = build_profile(settings)
-    candidate = stage_and_prepare(store, args.bundle, profile, settings.cache_dir)
+    candidate = stage_and_prepare(
+        store, args.bundle, profile, settings.cache_dir, settings.memory_budget_mb
+    )
     manifest = candidate.bundle.manifest
     report = candidate.selftest
     print(
@@ -85,7 +87,7 @@ def _install(args: argparse.Namespace) -> int:
         f"golden self-test passed: {report.samples} samples, max deviation "
         f"{report.max_deviation:.2e} <= {report.tolerance}"
     )
-    candidate.classifier.close()
+    (candidate.classifier if isinstance(candidate, Candidate) else candidate.generator).close()
     if args.no_activate:
         print(f"installed {manifest.bundle_id}, not activated")
         return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from edge_agent import __version__
 from edge_agent.classifier import Classifier, load_classifier
 from edge_agent.errors import AgentError, BundleRejectedError
+from edge_agent.generator import Generator, load_generator, run_text_selftest
 from edge_agent.selftest import SelfTestReport, run_selftest
 from edge_agent.store import BundleStore
 from edge_bundle.bundle import VerifiedBundle
@@ -76,13 +77,91 @@ def prepare(bundle: VerifiedBundle, profile: HardwareProfile, cache_dir: Path) -
     return Candidate(bundle, classifier, report)
 
 
+@dataclass
+class TextCandidate:
+    """A language-model bundle staged, loaded and self-tested (golden completions), not active."""
+
+    bundle: VerifiedBundle
+    generator: Generator
+    selftest: SelfTestReport
+
+
+AnyCandidate = Candidate | TextCandidate
+
+
+def prepare_text(
+    bundle: VerifiedBundle, profile: HardwareProfile, cache_dir: Path
+) -> TextCandidate:
+    """Load a verified text-generation bundle and replay its golden completions."""
+    check_fits(bundle, profile)
+    try:
+        generator = load_generator(bundle, profile, cache_dir)
+    except AgentError as exc:
+        raise BundleRejectedError(f"{bundle.bundle_id} cannot be loaded: {exc.message}") from exc
+    try:
+        report = run_text_selftest(generator)
+        report.raise_for_failure()
+    except AgentError as exc:
+        generator.close()
+        raise BundleRejectedError(exc.message) from exc
+    return TextCandidate(bundle, generator, report)
+
+
+def prepare_any(bundle: VerifiedBundle, profile: HardwareProfile, cache_dir: Path) -> AnyCandidate:
+    """`prepare` or `prepare_text`, by the bundle's task."""
+    if bundle.manifest.task == "text-generation":
+        return prepare_text(bundle, profile, cache_dir)
+    return prepare(bundle, profile, cache_dir)
+
+
+#: Per context token, an upper bound of the KV cache of the small models boxes run (f16).
+KV_MB_PER_TOKEN = 0.05
+
+
+def memory_estimate_mb(bundle: VerifiedBundle) -> float:
+    """What a bundle needs in memory once loaded: its model files (mapped or copied, plus runtime
+    arenas, +20%) and, for a language model, the KV cache of its context."""
+    manifest = bundle.manifest
+    weights = sum(f.size for f in manifest.files if f.role in ("model", "model-data", "mmproj"))
+    estimate = weights / 1e6 * 1.2
+    if manifest.generation is not None:
+        estimate += manifest.generation.context_size * KV_MB_PER_TOKEN
+    return estimate
+
+
+def check_memory(store: BundleStore, bundle: VerifiedBundle, budget_mb: int) -> None:
+    """All active bundles (the new one instead of its own older version) must fit `budget_mb`."""
+    name = bundle.manifest.name
+    needed = memory_estimate_mb(bundle)
+    others = []
+    for other in store.active_names():
+        version = store.active_version(other)
+        if other == name or version is None:
+            continue
+        others.append((other, memory_estimate_mb(store.open(other, version))))
+    total = needed + sum(mb for _, mb in others)
+    if total > budget_mb:
+        listed = ", ".join(f"{n} {mb:.0f} MB" for n, mb in others) or "nothing else"
+        raise BundleRejectedError(
+            f"{bundle.bundle_id} needs about {needed:.0f} MB and the active bundles ({listed}) "
+            f"about {total - needed:.0f} MB: {total:.0f} MB is over the memory budget of "
+            f"{budget_mb} MB; remove a bundle, pick a smaller quantization, or raise "
+            "memory_budget_mb for a box with more memory"
+        )
+
+
 def stage_and_prepare(
-    store: BundleStore, bundle_file: Path, profile: HardwareProfile, cache_dir: Path
-) -> Candidate:
-    """Verify and store `bundle_file`, then load and self-test it (not activated)."""
+    store: BundleStore,
+    bundle_file: Path,
+    profile: HardwareProfile,
+    cache_dir: Path,
+    budget_mb: int | None = None,
+) -> AnyCandidate:
+    """Verify and store `bundle_file`, check it fits, load and self-test it (not activated)."""
     bundle = store.stage(bundle_file)
     try:
-        return prepare(bundle, profile, cache_dir)
+        check_memory(store, bundle, budget_mb or profile.budgets.memory_mb)
+        return prepare_any(bundle, profile, cache_dir)
     except BundleRejectedError:
         if store.active_version(bundle.manifest.name) != bundle.manifest.version:
             store.remove(bundle.manifest.name, bundle.manifest.version)

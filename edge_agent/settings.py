@@ -182,6 +182,24 @@ class AgentSettings(BaseSettings):
     outbox_max_bytes: int = Field(default=64 * MIB, ge=MIB)
     outbox_max_messages: int = Field(default=100_000, ge=10)
 
+    # Language models and explanations.
+    max_generations: int = Field(
+        default=4, ge=1, le=64, description="generations running or waiting; beyond it 503"
+    )
+    generation_pause_ms: float = Field(
+        default=200.0,
+        ge=0,
+        description="longest pause between two tokens while classifications are in flight",
+    )
+    max_generation_tokens: int = Field(default=512, ge=1, description="cap on max_tokens")
+    explanation_max_tokens: int = Field(default=96, ge=1, le=1024)
+    explanation_timeout_s: float = Field(
+        default=60.0, gt=0, description="an explanation not finished by then is cut off"
+    )
+    memory_budget_mb: int | None = Field(
+        default=None, ge=16, description="models loaded at once must fit (default: the profile's)"
+    )
+
     # Updates (pulled over MQTT; needs mqtt_enabled and at least one release key).
     release_keys: tuple[Path, ...] = Field(
         default=(), description="public keys (role release) whose release notices are trusted"

@@ -14,10 +14,12 @@ from edge_agent.runtimes.base import Runtime
 #: runtime name (the manifest's `runtime`) -> "module:class" implementing `Runtime`.
 RUNTIMES: dict[str, str] = {
     "onnx": "edge_agent.runtimes.onnx:OnnxRuntime",
+    "llama": "edge_agent.runtimes.llama:LlamaRuntime",
 }
 
 _HINTS = {
     "onnx": "install the device role: scripts/install --role device",
+    "llama": "install llama-cpp-python: scripts/install --role device (without --no-llama)",
 }
 
 

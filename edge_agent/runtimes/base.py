@@ -7,6 +7,8 @@ llama.cpp types.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,6 +36,46 @@ class TensorSession(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class TextRequest:
+    """One completion: the prompt text and how to sample (temperature 0 = greedy)."""
+
+    prompt: str
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 0.95
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """A piece of generated text; the last one carries the finish reason and token counts."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class TextSession(Protocol):
+    """A loaded language model. Not thread-safe: one generation at a time."""
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def stream(
+        self,
+        request: TextRequest,
+        *,
+        cancelled: Callable[[], bool],
+        between_tokens: Callable[[], None],
+    ) -> Iterator[TextChunk]:
+        """Generate; stops early when `cancelled()`; `between_tokens()` may pause (yield the CPU)."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Runtime(Protocol):
     """Loads bundles of one runtime kind (the manifest's `runtime`)."""
 
@@ -41,6 +83,6 @@ class Runtime(Protocol):
 
     def load(
         self, bundle: VerifiedBundle, profile: HardwareProfile, cache_dir: Path
-    ) -> TensorSession:
+    ) -> TensorSession | TextSession:
         """A session for the bundle's model; raises `RuntimeLoadError` when it cannot load."""
         ...

@@ -1,0 +1,131 @@
+"""Serving language models: one generation at a time, bounded waiting, and the CPU yielded to
+classifications.
+
+llama.cpp already spreads one generation over the profile's threads, and a `Llama` object is not
+thread-safe, so generations run one after another on a single thread; at most
+`max_generations` are admitted (running or waiting), beyond which callers get 503. Between two
+tokens the generator pauses while classifications are in flight (for at most
+`generation_pause_ms` per token), so on a 2-core box the fast answer keeps its budget and the
+explanation simply streams a little later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent.core import InferenceCore
+from edge_agent.errors import NotReadyError, OverloadedError, UnknownModelError
+from edge_agent.generator import Generator
+from edge_agent.runtimes.base import TextChunk, TextRequest
+from edge_agent.settings import AgentSettings
+
+_END = object()
+
+
+@dataclass
+class GeneratorState:
+    status: str  # "loading", "ready" or "failed"
+    reason: str = ""
+    generator: Generator | None = None
+    last_selftest: dict[str, Any] | None = None
+
+
+class GenerationService:
+    """Text models by name, the thread that runs them, and their admission."""
+
+    def __init__(self, settings: AgentSettings, core: InferenceCore) -> None:
+        self.settings = settings
+        self.core = core
+        self.models: dict[str, GeneratorState] = {}
+        self.in_flight = 0
+        self._pool = ThreadPoolExecutor(1, "llm")
+
+    def set_model(self, name: str, state: GeneratorState) -> None:
+        previous = self.models.get(name)
+        self.models[name] = state
+        old = previous.generator if previous is not None else None
+        if old is not None and old is not state.generator:
+            self._pool.submit(old.close)  # after the generation running on it, if any
+
+    def generator(self, name: str) -> Generator:
+        state = self.models.get(name)
+        if state is None:
+            raise UnknownModelError(
+                f"no language model called {name!r} is installed; installed: "
+                f"{sorted(self.models) or 'none'}"
+            )
+        if state.status != "ready" or state.generator is None:
+            raise NotReadyError(
+                f"language model {name!r} is {state.status}"
+                + (f": {state.reason}" if state.reason else ""),
+                retry_after_s=5.0,
+            )
+        return state.generator
+
+    def admit(self) -> None:
+        if self.in_flight >= self.settings.max_generations:
+            raise OverloadedError(
+                f"{self.in_flight} generations are running or waiting (the limit); retry shortly",
+                retry_after_s=2.0,
+            )
+
+    async def stream(
+        self, generator: Generator, request: TextRequest, cancel: threading.Event
+    ) -> AsyncIterator[TextChunk]:
+        """Generate on the llm thread; chunks arrive as they are made. Setting `cancel`, or
+        closing this iterator (a client that went away), stops the generation."""
+        self.admit()
+        self.in_flight += 1
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+
+        def put(item: object) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                if cancel.is_set():
+                    return
+                for chunk in generator.session.stream(
+                    request, cancelled=cancel.is_set, between_tokens=self._yield_cpu
+                ):
+                    put(chunk)
+            except Exception as exc:  # handed to the consumer, raised there
+                put(exc)
+            finally:
+                put(_END)
+
+        loop.run_in_executor(self._pool, work)
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, Exception):
+                    raise item
+                assert isinstance(item, TextChunk)
+                yield item
+        finally:
+            cancel.set()
+            self.in_flight -= 1
+
+    def _yield_cpu(self) -> None:
+        """Between tokens: wait while classifications are in flight (bounded)."""
+        limit = self.settings.generation_pause_ms / 1000
+        if limit <= 0:
+            return
+        deadline = time.monotonic() + limit
+        while self.core.admission.in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.002)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for state in self.models.values():
+            if state.generator is not None:
+                state.generator.close()
