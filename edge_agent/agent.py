@@ -285,7 +285,8 @@ class Agent:
         return None
 
     def _failed(self, name: str, version: int, reason: str) -> None:
-        if self.store.open(name, version).manifest.task == "text-generation":
+        """Show the model as failed, among the language models if that is what it was."""
+        if name in self.generation.models or self.store.task_of(name, version) == "text-generation":
             self.generation.set_model(name, GeneratorState("failed", reason))
         else:
             self.core.set_model(name, ModelState("failed", reason))

@@ -96,6 +96,15 @@ class BundleStore:
                 f"installed bundle {name}@{version} failed checks: {exc}"
             ) from exc
 
+    def task_of(self, name: str, version: int) -> str | None:
+        """The manifest's task, read without verifying (only to label a failure); None if unreadable."""
+        path = self._directory(BundleId(name, version)) / "manifest.json"
+        try:
+            task = json.loads(path.read_bytes()).get("task")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return task if isinstance(task, str) else None
+
     def record(self, name: str, version: int) -> InstallRecord:
         path = self._directory(BundleId(name, version)).with_suffix(".json")
         try:
