@@ -29,6 +29,7 @@ from edge_agent.agent import Agent
 from edge_agent.core import new_request_id
 from edge_agent.errors import AgentError, BadRequestError, UnauthorizedError, UnknownRequestError
 from edge_agent.http import errors
+from edge_agent.http.generate import add_generation_routes
 from edge_agent.http.inputs import read_image
 from edge_agent.http.middleware import BodyLimit, Timing
 from edge_agent.http.page import INDEX_HTML
@@ -82,6 +83,7 @@ def create_app(agent: Agent) -> FastAPI:
     app.state.agent = agent
     _add_error_handlers(app)
     _add_routes(app, agent)
+    add_generation_routes(app, agent)
     settings = agent.settings
     max_bundle = agent.profile.budgets.max_bundle_mb * 1024 * 1024
 
@@ -168,6 +170,9 @@ def _add_routes(app: FastAPI, agent: Agent) -> None:
         name: str,
         request: Request,
         top_k: Annotated[int, Query(ge=1, le=100, description="how many classes to return")] = 3,
+        explain: Annotated[
+            bool, Query(description="stream an explanation afterwards, if the model has one")
+        ] = True,
     ) -> JSONResponse:
         request_id = new_request_id()
         request.state.request_id = request_id
@@ -178,10 +183,10 @@ def _add_routes(app: FastAPI, agent: Agent) -> None:
                 agent.metrics.in_flight.set(agent.core.admission.in_flight)
                 agent.core.classifier(name)  # unknown or not-ready models fail before the upload
                 started = time.perf_counter()
-                data = await read_image(request)
+                upload = await read_image(request)
                 received = time.perf_counter() - started
                 prediction = await agent.core.predict(
-                    name, data, request_id=request_id, top_k=top_k, receive_s=received
+                    name, upload.image, request_id=request_id, top_k=top_k, receive_s=received
                 )
             outcome = "ok"
         except (AgentError, BundleError) as exc:
@@ -195,6 +200,11 @@ def _add_routes(app: FastAPI, agent: Agent) -> None:
             await agent.mqtt.publish_result(prediction, source={"transport": "http"})
         body = prediction.to_json()
         body["links"] = {"self": f"/v1/requests/{request_id}"}
+        if explain:
+            explainer = agent.core.classifier(name).bundle.manifest.explainer
+            explanation = agent.explainer.start(prediction, explainer, upload.note)
+            if explanation is not None:
+                body["explanation"] = explanation
         headers = {"X-Request-ID": request_id}
         client_id = request.headers.get("x-request-id")
         if client_id and len(client_id) <= 128 and client_id.isprintable():

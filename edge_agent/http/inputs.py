@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -21,14 +22,25 @@ from starlette.datastructures import UploadFile
 from edge_agent.errors import AgentError, BadRequestError, UnsupportedMediaError
 
 IMAGE_FIELD = "image"
+NOTE_FIELD = "note"
+MAX_NOTE_CHARS = 500
 ACCEPTED = "image/* (raw body), multipart/form-data (field 'image') or application/json"
 
 
-async def read_image(request: Request) -> bytes:
-    """The image bytes of a prediction request; `AgentError`s say what to send instead."""
+@dataclass(frozen=True)
+class Upload:
+    """The photo, and the technician's optional note (for the explanation)."""
+
+    image: bytes
+    note: str | None = None
+
+
+async def read_image(request: Request) -> Upload:
+    """The image (and note) of a prediction request; `AgentError`s say what to send instead."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    note = request.query_params.get("note")
     if content_type.startswith("image/") or content_type == "application/octet-stream":
-        return await request.body()
+        return Upload(await request.body(), _note(note))
     if content_type == "multipart/form-data":
         return await _from_multipart(request)
     if content_type == "application/json":
@@ -37,7 +49,7 @@ async def read_image(request: Request) -> bytes:
     raise UnsupportedMediaError(f"cannot read an image from {shown}; send {ACCEPTED}")
 
 
-async def _from_multipart(request: Request) -> bytes:
+async def _from_multipart(request: Request) -> Upload:
     try:
         form = await request.form(max_files=1, max_fields=16)
     except AgentError:  # the body cap, raised from inside the parser's reads
@@ -55,12 +67,13 @@ async def _from_multipart(request: Request) -> bytes:
                 f"the multipart upload has no file field named '{IMAGE_FIELD}'{hint}; send the "
                 f"photo as -F {IMAGE_FIELD}=@photo.jpg"
             )
-        return await upload.read()
+        field = form.get(NOTE_FIELD)
+        return Upload(await upload.read(), _note(field if isinstance(field, str) else None))
     finally:
         await form.close()
 
 
-def _from_json(body: bytes) -> bytes:
+def _from_json(body: bytes) -> Upload:
     try:
         document: Any = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -74,10 +87,23 @@ def _from_json(body: bytes) -> bytes:
         )
     if encoded.startswith("data:"):
         _, _, encoded = encoded.partition(",")
+    note = document.get(NOTE_FIELD)
+    if note is not None and not isinstance(note, str):
+        raise BadRequestError(f"'{NOTE_FIELD}' must be a string")
     try:
-        return base64.b64decode(encoded, validate=True)
+        return Upload(base64.b64decode(encoded, validate=True), _note(note))
     except (binascii.Error, ValueError):
         raise BadRequestError(
             f"the '{IMAGE_FIELD}' field is not valid base64 (standard alphabet, with padding); "
             "encode the file's bytes with base64"
         ) from None
+
+
+def _note(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    if len(value) > MAX_NOTE_CHARS:
+        raise BadRequestError(
+            f"the note is {len(value)} characters; keep it under {MAX_NOTE_CHARS}"
+        )
+    return value.strip()

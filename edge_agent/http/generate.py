@@ -1,0 +1,226 @@
+"""Language-model routes: our own `generate`, the OpenAI-compatible completions and chat
+completions (so the `openai` client works against the box), and the explanation stream of a
+prediction. Streaming answers are server-sent events; a client that goes away cancels its
+generation.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_agent.agent import Agent
+from edge_agent.errors import BadRequestError, UnknownRequestError
+from edge_agent.generator import Generator
+from edge_agent.runtimes.base import TextChunk, TextRequest
+
+Stop = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=4)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    stop: Stop | str | None = None
+    seed: int | None = None
+    stream: bool = False
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class GenerateBody(_Body):
+    prompt: str = Field(min_length=1, max_length=32_000)
+    stream: bool = True
+
+
+class CompletionBody(_Body):
+    model: str
+    prompt: str = Field(min_length=1, max_length=32_000)
+    max_tokens: int | None = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=32_000)
+
+
+class ChatBody(_Body):
+    model: str
+    messages: list[Message] = Field(min_length=1, max_length=64)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+
+
+def add_generation_routes(app: FastAPI, agent: Agent) -> None:
+    def text_request(generator: Generator, body: _Body, prompt: str) -> TextRequest:
+        limit = agent.settings.max_generation_tokens
+        max_tokens = body.max_tokens or limit
+        if max_tokens > limit:
+            raise BadRequestError(f"max_tokens {max_tokens} is over this agent's limit of {limit}")
+        context = generator.generation.context_size
+        prompt_tokens = generator.session.count_tokens(prompt)
+        if prompt_tokens + max_tokens > context:
+            raise BadRequestError(
+                f"the prompt is {prompt_tokens} tokens; with max_tokens {max_tokens} that is over "
+                f"the model's context of {context}; shorten the prompt or ask for fewer tokens"
+            )
+        return TextRequest(
+            prompt,
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=generator.stops(body.stops()),
+            seed=body.seed,
+        )
+
+    async def collect(generator: Generator, request: TextRequest) -> tuple[str, TextChunk]:
+        text, last = "", TextChunk("")
+        async for chunk in agent.generation.stream(generator, request, threading.Event()):
+            text += chunk.text
+            last = chunk
+        return text, last
+
+    @app.post("/v1/models/{name}/generate", tags=["language models"], summary="Generate text")
+    async def generate(name: str, body: GenerateBody) -> Any:
+        generator = agent.generation.generator(name)
+        request = text_request(generator, body, body.prompt)
+        agent.generation.admit()
+        if not body.stream:
+            started = time.perf_counter()
+            text, last = await collect(generator, request)
+            return {
+                "model": generator.describe(),
+                "text": text,
+                "finish_reason": last.finish_reason,
+                "usage": _usage(last),
+                "ms": round((time.perf_counter() - started) * 1000, 1),
+            }
+
+        async def events() -> AsyncIterator[str]:
+            async for chunk in agent.generation.stream(generator, request, threading.Event()):
+                if chunk.text:
+                    yield _sse({"text": chunk.text})
+                if chunk.finish_reason is not None:
+                    yield _sse(
+                        {"done": True, "finish_reason": chunk.finish_reason, "usage": _usage(chunk)}
+                    )
+
+        return _stream(events())
+
+    @app.post("/v1/completions", tags=["language models"], summary="OpenAI-compatible completions")
+    async def completions(body: CompletionBody) -> Any:
+        generator = agent.generation.generator(body.model)
+        request = text_request(generator, body, body.prompt)
+        agent.generation.admit()
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if not body.stream:
+            text, last = await collect(generator, request)
+            return {
+                "id": ident, "object": "text_completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "text": text, "finish_reason": _finish(last), "logprobs": None}],
+                "usage": _usage(last),
+            }  # fmt: skip
+
+        async def events() -> AsyncIterator[str]:
+            async for chunk in agent.generation.stream(generator, request, threading.Event()):
+                finish = _finish(chunk) if chunk.finish_reason is not None else None
+                if chunk.text or finish:
+                    yield _sse({
+                        "id": ident, "object": "text_completion", "created": created, "model": body.model,
+                        "choices": [{"index": 0, "text": chunk.text, "finish_reason": finish, "logprobs": None}],
+                    })  # fmt: skip
+            yield "data: [DONE]\n\n"
+
+        return _stream(events())
+
+    @app.post("/v1/chat/completions", tags=["language models"], summary="OpenAI-compatible chat")
+    async def chat_completions(body: ChatBody) -> Any:
+        generator = agent.generation.generator(body.model)
+        prompt = generator.chat_prompt([m.model_dump() for m in body.messages])
+        request = text_request(generator, body, prompt)
+        agent.generation.admit()
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if not body.stream:
+            text, last = await collect(generator, request)
+            return {
+                "id": ident, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": _finish(last)}],
+                "usage": _usage(last),
+            }  # fmt: skip
+
+        async def events() -> AsyncIterator[str]:
+            first = True
+            async for chunk in agent.generation.stream(generator, request, threading.Event()):
+                delta: dict[str, str] = {"role": "assistant"} if first else {}
+                first = False
+                if chunk.text:
+                    delta["content"] = chunk.text
+                finish = _finish(chunk) if chunk.finish_reason is not None else None
+                if delta or finish:
+                    yield _sse({
+                        "id": ident, "object": "chat.completion.chunk", "created": created,
+                        "model": body.model,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                    })  # fmt: skip
+            yield "data: [DONE]\n\n"
+
+        return _stream(events())
+
+    @app.get(
+        "/v1/requests/{request_id}/explanation",
+        tags=["requests"],
+        summary="The explanation of a prediction (server-sent events, or JSON when done)",
+    )
+    async def explanation(request_id: str, request: Request) -> Any:
+        job = agent.explainer.get(request_id)
+        if job is None:
+            raise UnknownRequestError(
+                f"no explanation for request {request_id}: unknown, expired, or its model has "
+                "no explainer"
+            )
+        if "text/event-stream" not in request.headers.get("accept", ""):
+            return JSONResponse(job.to_json())
+
+        async def events() -> AsyncIterator[str]:
+            async for event in agent.explainer.follow(request_id):
+                yield _sse(event)
+
+        return _stream(events())
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _usage(chunk: TextChunk) -> dict[str, int]:
+    return {
+        "prompt_tokens": chunk.prompt_tokens,
+        "completion_tokens": chunk.completion_tokens,
+        "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
+    }
+
+
+def _finish(chunk: TextChunk) -> str:
+    return "stop" if chunk.finish_reason in ("stop", "cancelled") else "length"
