@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,10 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 from edge_agent.core import Prediction, new_request_id
 from edge_agent.errors import AgentError, BadRequestError, error_code
+from edge_agent.explain import Explanation
 from edge_agent.mqtt.link import Inbound, MqttLink
 from edge_agent.mqtt.messages import ImageRequest, carry, error_payload, parse_request
 from edge_agent.mqtt.outbox import Kind, Outbox, OutboxError
 from edge_agent.mqtt.topics import Topic, TopicFilter, TopicScheme
+from edge_agent.runtimes.base import TextRequest
 from edge_agent.settings import EventMapping
 from edge_bundle.errors import BundleError
 from edge_bundle.release import TRUST_TOPIC
@@ -64,7 +68,11 @@ class MqttService:
         )
         self.mappings = [(TopicFilter(m.topic), m) for m in settings.mqtt_events]
         self.allowed_replies = [TopicFilter(f) for f in settings.mqtt_response_topics]
-        subscriptions = [self.scheme.infer_filter(), *(f for f, _ in self.mappings)]
+        subscriptions = [
+            self.scheme.infer_filter(),
+            self.scheme.generate_filter(),
+            *(f for f, _ in self.mappings),
+        ]
         if settings.mqtt_shared_group:
             subscriptions.append(self.scheme.shared_infer_filter(settings.mqtt_shared_group))
         self.release_filters: list[TopicFilter] = []
@@ -207,6 +215,9 @@ class MqttService:
         model = self.scheme.model_of_request(message.topic)
         if model is not None:
             return await self._request(message, model)
+        text_model = self.scheme.model_of_generate(message.topic)
+        if text_model is not None:
+            return await self._generate(message, text_model)
         for topic_filter, mapping in self.mappings:
             if topic_filter.matches(message.topic):
                 return await self._event(message, mapping)
@@ -241,7 +252,104 @@ class MqttService:
         body["message_id"] = message_id
         if request.client_request_id is not None:
             body["client_request_id"] = request.client_request_id
+        explainer = self.agent.core.classifier(model).bundle.manifest.explainer
+        note = request.document.get("note") if request.document else None
+        explanation = self.agent.explainer.start(
+            prediction,
+            explainer,
+            note if isinstance(note, str) else None,
+            listener=functools.partial(self._explained, reply_to, properties),
+        )
+        if explanation is not None:
+            body["explanation"] = explanation
         return [Outgoing(reply_to, _json(body), "reply", message_id, properties)]
+
+    async def _explained(
+        self, topic: Topic, properties: dict[str, Any], explanation: Explanation
+    ) -> None:
+        """The second tier: the explanation follows on the same topic, same correlation data."""
+        message_id = new_request_id()
+        body = {"kind": "explanation", **explanation.to_json(), "message_id": message_id}
+        outgoing = Outgoing(topic, _json(body), "reply", message_id, properties)
+        await asyncio.to_thread(self._put, [outgoing])
+
+    async def _generate(self, message: Inbound, model: str) -> list[Outgoing]:
+        """Text generation over MQTT: JSON {"prompt"|"messages", "max_tokens", ...}; one reply."""
+        message_id = new_request_id()
+        target = self._reply_topic(message)
+        properties: dict[str, Any] = {}
+        if isinstance(target, AgentError):
+            return [
+                self._error(self.scheme.errors(), target, None, message_id, properties, message)
+            ]
+        reply_to = target or self.scheme.results(model)
+        if message.correlation_data is not None:
+            properties["correlation_data"] = message.correlation_data.hex()
+        client_id: str | None = None
+        try:
+            document = _json_or_none(message.payload)
+            if document is None:
+                raise BadRequestError(
+                    'the payload must be a JSON object: {"prompt": "..."} or {"messages": [...]}'
+                )
+            client_id = (
+                document.get("request_id") if isinstance(document.get("request_id"), str) else None
+            )
+            text, finish, usage = await self._complete(model, document)
+        except (AgentError, BundleError) as exc:
+            return [self._error(reply_to, exc, client_id, message_id, properties, message)]
+        body = {
+            "model": model,
+            "text": text,
+            "finish_reason": finish,
+            "usage": usage,
+            "message_id": message_id,
+        }
+        if client_id is not None:
+            body["client_request_id"] = client_id
+        return [Outgoing(reply_to, _json(body), "reply", message_id, properties)]
+
+    async def _complete(
+        self, model: str, document: dict[str, Any]
+    ) -> tuple[str, str | None, dict[str, int]]:
+        generation = self.agent.generation
+        generator = generation.generator(model)
+        messages = document.get("messages")
+        if messages is not None:
+            if not isinstance(messages, list) or not all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in messages
+            ):
+                raise BadRequestError("messages must be a list of {role, content} objects")
+            prompt = generator.chat_prompt(messages)
+        else:
+            given = document.get("prompt")
+            if not isinstance(given, str) or not given:
+                raise BadRequestError("give a non-empty 'prompt' string (or 'messages')")
+            prompt = given
+        max_tokens = document.get("max_tokens", 128)
+        if (
+            not isinstance(max_tokens, int)
+            or not 1 <= max_tokens <= self.settings.max_generation_tokens
+        ):
+            raise BadRequestError(f"max_tokens must be 1 to {self.settings.max_generation_tokens}")
+        temperature = document.get("temperature", 0.0)
+        if not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
+            raise BadRequestError("temperature must be a number from 0 to 2")
+        request = TextRequest(
+            prompt, max_tokens=max_tokens, temperature=float(temperature), stop=generator.stops()
+        )
+        text, last = "", None
+        async for chunk in generation.stream(generator, request, threading.Event()):
+            text += chunk.text
+            last = chunk
+        usage = {
+            "prompt_tokens": last.prompt_tokens if last else 0,
+            "completion_tokens": last.completion_tokens if last else 0,
+        }
+        return text, last.finish_reason if last else None, usage
 
     def _reply_topic(self, message: Inbound) -> Topic | AgentError | None:
         """The MQTT 5 response topic if allowed; an error if not; None if there is none."""

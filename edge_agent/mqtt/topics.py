@@ -113,6 +113,17 @@ class TopicScheme:
     def shared_infer_filter(self, group: str) -> TopicFilter:
         return TopicFilter(f"$share/{group}/lineside/v1/{self.site}/shared/infer/+")
 
+    def generate_filter(self) -> TopicFilter:
+        return TopicFilter(f"{self.base}/generate/+")
+
+    def model_of_generate(self, topic: str) -> str | None:
+        """The language model named by a generate topic, or None if it is not one."""
+        prefix = f"{self.base}/generate/"
+        if not topic.startswith(prefix):
+            return None
+        model = topic[len(prefix) :]
+        return model if model and "/" not in model else None
+
     def model_of_request(self, topic: str) -> str | None:
         """The model named by a request topic (own or shared), or None if it is not one."""
         levels = topic.split("/")
