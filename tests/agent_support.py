@@ -137,6 +137,7 @@ def build_bundle(
     profiles: tuple[str, ...] = ("generic-x86-64-avx2",),
     model_builder: Callable[[Path, int], Path] | None = None,
     model_bytes: bytes | None = None,
+    explainer: str | None = None,
 ) -> BuiltBundle:
     """A signed image-classification bundle; `golden_offset` shifts the recorded expectations.
 
@@ -181,6 +182,7 @@ def build_bundle(
         compatible_profiles=profiles,
         golden=Golden(tolerance=1e-4, samples=tuple(samples)),
         knowledge_path="knowledge.json",
+        explainer=explainer,
         extra={"output_kind": "logits"},
     )
     path = write_bundle(out_dir / f"{name}-{version}.bundle", files, body, keys.key)
@@ -269,3 +271,72 @@ def run_agent(
         yield agent
     finally:
         agent.stop()
+
+
+GOLDEN_PROMPT = "The most common cause of a surface scratch on a machined part is"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def greedy(gguf: Path, prompt: str, max_tokens: int, context: int = 512) -> str:
+    """llama-cpp-python's own greedy completion, with the generic profile's settings."""
+    from llama_cpp import Llama
+
+    llama = Llama(
+        model_path=str(gguf), n_ctx=context, n_threads=2, n_threads_batch=2, seed=0, verbose=False
+    )
+    try:
+        out = llama.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stream=False)
+        return str(out["choices"][0]["text"])  # type: ignore[index]
+    finally:
+        llama.close()
+
+
+def build_text_bundle(
+    out_dir: Path,
+    keys: Keys,
+    gguf: Path,
+    *,
+    name: str = "explainer",
+    version: int = 1,
+    template: str | None = None,
+    context: int = 512,
+) -> BuiltBundle:
+    """A signed text-generation bundle around `gguf`, its golden completion recorded here."""
+    import hashlib
+
+    from edge_bundle.bundle import SourceFile
+    from edge_bundle.manifest import ChatTemplate, Generation, TextGolden
+
+    work = out_dir / f"{name}-{version}-src"
+    work.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path | SourceFile] = {"model.gguf": SourceFile(gguf, "model")}
+    pinned = None
+    if template is not None:
+        (work / "chat_template.jinja").write_text(template)
+        files["chat_template.jinja"] = SourceFile(work / "chat_template.jinja", "tokenizer")
+        pinned = ChatTemplate(
+            path="chat_template.jinja",
+            sha256=hashlib.sha256(template.encode()).hexdigest(),
+            source="test",
+        )
+    expected = greedy(gguf, GOLDEN_PROMPT, 8, context)
+    body = ManifestBody(
+        name=name,
+        version=version,
+        created_at=datetime.now(UTC),
+        task="text-generation",
+        runtime="llama",
+        compatible_profiles=("generic-x86-64-avx2",),
+        generation=Generation(
+            context_size=context,
+            chat_template=pinned,
+            golden=(TextGolden(prompt=GOLDEN_PROMPT, max_tokens=8, expected_text=expected),),
+            stop=("<end_of_turn>",) if template else (),
+        ),
+    )
+    path = write_bundle(out_dir / f"{name}-{version}.bundle", files, body, keys.key)
+    return BuiltBundle(path, keys, name, version)
