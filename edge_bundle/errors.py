@@ -86,3 +86,12 @@ class KnowledgeBaseError(BundleError):
 
 class NoticeError(BundleError):
     """A release or trust notice is malformed, oversized, of the wrong kind, or cannot apply."""
+
+
+class TemplateError(BundleError):
+    """A chat template was refused: it reaches for Python internals (`unsafe`), does not parse or
+    render, is too large, or renders without bound."""
+
+    def __init__(self, message: str, *, unsafe: bool = False) -> None:
+        super().__init__(message)
+        self.unsafe = unsafe

@@ -99,7 +99,10 @@ def _has_end(data: bytes, info: HeaderInfo) -> bool:
     if info.format == "jpeg":
         # Entropy-coded data never contains FF D9 (0xFF is stuffed as FF 00), so any EOI after
         # the first scan ends the main image; embedded thumbnails sit before it, in APP1.
-        return data.find(b"\xff\xd9", info.scan_offset) != -1
+        # A complete file nearly always ends with EOI (maybe followed by a little padding): look
+        # there first, so a 3 MB photo is not searched from the start.
+        tail = max(info.scan_offset, len(data) - 64)
+        return data.find(b"\xff\xd9", tail) != -1 or data.find(b"\xff\xd9", info.scan_offset) != -1
     if info.format == "png":
         return data.rfind(b"IEND") != -1
     if info.format == "webp":

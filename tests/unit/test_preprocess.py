@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edge_bundle import resample
 from edge_bundle.errors import PreprocessError
 from edge_bundle.imaging import decode_image
 from edge_bundle.preprocess import (
@@ -25,6 +26,28 @@ CLASSIFIER = {
     **IMAGENET,
 }
 PIL_CODES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "area": 4}
+
+
+@pytest.fixture(autouse=True)
+def numpy_resize(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test the numpy reference here; Pillow's fast path is compared with it separately."""
+    monkeypatch.setattr(resample, "_PILLOW", None)
+
+
+def test_pillow_fast_path_equals_the_numpy_reference(photo: np.ndarray) -> None:
+    fast = resample._pillow()
+    if fast is None:
+        pytest.skip("Pillow 13 or newer is not installed")
+    windows = [None, (3, 5, 200, 150), (0, 0, 224, 224)]
+    for name in ("bilinear", "bicubic", "area", "lanczos"):
+        for out_hw, window in zip(((224, 298), (240, 320), (224, 224)), windows, strict=True):
+            reference = resize(photo, out_hw, name, window)  # type: ignore[arg-type]
+            resample._PILLOW = fast
+            try:
+                quick = resize(photo, out_hw, name, window)  # type: ignore[arg-type]
+            finally:
+                resample._PILLOW = None
+            assert np.array_equal(quick, reference), (name, out_hw, window)
 
 
 @pytest.fixture(scope="module")
