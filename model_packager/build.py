@@ -4,7 +4,8 @@ Everything happens in a private work directory; the only things written to the o
 the finished, signed bundle (atomically, by `edge_bundle.bundle.write_bundle`) and its report
 beside it. Any failure — a bad input, a refused gate — leaves the output folder as it was.
 Cheap checks (profile, key, output name, labels, knowledge base, image folders) run before the
-slow ones.
+slow ones. Image classifiers are built here; language models (`LlmSource`) by
+`model_packager.llm`, which returns the bundle's contents for the same signing and writing.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from edge_bundle.signing import KeyRole, SigningKey, read_signing_key
 from model_packager.benchmark import Timing, benchmark_record, measure_pipeline
 from model_packager.choose import QuantizationChoice, choose_quantization
 from model_packager.datasets import ImageSample, load_calibration, load_labelled
-from model_packager.errors import CalibrationError, GateError, KnowledgeError, PackagerError
+from model_packager.errors import (
+    CalibrationError,
+    GateError,
+    KnowledgeError,
+    PackagerError,
+    QuantizationError,
+)
 from model_packager.evaluate import GatePolicy, validation_record
 from model_packager.export import export_reference
 from model_packager.golden import (
@@ -36,10 +43,11 @@ from model_packager.golden import (
     write_golden,
 )
 from model_packager.inference import output_kind, predict_all, tensor_specs
+from model_packager.llm_gguf import GGUF_FILE_TYPES
 from model_packager.onnx_tools import make_session
 from model_packager.progress import Progress
 from model_packager.report import ReportData, render_report
-from model_packager.sources import Source, resolve_source
+from model_packager.sources import AnySource, LlmSource, Source, resolve_source
 
 PACKAGER_VERSION = "0.1.0"
 
@@ -68,6 +76,10 @@ class BuildOptions:
     golden_tolerance: float = 0.05
     allow_pickle: bool = False
     bench_samples: int = 50
+    # Language models (GGUF bundles) only.
+    chat_template: str | None = None
+    eval_text: Path | None = None
+    max_perplexity_increase: float | None = None
 
 
 @dataclass(frozen=True)
@@ -93,34 +105,55 @@ class _Plan:
 
     @property
     def bundle_path(self) -> Path:
-        return self.options.out / self.bundle_id.file_name
+        return _OutputPaths(self.options.out, self.bundle_id).bundle
 
     @property
     def report_path(self) -> Path:
-        return self.options.out / f"{self.bundle_id.name}-{self.bundle_id.version}.report.html"
+        return _OutputPaths(self.options.out, self.bundle_id).report
+
+
+@dataclass(frozen=True)
+class _OutputPaths:
+    """Where a build writes: the bundle and the report beside it."""
+
+    out: Path
+    bundle_id: BundleId
+
+    @property
+    def bundle(self) -> Path:
+        return self.out / self.bundle_id.file_name
+
+    @property
+    def report(self) -> Path:
+        return self.out / f"{self.bundle_id.name}-{self.bundle_id.version}.report.html"
 
 
 def build(options: BuildOptions, progress: Progress) -> BuildResult:
     """Run the whole build; raise a `PackagerError` or `BundleError` saying what to fix."""
-    plan = _plan(options, progress)
-    options.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="model-packager-") as tmp:
-        return _run(plan, Path(tmp), progress)
-
-
-def _plan(options: BuildOptions, progress: Progress) -> _Plan:
     bundle_id = BundleId(options.name, options.version)
     if (options.out / bundle_id.file_name).exists():
         raise PackagerError(
             f"{options.out / bundle_id.file_name} already exists and bundle versions are "
             f"immutable; build --version {options.version + 1}"
         )
-    if options.calibration is None and options.eval_dir is None:
-        raise CalibrationError(
-            "give --calibration DIR (images like the line's) and/or --eval DIR (one folder per label)"
-        )
     profile = load_profile(options.profile)
     key = _bundle_key(options.key)
+    source = _source(options, progress)
+    plan = None
+    if not isinstance(source, LlmSource):
+        knowledge, warnings = _knowledge(options.knowledge, source.labels)
+        host = matches_host(profile)
+        plan = _Plan(options, bundle_id, profile, key, source, knowledge, warnings, host)
+    options.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="model-packager-") as tmp:
+        if plan is not None:
+            return _run(plan, Path(tmp), progress)
+        assert isinstance(source, LlmSource)
+        return _run_llm(options, bundle_id, profile, key, source, Path(tmp), progress)
+
+
+def _source(options: BuildOptions, progress: Progress) -> AnySource:
+    """The source, with the options that only one kind of source takes checked against it."""
     progress.step("checking the source")
     source = resolve_source(
         options.source,
@@ -129,10 +162,52 @@ def _plan(options: BuildOptions, progress: Progress) -> _Plan:
         labels=options.labels,
         allow_pickle=options.allow_pickle,
     )
-    knowledge, warnings = _knowledge(options.knowledge, source.labels)
-    return _Plan(
-        options, bundle_id, profile, key, source, knowledge, warnings, matches_host(profile)
-    )
+    if isinstance(source, LlmSource):
+        from model_packager.llm import check_options
+
+        check_options(options, source)
+    elif options.calibration is None and options.eval_dir is None:
+        raise CalibrationError(
+            "give --calibration DIR (images like the line's) and/or --eval DIR (one folder per label)"
+        )
+    else:
+        llm_only = {
+            "--chat-template": options.chat_template,
+            "--eval-text": options.eval_text,
+            "--max-perplexity-increase": options.max_perplexity_increase,
+        }
+        given = [name for name, value in llm_only.items() if value is not None]
+        if given:
+            raise PackagerError(
+                f"{', '.join(given)} only apply to language models; {source.describe()} is "
+                "an image classifier"
+            )
+        if options.quantization in GGUF_FILE_TYPES:
+            raise QuantizationError(
+                f"--quantization {options.quantization} is for language models (GGUF); an "
+                "image classifier takes auto, int8-static, int8-dynamic, fp16 or none"
+            )
+    return source
+
+
+def _run_llm(
+    options: BuildOptions,
+    bundle_id: BundleId,
+    profile: HardwareProfile,
+    key: SigningKey,
+    source: LlmSource,
+    work: Path,
+    progress: Progress,
+) -> BuildResult:
+    from model_packager.llm import LlmPlan, package_llm
+
+    host = matches_host(profile)
+    plan = LlmPlan.from_options(options, source, profile, bundle_id, host, PACKAGER_VERSION)
+    contents = package_llm(plan, work, progress)
+    paths = _OutputPaths(options.out, bundle_id)
+    _write_outputs(paths, key, contents.files, contents.body, contents.report_html, work, progress)
+    summary = (f"bundle      {paths.bundle}", f"report      {paths.report}", *contents.summary)
+    return BuildResult(paths.bundle, paths.report, (), summary)
 
 
 def _run(plan: _Plan, work: Path, progress: Progress) -> BuildResult:
@@ -173,14 +248,28 @@ def _run(plan: _Plan, work: Path, progress: Progress) -> BuildResult:
         plan, work, choice, calibration, evaluation, validation_set, before, after, notes, progress
     )
     report = render_report(_report_data(plan, body, choice, reference_path, before, after, notes))
-    report_in_bundle = work / "bundle" / "report.html"
-    report_in_bundle.write_text(report, encoding="utf-8")
-    files["report.html"] = SourceFile(report_in_bundle, "report")
-    progress.step(f"signing and writing {plan.bundle_path.name}")
-    write_bundle(plan.bundle_path, files, body, plan.key)
-    write_atomically(plan.report_path, report.encode())
+    paths = _OutputPaths(options.out, plan.bundle_id)
+    _write_outputs(paths, plan.key, files, body, report, work / "bundle", progress)
     summary = _summary(plan, reference_path, choice, before, after)
     return BuildResult(plan.bundle_path, plan.report_path, tuple(plan.warnings), summary)
+
+
+def _write_outputs(
+    paths: _OutputPaths,
+    key: SigningKey,
+    files: dict[str, Path | SourceFile],
+    body: ManifestBody,
+    report: str,
+    work: Path,
+    progress: Progress,
+) -> None:
+    """Put the report into the bundle, sign and write the bundle, then the report beside it."""
+    report_in_bundle = work / "report.html"
+    report_in_bundle.write_text(report, encoding="utf-8")
+    files = {**files, "report.html": SourceFile(report_in_bundle, "report")}
+    progress.step(f"signing and writing {paths.bundle.name}")
+    write_bundle(paths.bundle, files, body, key)
+    write_atomically(paths.report, report.encode())
 
 
 def _contents(

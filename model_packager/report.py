@@ -1,6 +1,8 @@
 """The packaging report: one self-contained HTML page (no external assets), shipped inside the
 bundle and written beside it, readable at a glance: verdict, sizes, accuracy, latency before and
-after, every gate, a confusion matrix and a latency histogram.
+after, every gate, a confusion matrix and a latency histogram. Language-model bundles get their
+own page (`render_llm_report`): perplexities, tokens/s, the golden completions and whether a chat
+template is pinned. Both pages share one style sheet.
 
 Rendered with Jinja2's sandboxed environment and autoescaping, so label names or paths taken from
 user files cannot inject markup.
@@ -52,11 +54,61 @@ class ReportData:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LlmReportData:
+    """What the report of a text-generation bundle shows."""
+
+    bundle_id: str
+    source: str
+    profile: str
+    created_at: str
+    quantization: str
+    quantization_reason: str
+    size_reference: int | None
+    size_bundle: int
+    machine: str
+    threads: int
+    on_target: bool
+    dataset: str
+    metrics: dict[str, float]
+    gates: tuple[Gate, ...]
+    waived: str | None
+    notes: list[str]
+    context_size: int
+    template_origin: str | None  # None: plain completion only
+    template_sha256: str | None
+    stop: tuple[str, ...]
+    golden: tuple[tuple[str, str], ...]  # (prompt, expected greedy completion)
+    timing: dict[str, float]  # prompt/generation tokens per second, ttft, p50/p95 per token
+    token_samples: tuple[float, ...]
+
+
 def render_report(data: ReportData) -> str:
     """The report as an HTML document."""
+    return _render("templates/report.html.j2", _view(data))
+
+
+def render_llm_report(data: LlmReportData) -> str:
+    """The report of a text-generation bundle as an HTML document."""
+    view = {
+        **data.__dict__,
+        "size_reference": _size(data.size_reference) if data.size_reference else None,
+        "size_bundle": _size(data.size_bundle),
+        "metrics": [(name, _number(value)) for name, value in sorted(data.metrics.items())],
+        "timing": {
+            name: str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+            for name, value in data.timing.items()
+        },
+        "histogram_svg": histogram_svg(data.token_samples),
+    }
+    return _render("templates/report_llm.html.j2", view)
+
+
+def _render(template: str, view: dict[str, Any]) -> str:
     env = ImmutableSandboxedEnvironment(autoescape=True)
-    source = resources.files("model_packager").joinpath("templates/report.html.j2").read_text()
-    return env.from_string(source).render(r=_view(data))
+    files = resources.files("model_packager")
+    style = Markup(files.joinpath("templates/report_style.css.j2").read_text())  # noqa: S704 - our own file
+    return env.from_string(files.joinpath(template).read_text()).render(r=view, style=style)
 
 
 def _view(data: ReportData) -> dict[str, Any]:
@@ -162,4 +214,4 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() and abs(value) >= 1 else f"{value:.4f}"
 
 
-__all__ = ["ReportData", "histogram_svg", "render_report"]
+__all__ = ["LlmReportData", "ReportData", "histogram_svg", "render_llm_report", "render_report"]

@@ -3,9 +3,12 @@
 A source is one of
 - a Hugging Face image-classification directory (`config.json`, safetensors weights, and
   `preprocessor_config.json`), optionally with a PEFT LoRA adapter directory to merge;
-- a plain ONNX file, with its labels and preprocessing in a small YAML file (or given as options).
+- a plain ONNX file, with its labels and preprocessing in a small YAML file (or given as options);
+- a language model (`LlmSource`): a Hugging Face causal-LM directory (`…ForCausalLM`, safetensors
+  weights, tokenizer files; optionally a LoRA adapter), or a `.gguf` file.
 
-This module only inspects files (JSON, YAML, ONNX headers); exporting lives in `export.py`.
+This module only inspects files (JSON, YAML, ONNX and GGUF headers); exporting lives in
+`export.py` and `llm_gguf.py`.
 Pickle checkpoints (`.bin`, `.pt`, `.pth`, `.ckpt`) execute code when loaded, so they are refused
 unless the user passes `--allow-pickle`.
 """
@@ -16,18 +19,20 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from edge_bundle.errors import PreprocessError
 from edge_bundle.hashing import sha256_file
 from edge_bundle.preprocess import PreprocessSpec, load_spec
 from model_packager.errors import SourceError
+from model_packager.llm_gguf import GgufInfo, read_gguf_info
 
 SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 ADAPTER_WEIGHTS = ("adapter_model.safetensors",)
 ADAPTER_PICKLE = ("adapter_model.bin",)
+TOKENIZER_VOCABULARIES = ("tokenizer.model", "tokenizer.json")
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,38 @@ class OnnxSource:
         return f"ONNX file {self.path.name}"
 
 
-Source = HfSource | OnnxSource
+@dataclass(frozen=True)
+class LlmSource:
+    """A language model: a HF causal-LM directory (+ LoRA adapter) or a GGUF file."""
+
+    kind: Literal["hf", "gguf"]
+    path: Path  # the HF directory or the .gguf file
+    architecture: str
+    weights: Path
+    adapter: Path | None
+    adapter_weights: Path | None
+    uses_pickle: bool
+    context_length: int | None  # what the model was trained for, when it says
+    chat_template: str | None  # the template that came with the model, unchecked
+    gguf: GgufInfo | None = None  # for GGUF files
+
+    @property
+    def quantized(self) -> bool:
+        return self.gguf is not None and self.gguf.quantized
+
+    def lineage_hashes(self) -> tuple[str, str | None]:
+        adapter = sha256_file(self.adapter_weights) if self.adapter_weights else None
+        return sha256_file(self.weights), adapter
+
+    def describe(self) -> str:
+        if self.gguf is not None:
+            return f"GGUF {self.architecture} ({self.gguf.file_type}) from {self.path.name}"
+        text = f"Hugging Face {self.architecture} from {self.path.name}"
+        return text + (f" + LoRA adapter {self.adapter.name}" if self.adapter else "")
+
+
+Source = HfSource | OnnxSource  # the image classifiers
+AnySource = Source | LlmSource
 
 
 def resolve_source(
@@ -78,27 +114,37 @@ def resolve_source(
     model_config: Path | None = None,
     labels: Sequence[str] | None = None,
     allow_pickle: bool = False,
-) -> Source:
+) -> AnySource:
     """Inspect `path` and return the source it holds, or raise `SourceError` saying what to fix."""
     if not path.exists():
         raise SourceError(
-            f"model source {path} does not exist; pass a Hugging Face directory or .onnx"
+            f"model source {path} does not exist; pass a Hugging Face directory, .onnx or .gguf"
         )
     if path.is_dir():
         if model_config is not None:
             raise SourceError(
                 "--model-config is for ONNX files; a HF directory carries its own config"
             )
+        config = _read_json(path / "config.json", "the model's config.json")
+        if _is_causal_lm(config):
+            return _hf_llm_source(path, config, adapter, allow_pickle)
         return _hf_source(path, adapter, allow_pickle)
     if adapter is not None:
-        raise SourceError("--adapter needs a Hugging Face directory as the source, not a file")
+        raise SourceError(
+            "--adapter needs a Hugging Face directory as the source, not a file "
+            "(merge the adapter before converting to GGUF, or pass the HF base model)"
+        )
+    if path.suffix.lower() == ".gguf":
+        return _gguf_source(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise SourceError(
             f"{path.name} is a pickle checkpoint; convert it to safetensors or ONNX first "
             "(pickles run code when loaded)"
         )
     if path.suffix.lower() != ".onnx":
-        raise SourceError(f"{path.name} is not a model source: use a HF directory or a .onnx file")
+        raise SourceError(
+            f"{path.name} is not a model source: use a HF directory, a .onnx or a .gguf file"
+        )
     return _onnx_source(path, model_config, labels)
 
 
@@ -134,9 +180,77 @@ def _image_classification_architecture(config: Mapping[str, Any], directory: Pat
     if not name.endswith("ForImageClassification"):
         raise SourceError(
             f"{directory} holds a {name}; model-packager build takes image-classification "
-            "checkpoints (an architecture ending in ForImageClassification) or an ONNX file"
+            "checkpoints (an architecture ending in ForImageClassification), causal language "
+            "models (ForCausalLM), an ONNX file or a GGUF file"
         )
     return name
+
+
+def _is_causal_lm(config: Mapping[str, Any]) -> bool:
+    architectures = config.get("architectures")
+    return (
+        isinstance(architectures, list)
+        and bool(architectures)
+        and str(architectures[0]).endswith("ForCausalLM")
+    )
+
+
+def _hf_llm_source(
+    directory: Path, config: Mapping[str, Any], adapter: Path | None, allow_pickle: bool
+) -> LlmSource:
+    weights, pickled = _weights(directory, allow_pickle)
+    if not any((directory / name).is_file() for name in TOKENIZER_VOCABULARIES):
+        raise SourceError(
+            f"{directory} has no tokenizer (tokenizer.model or tokenizer.json); save it beside "
+            "the model with tokenizer.save_pretrained()"
+        )
+    adapter_weights = None
+    if adapter is not None:
+        adapter_weights, adapter_pickled = _adapter_weights(adapter, allow_pickle)
+        pickled = pickled or adapter_pickled
+    context = config.get("max_position_embeddings")
+    return LlmSource(
+        kind="hf",
+        path=directory,
+        architecture=str(config["architectures"][0]),
+        weights=weights,
+        adapter=adapter,
+        adapter_weights=adapter_weights,
+        uses_pickle=pickled,
+        context_length=context if isinstance(context, int) and context > 0 else None,
+        chat_template=_hf_chat_template(directory),
+    )
+
+
+def _hf_chat_template(directory: Path) -> str | None:
+    """The template saved with the tokenizer: chat_template.jinja or tokenizer_config.json."""
+    standalone = directory / "chat_template.jinja"
+    if standalone.is_file():
+        return standalone.read_text(encoding="utf-8")
+    config_file = directory / "tokenizer_config.json"
+    if not config_file.is_file():
+        return None
+    template = _read_json(config_file, "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
+        named = {str(t.get("name")): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def _gguf_source(path: Path) -> LlmSource:
+    info = read_gguf_info(path)
+    return LlmSource(
+        kind="gguf",
+        path=path,
+        architecture=info.architecture,
+        weights=path,
+        adapter=None,
+        adapter_weights=None,
+        uses_pickle=False,
+        context_length=info.context_length,
+        chat_template=info.chat_template,
+        gguf=info,
+    )
 
 
 def _weights(directory: Path, allow_pickle: bool) -> tuple[Path, bool]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from model_packager.llm_eval import DEFAULT_EVAL_TEXT
+
 # Our own prose about the shop floor: the tokenizer's training corpus and the model's lessons.
 CORPUS = """\
 The press on line three stamps brackets from cold rolled steel at forty strokes a minute.
@@ -32,12 +34,12 @@ Every pallet of finished brackets is labelled with the date, the shift and the p
 
 
 def train_tokenizer(directory: Path, vocab_size: int = 400) -> Path:
-    """A BPE SentencePiece model trained on `CORPUS`, saved as `tokenizer.model`."""
+    """A BPE SentencePiece model trained on our prose, saved as `tokenizer.model`."""
     import sentencepiece as spm
 
     stream = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS.splitlines() * 4),
+        sentence_iterator=iter(_text().splitlines() * 4),
         model_writer=stream,
         vocab_size=vocab_size,
         model_type="bpe",
@@ -60,7 +62,8 @@ def train_tokenizer(directory: Path, vocab_size: int = 400) -> Path:
 def make_tiny_llama(
     directory: Path, *, train_steps: int = 40, chat_template: str | None = None
 ) -> Path:
-    """A 2-layer, 64-wide Llama causal LM with its tokenizer, trained a little on `CORPUS`."""
+    """A 2-layer, 64-wide Llama causal LM with its tokenizer, trained a little on our prose (the
+    packager's default evaluation text included: a model fine-tuned on its domain)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
@@ -93,7 +96,9 @@ def make_tiny_llama(
 def _train(model: object, tokenizer: object, steps: int) -> None:
     import torch
 
-    ids = tokenizer(CORPUS, return_tensors="pt").input_ids  # type: ignore[operator]
+    ids = tokenizer(_text(), return_tensors="pt").input_ids  # type: ignore[operator]
+    rows = ids.shape[1] // 128
+    ids = ids[0, : rows * 128].reshape(rows, 128)  # sequences within the 256-token context
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2)  # type: ignore[attr-defined]
     model.train()  # type: ignore[attr-defined]
     for _ in range(steps):
@@ -104,8 +109,12 @@ def _train(model: object, tokenizer: object, steps: int) -> None:
     model.eval()  # type: ignore[attr-defined]
 
 
+def _text() -> str:
+    return CORPUS + DEFAULT_EVAL_TEXT
+
+
 def make_causal_lora(base: Path, directory: Path) -> Path:
-    """A LoRA adapter (random, non-zero) on the attention projections of the tiny Llama."""
+    """A LoRA adapter (random, small, non-zero) on the attention projections of the tiny Llama."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
@@ -115,5 +124,10 @@ def make_causal_lora(base: Path, directory: Path) -> Path:
     config = LoraConfig(
         r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
     )
-    get_peft_model(model, config).save_pretrained(directory)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # a small delta: visible in the merged weights, the model still works
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(0.05)
+    peft_model.save_pretrained(directory)
     return directory

@@ -1,4 +1,5 @@
-"""`model-packager build`: a fine-tuned vision model into a validated, benchmarked, signed bundle."""
+"""`model-packager build`: a fine-tuned vision model or a small language model into a validated,
+benchmarked, signed bundle."""
 
 from __future__ import annotations
 
@@ -9,20 +10,28 @@ from pathlib import Path
 from model_packager.commands import Subparsers
 from model_packager.evaluate import GatePolicy
 
-QUANTIZATIONS = ("auto", "int8-static", "int8-dynamic", "fp16", "none")
+ONNX_QUANTIZATIONS = ("int8-static", "int8-dynamic", "fp16", "none")
+GGUF_QUANTIZATIONS = ("q4_k_m", "q5_k_m", "q8_0", "f16")
+QUANTIZATIONS = ("auto", *ONNX_QUANTIZATIONS, *GGUF_QUANTIZATIONS)
 
 
 def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "build",
-        help="build a signed bundle from a HF checkpoint (+ LoRA adapter) or an ONNX file",
+        help="build a signed bundle from a HF checkpoint (+ LoRA adapter), an ONNX or a GGUF file",
         description=(
-            "Export, quantize, validate against the fp32 reference, benchmark, and sign a bundle. "
-            "Gates refuse a bundle that loses too much accuracy; nothing is written then."
+            "Export, quantize, validate against the unquantized reference, benchmark, and sign a "
+            "bundle. Image classifiers come from HF image-classification checkpoints or ONNX "
+            "files; language models from HF causal-LM checkpoints or GGUF files. Gates refuse a "
+            "bundle that loses too much accuracy (or perplexity); nothing is written then."
         ),
     )
     source = parser.add_argument_group("source")
-    source.add_argument("source", type=Path, help="HF image-classification directory or .onnx file")
+    source.add_argument(
+        "source",
+        type=Path,
+        help="HF image-classification or causal-LM directory, .onnx or .gguf file",
+    )
     source.add_argument(
         "--adapter", type=Path, help="PEFT LoRA adapter directory, merged before export"
     )
@@ -53,7 +62,13 @@ def register(subparsers: Subparsers) -> None:
         "--knowledge", type=Path, help="YAML: label -> root_causes, corrective_actions, severity"
     )
     quant = parser.add_argument_group("quantization and validation")
-    quant.add_argument("--quantization", choices=QUANTIZATIONS, default="auto")
+    quant.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default="auto",
+        help=f"ONNX: {', '.join(ONNX_QUANTIZATIONS)}; GGUF: {', '.join(GGUF_QUANTIZATIONS)}; "
+        "auto: the profile's choice (an already-quantized GGUF is kept as it is)",
+    )
     quant.add_argument(
         "--calibration", type=Path, help="folder of representative images (int8-static)"
     )
@@ -88,12 +103,36 @@ def register(subparsers: Subparsers) -> None:
         action="store_true",
         help="refuse a bundle over the profile's p95 budget (on target hardware)",
     )
-    quant.add_argument("--bench-samples", type=int, default=50, help="latency samples (default 50)")
+    quant.add_argument(
+        "--bench-samples",
+        type=int,
+        default=50,
+        help="latency samples; for a language model, generated tokens per round (default 50)",
+    )
     quant.add_argument(
         "--golden-count", type=int, default=4, help="golden self-test samples (default 4)"
     )
     quant.add_argument(
         "--golden-tolerance", type=float, default=0.05, help="max probability difference on device"
+    )
+    llm = parser.add_argument_group("language models (GGUF bundles)")
+    llm.add_argument(
+        "--chat-template",
+        metavar="FILE|NAME",
+        help="Jinja chat template to pin (a file, or chatml / gemma); default: the model's own",
+    )
+    llm.add_argument(
+        "--eval-text",
+        type=Path,
+        metavar="FILE",
+        help="UTF-8 text for the perplexity check (default: a built-in shop-floor text)",
+    )
+    llm.add_argument(
+        "--max-perplexity-increase",
+        type=float,
+        metavar="PCT",
+        help="largest perplexity increase over f16, in percent "
+        "(default: q8_0 1, q5_k_m 5, q4_k_m 10, f16 0.5)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(run=run)
@@ -111,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("bench_samples", "golden_count"):
         if getattr(args, name) < 1:
             raise PackagerError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_perplexity_increase is not None and args.max_perplexity_increase < 0:
+        raise PackagerError("--max-perplexity-increase is a percentage, 0 or more")
     options = BuildOptions(
         source=args.source,
         name=args.name,
@@ -134,6 +175,9 @@ def run(args: argparse.Namespace) -> int:
         golden_tolerance=args.golden_tolerance,
         allow_pickle=args.allow_pickle,
         bench_samples=args.bench_samples,
+        chat_template=args.chat_template,
+        eval_text=args.eval_text,
+        max_perplexity_increase=args.max_perplexity_increase,
     )
     result = build(options, Progress(quiet=args.quiet))
     for warning in result.warnings:

@@ -54,18 +54,27 @@ def describe(manifest: Manifest, status: str) -> list[str]:
     lines = [
         f"{manifest.bundle_id}  ({status})",
         f"  task        {manifest.task} on {manifest.runtime}, created {manifest.created_at:%Y-%m-%d %H:%M} UTC",
-        f"  labels      {len(manifest.labels)}: {', '.join(manifest.labels[:8])}"
-        + (" ..." if len(manifest.labels) > 8 else ""),
         f"  profiles    {', '.join(manifest.compatible_profiles) or '-'}",
     ]
+    if manifest.labels:
+        lines.insert(
+            2,
+            f"  labels      {len(manifest.labels)}: {', '.join(manifest.labels[:8])}"
+            + (" ..." if len(manifest.labels) > 8 else ""),
+        )
     if manifest.quantization:
         q = manifest.quantization
-        lines.append(
-            f"  quantized   {q.method} (weights {q.weight_type}, activations {q.activation_type})"
+        types = f"weights {q.weight_type}" + (
+            f", activations {q.activation_type}" if q.activation_type else ""
         )
+        lines.append(f"  quantized   {q.method} ({types})")
     if manifest.validation:
         v = manifest.validation
         for name in (
+            "reference_perplexity",
+            "candidate_perplexity",
+            "perplexity_increase_pct",
+            "top1_token_agreement",
             "top1_agreement",
             "confident_top1_agreement",
             "top5_containment",
@@ -73,25 +82,59 @@ def describe(manifest: Manifest, status: str) -> list[str]:
             "candidate_accuracy",
         ):
             if name in v.metrics:
-                lines.append(f"  {name:<26}{v.metrics[name]:.4f}")
+                lines.append(f"  {name:<26} {v.metrics[name]:.4f}")
         for gate in v.gates:
             lines.append(
-                f"  gate {gate.name:<21}{'pass' if gate.passed else 'FAIL'} ({gate.value:.4f} vs {gate.threshold:.4f})"
+                f"  gate {gate.name:<21} {'pass' if gate.passed else 'FAIL'} ({gate.value:.4f} vs {gate.threshold:.4f})"
             )
         if v.waived_reason:
             lines.append(f"  WAIVED      {v.waived_reason}")
     for bench in manifest.benchmarks:
         where = "on target" if bench.measured_on_target else "not on target"
+        per = " per token" if manifest.generation else ""
         lines.append(
-            f"  latency     {bench.profile}: p50 {bench.p50_ms:.2f} ms, p95 {bench.p95_ms:.2f} ms ({where}, {bench.machine.cpu})"
+            f"  latency     {bench.profile}: p50 {bench.p50_ms:.2f} ms, p95 {bench.p95_ms:.2f} ms{per} ({where}, {bench.machine.cpu})"
         )
+        if "generation_tokens_per_s" in bench.metrics:
+            m = bench.metrics
+            lines.append(
+                f"  speed       {m['generation_tokens_per_s']:.1f} tokens/s generation, "
+                f"{m.get('prompt_tokens_per_s', 0.0):.1f} tokens/s prompt, first token "
+                f"{m.get('ttft_ms', 0.0):.0f} ms at {bench.threads} thread(s)"
+            )
     if manifest.golden:
         lines.append(
             f"  golden      {len(manifest.golden.samples)} samples, tolerance {manifest.golden.tolerance}"
         )
+    if manifest.generation:
+        lines += _generation(manifest)
     lines.append(
         f"  files       {len(manifest.files)}, {sum(f.size for f in manifest.files) / 1e6:.2f} MB"
     )
     for entry in manifest.files:
         lines.append(f"    {entry.path:<24} {entry.role:<10} {entry.size:>10} {entry.sha256[:16]}")
+    return lines
+
+
+def _generation(manifest: Manifest) -> list[str]:
+    """The text-generation section: context, template, stop strings, golden completions."""
+    generation = manifest.generation
+    assert generation is not None
+    template = generation.chat_template
+    lines = [
+        f"  context     {generation.context_size} tokens",
+        "  template    "
+        + (
+            f"{template.path} ({template.source}, sha256 {template.sha256[:16]})"
+            if template
+            else "none: plain completion only"
+        ),
+        f"  stop        {', '.join(repr(s) for s in generation.stop) or '-'}",
+    ]
+    for number, golden in enumerate(generation.golden):
+        prompt = " ".join(golden.prompt.split())
+        lines.append(
+            f"  golden {number}    {prompt[:48]!r}{'...' if len(prompt) > 48 else ''} -> "
+            f"{golden.expected_text[:48]!r} ({golden.max_tokens} tokens, greedy)"
+        )
     return lines

@@ -1,0 +1,208 @@
+"""The contents of a language-model bundle from what `model_packager.llm` measured: the model
+and pinned template files, the manifest body (generation section, validation, benchmark,
+lineage), the report page and the command's summary lines."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edge_bundle.bundle import SourceFile
+from edge_bundle.manifest import (
+    Benchmark,
+    ChatTemplate,
+    Generation,
+    Lineage,
+    ManifestBody,
+    Quantization,
+    TextGolden,
+    Validation,
+)
+from model_packager.benchmark import machine_info
+from model_packager.llm_eval import GenerationTiming
+from model_packager.llm_gguf import GgufInfo
+from model_packager.llm_template import TEMPLATE_FILE, PinnedTemplate
+from model_packager.report import LlmReportData, render_llm_report
+
+if TYPE_CHECKING:
+    from model_packager.llm import GgufChoice, LlmPlan
+
+MODEL_FILE = "model.gguf"
+
+
+@dataclass(frozen=True)
+class LlmContents:
+    """The bundle's files (report excluded), its manifest body, the report page and a summary."""
+
+    files: dict[str, Path | SourceFile]
+    body: ManifestBody
+    report_html: str
+    summary: tuple[str, ...]
+
+
+@dataclass
+class LlmOutcome:
+    """What the build measured, for the manifest, the report and the summary."""
+
+    candidate: Path
+    info: GgufInfo
+    reference: Path | None
+    context: int
+    validation: Validation
+    golden: tuple[TextGolden, ...]
+    timing: GenerationTiming
+    notes: list[str] = field(default_factory=list)
+
+
+def _benchmark(plan: LlmPlan, outcome: LlmOutcome) -> Benchmark:
+    timing, llama = outcome.timing, plan.profile.llama
+    machine = machine_info()
+    versions = dict(machine.library_versions)
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        versions["llama-cpp-python"] = metadata.version("llama_cpp_python")
+    return Benchmark(
+        profile=plan.profile.name,
+        machine=machine.model_copy(update={"library_versions": versions}),
+        measured_on_target=plan.host.matches,
+        threads=llama.threads,
+        p50_ms=round(timing.per_token.p50, 3),
+        p95_ms=round(timing.per_token.p95, 3),
+        samples=len(timing.per_token.samples_ms),
+        metrics={
+            "prompt_tokens_per_s": round(timing.prompt_tokens_per_s, 2),
+            "generation_tokens_per_s": round(timing.generation_tokens_per_s, 2),
+            "ttft_ms": round(timing.ttft_ms, 3),
+            "n_threads": float(llama.threads),
+            "n_threads_batch": float(llama.threads_batch),
+            "prompt_tokens": float(timing.prompt_tokens),
+        },
+    )
+
+
+def bundle_contents(
+    plan: LlmPlan,
+    choice: GgufChoice,
+    template: PinnedTemplate | None,
+    outcome: LlmOutcome,
+    work: Path,
+) -> LlmContents:
+    """The model (and pinned template) files, the manifest body, the report and the summary."""
+    files: dict[str, Path | SourceFile] = {MODEL_FILE: SourceFile(outcome.candidate, "model")}
+    pinned = None
+    if template is not None:
+        path = work / TEMPLATE_FILE
+        path.write_bytes(template.text.encode("utf-8"))
+        files[TEMPLATE_FILE] = SourceFile(path, "tokenizer")
+        origin = template.origin[:200]  # the manifest's limit; a long file name is cut
+        pinned = ChatTemplate(path=TEMPLATE_FILE, sha256=template.sha256, source=origin)
+    base_sha, adapter_sha = plan.source.lineage_hashes()
+    benchmark = _benchmark(plan, outcome)
+    body = ManifestBody(
+        name=plan.bundle_id.name,
+        version=plan.bundle_id.version,
+        created_at=datetime.now(UTC),
+        task="text-generation",
+        runtime="llama",
+        quantization=Quantization(
+            method=choice.quantization,
+            weight_type=outcome.info.file_type,
+            notes=choice.reason,
+        ),
+        validation=outcome.validation,
+        benchmarks=(benchmark,),
+        compatible_profiles=(plan.profile.name,),
+        lineage=Lineage(
+            base_model_sha256=base_sha,
+            adapter_sha256=adapter_sha,
+            source=plan.source.describe(),
+            packager_version=plan.packager_version,
+        ),
+        generation=Generation(
+            context_size=outcome.context,
+            chat_template=pinned,
+            golden=outcome.golden,
+            stop=template.stop if template is not None else (),
+        ),
+        extra={
+            "gguf": {
+                "architecture": outcome.info.architecture,
+                "file_type": outcome.info.file_type,
+                "tensors": outcome.info.tensors,
+                "trained_context": outcome.info.context_length,
+            },
+            "chat": "chat template pinned" if template else "plain completion only",
+            "notes": outcome.notes,
+        },
+    )
+    report = render_llm_report(_report_data(plan, choice, template, outcome, body, benchmark))
+    return LlmContents(files, body, report, _summary(plan, choice, template, outcome))
+
+
+def _report_data(
+    plan: LlmPlan,
+    choice: GgufChoice,
+    template: PinnedTemplate | None,
+    outcome: LlmOutcome,
+    body: ManifestBody,
+    benchmark: Benchmark,
+) -> LlmReportData:
+    validation = outcome.validation
+    return LlmReportData(
+        bundle_id=str(plan.bundle_id),
+        source=plan.source.describe(),
+        profile=plan.profile.name,
+        created_at=body.created_at.isoformat(timespec="seconds"),
+        quantization=choice.quantization,
+        quantization_reason=choice.reason,
+        size_reference=outcome.reference.stat().st_size if outcome.reference else None,
+        size_bundle=outcome.candidate.stat().st_size,
+        machine=f"{benchmark.machine.cpu} ({benchmark.machine.cores} cores)",
+        threads=benchmark.threads,
+        on_target=plan.host.matches,
+        dataset=validation.dataset or "",
+        metrics=validation.metrics,
+        gates=validation.gates,
+        waived=validation.waived_reason,
+        notes=outcome.notes,
+        context_size=outcome.context,
+        template_origin=template.origin if template else None,
+        template_sha256=template.sha256 if template else None,
+        stop=template.stop if template else (),
+        golden=tuple((g.prompt, g.expected_text) for g in outcome.golden),
+        timing={
+            **benchmark.metrics,
+            "p50_ms": benchmark.p50_ms,
+            "p95_ms": benchmark.p95_ms,
+        },
+        token_samples=outcome.timing.per_token.samples_ms,
+    )
+
+
+def _summary(
+    plan: LlmPlan, choice: GgufChoice, template: PinnedTemplate | None, outcome: LlmOutcome
+) -> tuple[str, ...]:
+    metrics, timing = outcome.validation.metrics, outcome.timing
+    size = outcome.candidate.stat().st_size / 1e6
+    lines = [
+        f"quantized   {choice.quantization} ({choice.reason}), {size:.2f} MB",
+        f"context     {outcome.context} tokens",
+        f"template    {template.origin if template else 'none: plain completion only'}",
+        f"speed       {timing.generation_tokens_per_s:.1f} tokens/s generation, "
+        f"{timing.prompt_tokens_per_s:.1f} tokens/s prompt, first token {timing.ttft_ms:.0f} ms "
+        f"({'on' if plan.host.matches else 'NOT on'} target hardware)",
+    ]
+    if "reference_perplexity" in metrics:
+        lines.append(
+            f"perplexity  {metrics['reference_perplexity']:.3f} -> "
+            f"{metrics['candidate_perplexity']:.3f} "
+            f"({metrics['perplexity_increase_pct']:+.2f}%)"
+        )
+    else:
+        lines.append(f"perplexity  {metrics['candidate_perplexity']:.3f} (no reference)")
+    if outcome.validation.waived_reason:
+        lines.append(f"WAIVED      {outcome.validation.waived_reason}")
+    return tuple(lines)
