@@ -72,6 +72,7 @@ class BuildOptions:
     policy: GatePolicy = field(default_factory=GatePolicy)
     enforce_latency: bool = False
     knowledge: Path | None = None
+    explainer: str | None = None  # a text-generation bundle that explains the predictions
     golden_count: int = 4
     golden_tolerance: float = 0.05
     allow_pickle: bool = False
@@ -341,6 +342,7 @@ def _contents(
         drift_baseline=drift_baseline(calibration or validation_set, baseline_probs),
         golden=golden,
         knowledge_path=KNOWLEDGE_FILE if plan.knowledge is not None else None,
+        explainer=options.explainer,
         extra={
             "output_kind": output_kind(candidate.session, validation_set[0].tensor),
             "quantization_choice": choice.reason,

@@ -61,6 +61,11 @@ def register(subparsers: Subparsers) -> None:
     bundle.add_argument(
         "--knowledge", type=Path, help="YAML: label -> root_causes, corrective_actions, severity"
     )
+    bundle.add_argument(
+        "--explainer",
+        metavar="NAME",
+        help="classifiers: the language-model bundle that explains predictions (two-tier answer)",
+    )
     quant = parser.add_argument_group("quantization and validation")
     quant.add_argument(
         "--quantization",
@@ -171,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         enforce_latency=args.enforce_latency,
         knowledge=args.knowledge,
+        explainer=args.explainer,
         golden_count=args.golden_count,
         golden_tolerance=args.golden_tolerance,
         allow_pickle=args.allow_pickle,
