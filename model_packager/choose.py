@@ -26,7 +26,12 @@ from model_packager.evaluate import Comparison, GateOutcome, GatePolicy, apply_g
 from model_packager.inference import predict_all
 from model_packager.onnx_tools import make_session, run_probs
 from model_packager.progress import Progress
-from model_packager.quantize import QuantizationMode, QuantizationResult, quantize_onnx
+from model_packager.quantize import (
+    QuantizationMode,
+    QuantizationResult,
+    needs_reduce_range,
+    quantize_onnx,
+)
 
 ONNX_MODES = tuple(mode.value for mode in QuantizationMode)
 INT8_MODES = (QuantizationMode.INT8_STATIC, QuantizationMode.INT8_DYNAMIC)
@@ -174,6 +179,7 @@ def _candidate(inputs: _Inputs, mode: QuantizationMode) -> Candidate:
         mode,
         calibration=[sample.tensor for sample in inputs.calibration] or None,
         method=inputs.method,
+        reduce_range=needs_reduce_range(inputs.profile.cpu.features, inputs.profile.cpu.arch),
     )
     session = make_session(path, inputs.profile.onnx.intra_op_threads)
     probs = predict_all(
