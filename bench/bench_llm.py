@@ -157,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop.set()
             generator.join(120)
     result = summarize(agent_runs, direct_runs, idle, busy)
+    result["quantization_table"] = quantization_rows()
     result["pinned"] = {
         "threads": 2,
         "context": 512,
@@ -170,6 +171,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = write_json("llm", result)
     print(f"wrote {path}")
     return 0
+
+
+def quantization_rows() -> list[dict[str, Any]]:
+    """Size, speed and perplexity per quantization of a model built from an unquantized source.
+
+    No small unquantized real model ships on PyPI, so this is the tiny Llama the packager tests
+    train (2 layers, 64 wide, trained a little on our prose): the perplexity changes show how the
+    formats compare, not what a real model loses."""
+    from model_packager.llm_table import quantization_table
+    from tests.llm_support import make_tiny_llama
+
+    with tempfile.TemporaryDirectory(prefix="bench-llm-table-") as tmp:
+        model = make_tiny_llama(Path(tmp) / "tiny")
+        rows = quantization_table(model)
+    table = [
+        {
+            "quantization": row.quantization,
+            "size_kib": round(row.size_bytes / 1024, 1),
+            "perplexity": round(row.perplexity, 3),
+            "perplexity_increase_pct": round(row.perplexity_increase_pct, 3),
+            "generation_tokens_per_s": round(row.generation_tokens_per_s, 1),
+            "prompt_tokens_per_s": round(row.prompt_tokens_per_s, 1),
+            "ttft_ms": round(row.ttft_ms, 1),
+        }
+        for row in rows
+    ]
+    print(format_table(list(table[0]), [list(r.values()) for r in table]))
+    return table
 
 
 def summarize(
