@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from edge_agent import __version__
 from edge_agent.core import InferenceCore, ModelState
-from edge_agent.errors import AgentError, ConfigError
+from edge_agent.errors import AgentError, ConfigError, UnknownRequestError
 from edge_agent.explain import Explainer
+from edge_agent.feedback import FeedbackStore, make_record
 from edge_agent.generation import GenerationService, GeneratorState
 from edge_agent.install import (
     AnyCandidate,
@@ -95,6 +96,11 @@ class Agent:
             max_count=settings.keep_requests_count,
         )
         self.core = InferenceCore(settings, metrics=self.metrics, records=self.records)
+        self.feedback = FeedbackStore(
+            settings.feedback_dir,
+            max_bytes=settings.feedback_max_bytes,
+            max_count=settings.feedback_max_count,
+        )
         self.generation = GenerationService(settings, self.core)
         self.explainer = Explainer(settings, self.generation)
         self.mqtt: MqttService | None = None
@@ -199,6 +205,27 @@ class Agent:
             entry["installed_versions"] = self.store.versions(name)
             described.append(entry)
         return described
+
+    # ---- feedback ------------------------------------------------------------------------
+    async def submit_feedback(self, submitted: dict[str, Any]) -> dict[str, Any]:
+        """Store a technician's verdict on a kept prediction and forward it to central."""
+        request_id = submitted.get("request_id")
+        request = self.records.get(request_id) if isinstance(request_id, str) else None
+        if request is None:
+            raise UnknownRequestError(
+                f"no kept prediction with request_id {request_id!r}: it is unknown or older than "
+                "the keep limits (keep_requests_s); feedback must refer to a recent prediction"
+            )
+        state = self.core.models.get(request["model"]["name"])
+        labels = state.classifier.labels if state is not None and state.classifier else ()
+        record = make_record(request, submitted, labels)
+        image = self.records.image(request["request_id"])
+        stored = await asyncio.to_thread(self.feedback.add, record, image)
+        if self.mqtt is not None:
+            await self.mqtt.publish_feedback(stored, image)
+            await asyncio.to_thread(self.feedback.mark_forwarded, stored["feedback_id"])
+        self.metrics.feedback.labels(stored["verdict"]).inc()
+        return stored
 
     # ---- installing ----------------------------------------------------------------------
     async def install(self, bundle_file: Path) -> dict[str, Any]:

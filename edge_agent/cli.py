@@ -3,6 +3,7 @@
     edge-agent serve    [--config FILE] [options]   run the agent (HTTP; SIGTERM drains)
     edge-agent install  BUNDLE [--no-activate]      verify, self-test and activate a bundle
     edge-agent models                               what the store holds and what is active
+    edge-agent export-feedback --out DIR            technicians' feedback as a retraining dataset
     edge-agent doctor                               check this installation can run the agent
 
 Every option of `serve`, `install` and `models` is also a setting (config file, EDGE_AGENT_*
@@ -112,6 +113,21 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_feedback(args: argparse.Namespace) -> int:
+    from edge_agent.feedback import FeedbackStore, export
+
+    settings = _settings(args)
+    store = FeedbackStore(
+        settings.feedback_dir,
+        max_bytes=settings.feedback_max_bytes,
+        max_count=settings.feedback_max_count,
+    )
+    summary = export(store, args.out)
+    print(json.dumps(summary, indent=2))
+    print(f"dataset written to {args.out} (one folder per label, records.jsonl, summary.json)")
+    return 0
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML settings file (keys = setting names)")
     parser.add_argument(
@@ -158,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list installed and active bundles")
     _common(models)
     models.set_defaults(func=_models)
+
+    feedback = sub.add_parser(
+        "export-feedback", help="write technicians' feedback as a retraining dataset"
+    )
+    _common(feedback)
+    feedback.add_argument("--out", type=Path, required=True, help="folder for the dataset")
+    feedback.set_defaults(func=_export_feedback)
 
     doctor = sub.add_parser("doctor", help="check this installation can run the agent")
     doctor.set_defaults(func=_doctor)

@@ -86,6 +86,12 @@ class BundleRejectedError(AgentError):
     code = "bundle_rejected"
 
 
+class FeedbackFullError(AgentError):
+    """The feedback quota is full of records not yet forwarded to central."""
+
+    code = "feedback_quota_full"
+
+
 class RuntimeLoadError(AgentError):
     """The runtime cannot load the bundle's model."""
 

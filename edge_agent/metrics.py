@@ -139,6 +139,10 @@ class AgentMetrics:
             registry=r,
         )
 
+        self.feedback = Counter(
+            "lineside_feedback_total", "Technicians' feedback by verdict", ["verdict"], registry=r
+        )
+
     def set_model(self, name: str, version: int, sha256: str, runtime: str, providers: str) -> None:
         """Replace the info series of `name` with this version's."""
         for labels in list(self._model_series(name)):

@@ -136,6 +136,10 @@ class AgentSettings(BaseSettings):
     selftest_interval_s: float = Field(
         default=3600.0, ge=0, description="golden self-test period while serving (0 = load only)"
     )
+    # Technicians' feedback (kept on the box, forwarded to central over MQTT).
+    feedback_max_bytes: int = Field(default=256 * MIB, ge=MIB, description="feedback disk quota")
+    feedback_max_count: int = Field(default=50_000, ge=1)
+
     # Identity (MQTT topics and telemetry).
     site: str = Field(default="site", pattern=SEGMENT, description="plant or site id")
     device: str = Field(default="box", pattern=SEGMENT, description="this box's id")
@@ -270,6 +274,10 @@ class AgentSettings(BaseSettings):
     @property
     def requests_dir(self) -> Path:
         return self.state_dir / "requests"
+
+    @property
+    def feedback_dir(self) -> Path:
+        return self.state_dir / "feedback"
 
     @property
     def cache_dir(self) -> Path:

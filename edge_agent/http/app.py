@@ -10,6 +10,7 @@ GET  /healthz  /readyz  /metrics /docs  /openapi.json  and  /  (a small upload p
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import tempfile
@@ -210,6 +211,34 @@ def _add_routes(app: FastAPI, agent: Agent) -> None:
         if client_id and len(client_id) <= 128 and client_id.isprintable():
             body["client_request_id"] = client_id
         return JSONResponse(body, headers=headers)
+
+    def require_token_if_set(request: Request) -> None:
+        if agent.settings.admin_token is not None:
+            require_admin(request)
+
+    @app.post(
+        "/v1/feedback",
+        tags=["feedback"],
+        summary="A technician's verdict on a prediction (token required when one is set)",
+        dependencies=[Depends(require_token_if_set)],
+        status_code=201,
+    )
+    async def feedback(request: Request) -> dict[str, Any]:
+        try:
+            submitted = await request.json()
+        except ValueError:
+            raise BadRequestError(
+                'send JSON: {"request_id", "verdict": "confirmed|corrected|rejected", '
+                '"corrected_label", "note", "station", "operator"}'
+            ) from None
+        if not isinstance(submitted, dict):
+            raise BadRequestError("the feedback must be a JSON object")
+        return await agent.submit_feedback(submitted)
+
+    @app.get("/v1/feedback", tags=["feedback"], summary="Recent feedback at this box")
+    async def recent_feedback(limit: Annotated[int, Query(ge=1, le=200)] = 20) -> dict[str, Any]:
+        records = await asyncio.to_thread(agent.feedback.records)
+        return {"feedback": records[-limit:][::-1], "stored": len(agent.feedback)}
 
     @app.get("/v1/updates", tags=["operations"], summary="The updater's state and recent reports")
     async def updates() -> dict[str, Any]:

@@ -25,6 +25,7 @@ STATUS: tuple[tuple[type[Exception], int], ...] = (
     (agent.PayloadTooLargeError, 413),
     (agent.UnsupportedMediaError, 415),
     (agent.BundleRejectedError, 422),
+    (agent.FeedbackFullError, 507),
     (agent.NotReadyError, 503),
     (agent.OverloadedError, 503),
     (agent.DrainingError, 503),

@@ -1,67 +1,174 @@
-"""A small self-contained upload page at `/`, so a browser next to the line can try the agent.
+"""The technician's station page at `/`: snap a photo, see the answer, confirm or correct it.
 
-No external scripts, styles or fonts: plants are often offline. It scales a photo down in the
-browser before sending it (as the station page will), and shows the answer with the knowledge
-base entry and the time per stage.
+Self-contained (no external scripts, styles or fonts: the line may have no internet), small, and
+usable on a phone or a desktop with keyboard and screen reader. The photo is scaled down in the
+browser to about 2 megapixels before upload. The answer shows the class, confidence, alternatives,
+root causes and corrective actions, and streams the explanation when the model has an explainer.
+One tap confirms; correcting picks one of the model's labels, with an optional note. Recent
+feedback at this station is listed below. When the agent has an admin token, the page asks for it
+once and keeps it in the browser's local storage.
 """
 
 INDEX_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Lineside edge agent</title>
+<title>Lineside station</title>
 <style>
-body{font-family:system-ui,sans-serif;margin:1rem auto;max-width:40rem;padding:0 1rem;color:#222}
-h1{font-size:1.3rem} select,input,button{font-size:1rem;margin:.3rem 0}
-#out{margin-top:1rem} .label{font-size:1.6rem;font-weight:600} .sev{padding:.1rem .4rem;
-border-radius:.3rem;background:#eee} .err{color:#a00} small{color:#666}
+:root{color-scheme:light dark}
+body{font-family:system-ui,sans-serif;margin:0 auto;max-width:44rem;padding:.8rem;line-height:1.4}
+h1{font-size:1.25rem;margin:.2rem 0 .6rem} h2{font-size:1.05rem;margin:1rem 0 .3rem}
+label{display:block;margin:.4rem 0 .1rem;font-weight:600}
+select,input,button,textarea{font-size:1rem;padding:.45rem;max-width:100%}
+button{cursor:pointer;border:2px solid #245;border-radius:.4rem;background:#245;color:#fff;margin:.2rem .2rem .2rem 0}
+button.secondary{background:transparent;color:inherit}
+button:focus,select:focus,input:focus,textarea:focus{outline:3px solid #f90;outline-offset:2px}
+#preview{max-width:100%;max-height:16rem;display:none;border-radius:.3rem;margin-top:.5rem}
+.label{font-size:1.6rem;font-weight:700} .sev{padding:.1rem .5rem;border-radius:.3rem;border:1px solid}
+.err{color:#b00020;font-weight:600} small,.muted{opacity:.8}
+ol,ul{padding-left:1.3rem} #history li{margin:.2rem 0}
 </style></head><body>
-<h1>Lineside edge agent</h1>
-<p>Photograph or choose a part photo; the box classifies it here, nothing leaves the plant.</p>
-<form id="f"><label>Model <select id="model"></select></label><br>
-<input id="file" type="file" accept="image/*" capture="environment" required><br>
-<button>Classify</button></form>
-<div id="out"></div>
+<main>
+<h1>Lineside station</h1>
+<form id="photo-form">
+  <label for="model">Model</label><select id="model" required></select>
+  <label for="file">Photo of the part</label>
+  <input id="file" type="file" accept="image/*" capture="environment" required>
+  <img id="preview" alt="The photo being inspected">
+  <label for="note">Note for the explanation (optional)</label>
+  <input id="note" type="text" maxlength="500" autocomplete="off">
+  <div><button id="classify">Classify</button></div>
+</form>
+<section id="result" aria-live="polite"></section>
+<section id="feedback" hidden>
+  <h2>Is this right?</h2>
+  <button id="confirm" type="button">Yes, confirm</button>
+  <button id="reject" type="button" class="secondary">Not a valid photo</button>
+  <form id="correct-form">
+    <label for="correct-label">No, it is</label><select id="correct-label"></select>
+    <label for="correct-note">Note (optional)</label>
+    <input id="correct-note" type="text" maxlength="500" autocomplete="off">
+    <label for="station">Station</label><input id="station" type="text" maxlength="100">
+    <div><button>Send correction</button></div>
+  </form>
+  <p id="feedback-status" aria-live="polite"></p>
+</section>
+<section><h2>Recent inspections at this box</h2><ul id="history"></ul></section>
 <p><small><a href="/readyz">readiness</a> · <a href="/metrics">metrics</a> ·
-<a href="/openapi.json">OpenAPI</a></small></p>
+<a href="/openapi.json">API</a></small></p>
+</main>
 <script>
-const out = document.getElementById("out");
-const esc = s => String(s).replace(/[&<>"']/g, c => "&#" + c.charCodeAt(0) + ";");
+"use strict";
+const $ = id => document.getElementById(id);
+const esc = s => String(s ?? "").replace(/[&<>"']/g, c => "&#" + c.charCodeAt(0) + ";");
+let models = {}, current = null;
+$("station").value = localStorage.getItem("lineside-station") || "";
+
+function headers(extra) {
+  const h = Object.assign({}, extra || {});
+  const token = localStorage.getItem("lineside-token");
+  if (token) h["Authorization"] = "Bearer " + token;
+  return h;
+}
+
 fetch("/v1/models").then(r => r.json()).then(d => {
   for (const m of d.models) {
-    const o = document.createElement("option"); o.value = m.name;
-    o.textContent = m.name + (m.version ? " v" + m.version : "") + " (" + m.status + ")";
-    document.getElementById("model").appendChild(o);
+    if (!m.labels) continue;
+    models[m.name] = m;
+    const o = document.createElement("option");
+    o.value = m.name; o.textContent = m.name + (m.version ? " v" + m.version : "") + " (" + m.status + ")";
+    $("model").appendChild(o);
   }
 });
-async function shrink(file, side) {
+
+async function shrink(file) {
   const bitmap = await createImageBitmap(file);
-  const scale = Math.min(1, side / Math.min(bitmap.width, bitmap.height));
+  const scale = Math.min(1, Math.sqrt(2e6 / (bitmap.width * bitmap.height)));
   if (scale === 1) return file;
   const c = document.createElement("canvas");
   c.width = Math.round(bitmap.width * scale); c.height = Math.round(bitmap.height * scale);
   c.getContext("2d").drawImage(bitmap, 0, 0, c.width, c.height);
   return await new Promise(ok => c.toBlob(ok, "image/jpeg", 0.9));
 }
-document.getElementById("f").onsubmit = async e => {
-  e.preventDefault();
-  const file = document.getElementById("file").files[0];
-  const model = document.getElementById("model").value;
-  out.textContent = "classifying…";
-  let body = file;
-  try { body = await shrink(file, 1024); } catch (_) {}
-  const r = await fetch("/v1/models/" + encodeURIComponent(model) + "/predict",
-    {method: "POST", headers: {"Content-Type": body.type || "image/jpeg"}, body});
-  const d = await r.json();
-  if (!r.ok) { out.innerHTML = '<p class="err">' + esc(d.error.message) + "</p>"; return; }
-  const k = d.knowledge || {};
-  const list = xs => (xs || []).map(x => "<li>" + esc(x) + "</li>").join("");
-  out.innerHTML = '<div class="label">' + esc(k.title || d.label) + " " +
-    (d.score * 100).toFixed(1) + '%</div><span class="sev">' + esc(k.severity || "") +
-    "</span><h3>Likely causes</h3><ol>" + list(k.root_causes) +
-    "</ol><h3>What to do</h3><ol>" + list(k.corrective_actions) + "</ol><p><small>" +
-    d.top_k.map(t => esc(t.label) + " " + (t.score * 100).toFixed(1) + "%").join(" · ") +
-    "<br>" + Object.entries(d.timings_ms).map(([s, v]) => s + " " + v.toFixed(1) + " ms")
-    .join(" · ") + "<br>request " + esc(d.request_id) + "</small></p>";
+
+$("file").onchange = () => {
+  const f = $("file").files[0];
+  if (f) { $("preview").src = URL.createObjectURL(f); $("preview").style.display = "block"; }
 };
+
+const list = xs => (xs || []).map(x => "<li>" + esc(x) + "</li>").join("");
+
+$("photo-form").onsubmit = async e => {
+  e.preventDefault();
+  const file = $("file").files[0], model = $("model").value;
+  $("result").textContent = "Classifying…"; $("feedback").hidden = true;
+  let body = file;
+  try { body = await shrink(file); } catch (_) {}
+  const note = $("note").value.trim();
+  const url = "/v1/models/" + encodeURIComponent(model) + "/predict" + (note ? "?note=" + encodeURIComponent(note) : "");
+  const r = await fetch(url, {method: "POST", headers: {"Content-Type": body.type || "image/jpeg"}, body});
+  const d = await r.json();
+  if (!r.ok) { $("result").innerHTML = '<p class="err">' + esc(d.error.message) + "</p>"; return; }
+  current = d;
+  const k = d.knowledge || {};
+  $("result").innerHTML = '<p class="label" id="answer-label">' + esc(k.title || d.label) + " — " +
+    (d.score * 100).toFixed(1) + '%</p><p><span class="sev">severity: ' + esc(k.severity || "n/a") +
+    '</span> <span class="muted">class ' + esc(d.label) + "</span></p>" +
+    "<h2>Likely causes</h2><ol>" + list(k.root_causes) + "</ol>" +
+    "<h2>What to do</h2><ol>" + list(k.corrective_actions) + "</ol>" +
+    '<p class="muted">Alternatives: ' + d.top_k.slice(1).map(t => esc(t.label) + " " + (t.score * 100).toFixed(1) + "%").join(", ") + "</p>" +
+    '<div id="explanation"></div><p><small>request ' + esc(d.request_id) + " · " +
+    Object.entries(d.timings_ms).map(([s, v]) => s + " " + v.toFixed(0) + " ms").join(" · ") + "</small></p>";
+  const sel = $("correct-label"); sel.innerHTML = "";
+  for (const l of (models[model] || {}).labels || []) {
+    if (l === d.label) continue;
+    const o = document.createElement("option"); o.value = l; o.textContent = l; sel.appendChild(o);
+  }
+  $("feedback").hidden = false; $("feedback-status").textContent = "";
+  if (d.explanation && d.explanation.status === "pending") streamExplanation(d.explanation.url);
+  else if (d.explanation) $("explanation").innerHTML = '<p class="muted">Explanation unavailable: ' + esc(d.explanation.reason) + "</p>";
+};
+
+function streamExplanation(url) {
+  const box = $("explanation");
+  box.innerHTML = "<h2>Explanation</h2><p id='explanation-text' class='muted'>…</p>";
+  const source = new EventSource(url);
+  let text = "";
+  source.onmessage = ev => {
+    const e = JSON.parse(ev.data);
+    if (e.text) { text += e.text; $("explanation-text").textContent = text; }
+    if (e.done) { source.close(); if (!text) $("explanation-text").textContent = "Explanation unavailable" + (e.reason ? ": " + e.reason : ""); }
+  };
+  source.onerror = () => source.close();
+}
+
+async function send(verdict, label, note) {
+  if (!current) return;
+  const station = $("station").value.trim();
+  localStorage.setItem("lineside-station", station);
+  const payload = {request_id: current.request_id, verdict, corrected_label: label || null, note: note || null, station: station || null};
+  let r = await fetch("/v1/feedback", {method: "POST", headers: headers({"Content-Type": "application/json"}), body: JSON.stringify(payload)});
+  if (r.status === 401) {
+    const token = prompt("This box needs its admin token to accept feedback:");
+    if (!token) return;
+    localStorage.setItem("lineside-token", token);
+    r = await fetch("/v1/feedback", {method: "POST", headers: headers({"Content-Type": "application/json"}), body: JSON.stringify(payload)});
+  }
+  const d = await r.json();
+  $("feedback-status").innerHTML = r.ok ? "Thank you — recorded (" + esc(d.verdict) + ")." : '<span class="err">' + esc(d.error.message) + "</span>";
+  if (r.ok) { $("feedback").hidden = true; loadHistory(); }
+}
+$("confirm").onclick = () => send("confirmed");
+$("reject").onclick = () => send("rejected");
+$("correct-form").onsubmit = e => { e.preventDefault(); send("corrected", $("correct-label").value, $("correct-note").value.trim()); };
+
+async function loadHistory() {
+  const r = await fetch("/v1/feedback?limit=10");
+  if (!r.ok) return;
+  const d = await r.json();
+  $("history").innerHTML = d.feedback.map(f => "<li>" + new Date(f.created_at * 1000).toLocaleTimeString() + " — " +
+    esc(f.prediction.label) + (f.verdict === "corrected" ? " → <strong>" + esc(f.corrected_label) + "</strong>" : " (" + esc(f.verdict) + ")") +
+    (f.station ? " · " + esc(f.station) : "") + "</li>").join("") || "<li class='muted'>none yet</li>";
+}
+loadHistory();
 </script></body></html>
 """

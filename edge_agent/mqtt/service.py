@@ -14,6 +14,7 @@ the messages arrived, even though several are processed at once.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import json
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 #: Client request ids remembered to refuse replays.
 REPLAY_WINDOW = 4096
+#: Feedback photos larger than this travel without the image (central can ask for an export).
+FEEDBACK_IMAGE_MAX = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class MqttService:
         self.allowed_replies = [TopicFilter(f) for f in settings.mqtt_response_topics]
         subscriptions = [
             self.scheme.infer_filter(),
+            TopicFilter(f"{self.scheme.base}/feedback/submit"),
             self.scheme.generate_filter(),
             *(f for f, _ in self.mappings),
         ]
@@ -215,6 +219,8 @@ class MqttService:
         model = self.scheme.model_of_request(message.topic)
         if model is not None:
             return await self._request(message, model)
+        if message.topic == f"{self.scheme.base}/feedback/submit":
+            return await self._feedback(message)
         text_model = self.scheme.model_of_generate(message.topic)
         if text_model is not None:
             return await self._generate(message, text_model)
@@ -263,6 +269,28 @@ class MqttService:
         if explanation is not None:
             body["explanation"] = explanation
         return [Outgoing(reply_to, _json(body), "reply", message_id, properties)]
+
+    async def _feedback(self, message: Inbound) -> list[Outgoing]:
+        """Feedback over MQTT: the same JSON as POST /v1/feedback; a reply where one is asked."""
+        message_id = new_request_id()
+        target = self._reply_topic(message)
+        properties: dict[str, Any] = {}
+        if message.correlation_data is not None:
+            properties["correlation_data"] = message.correlation_data.hex()
+        reply_to = target if isinstance(target, Topic) else self.scheme.errors()
+        try:
+            if isinstance(target, AgentError):
+                raise target
+            document = _json_or_none(message.payload)
+            if document is None:
+                raise BadRequestError("feedback must be a JSON object like POST /v1/feedback")
+            stored = await self.agent.submit_feedback(document)
+        except (AgentError, BundleError) as exc:
+            return [self._error(reply_to, exc, None, message_id, properties, message)]
+        if not isinstance(target, Topic):
+            return []
+        body = {"feedback_id": stored["feedback_id"], "stored": True, "message_id": message_id}
+        return [Outgoing(target, _json(body), "reply", message_id, properties)]
 
     async def _explained(
         self, topic: Topic, properties: dict[str, Any], explanation: Explanation
@@ -460,6 +488,17 @@ class MqttService:
         body["source"] = source
         topic = self.scheme.results(str(prediction.model["name"]))
         await asyncio.to_thread(self._put, [Outgoing(topic, _json(body), "result", message_id, {})])
+
+    async def publish_feedback(self, record: dict[str, Any], image: bytes | None) -> None:
+        """A feedback record (with its photo, if it fits a message) to .../feedback."""
+        message_id = new_request_id()
+        body = {**record, "message_id": message_id}
+        if image is not None and len(image) <= FEEDBACK_IMAGE_MAX:
+            body["image_base64"] = base64.b64encode(image).decode()
+        topic = Topic(f"{self.scheme.base}/feedback")
+        await asyncio.to_thread(
+            self._put, [Outgoing(topic, _json(body), "feedback", message_id, {})]
+        )
 
     async def publish_update(self, report: dict[str, Any]) -> None:
         """An updater progress/outcome report, through the outbox, to .../update."""

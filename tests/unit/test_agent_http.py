@@ -141,6 +141,7 @@ EXPECTED_STATUS: dict[type[Exception], tuple[int, str]] = {
     agent_errors.PayloadTooLargeError: (413, "payload_too_large"),
     agent_errors.UnsupportedMediaError: (415, "unsupported_media_type"),
     agent_errors.BundleRejectedError: (422, "bundle_rejected"),
+    agent_errors.FeedbackFullError: (507, "feedback_quota_full"),
     agent_errors.NotReadyError: (503, "not_ready"),
     agent_errors.OverloadedError: (503, "overloaded"),
     agent_errors.DrainingError: (503, "shutting_down"),

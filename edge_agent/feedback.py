@@ -1,0 +1,219 @@
+"""Technicians' feedback on predictions: stored durably on the box, forwarded to central.
+
+A feedback record says what a technician made of one prediction — confirmed, corrected to another
+of the model's labels, or rejected — with an optional note, station and operator. It is stored
+with the photo, the prediction and the bundle hash (everything needed to retrain), each record
+written atomically and fsynced, and survives restarts.
+
+Quota policy: at most `max_bytes` and `max_count` records. When full, the oldest records already
+handed to the MQTT outbox (and so on their way to central) are removed first; if none is, new
+feedback is refused with a clear error (507) rather than dropping what was never forwarded. An
+export (`edge-agent export-feedback`) writes a retraining dataset and changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from edge_agent.errors import BadRequestError, FeedbackFullError
+from edge_bundle.files import write_atomically
+
+Verdict = Literal["confirmed", "corrected", "rejected"]
+IMAGE_SUFFIX = {"jpeg": ".jpg", "png": ".png", "webp": ".webp", "bmp": ".bmp"}
+
+
+@dataclass(frozen=True)
+class Stored:
+    feedback_id: str
+    size: int
+    created: float
+    forwarded: bool
+
+
+class FeedbackStore:
+    """Feedback records under `directory`: `ID.json` (+ `ID.img`), bounded by the quota."""
+
+    def __init__(self, directory: Path, *, max_bytes: int, max_count: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.max_count = max_count
+        self._lock = threading.Lock()
+        self._index: dict[str, Stored] = {}
+        directory.mkdir(parents=True, exist_ok=True)
+        for path in directory.glob("*.json"):
+            try:
+                record = json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                continue
+            image = path.with_suffix(".img")
+            size = path.stat().st_size + (image.stat().st_size if image.exists() else 0)
+            self._index[path.stem] = Stored(
+                path.stem, size, float(record.get("created_at", 0)), bool(record.get("forwarded"))
+            )
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def add(self, record: dict[str, Any], image: bytes | None) -> dict[str, Any]:
+        """Store a record (its id and time are set here); refuse it when the quota is full."""
+        feedback_id = uuid.uuid4().hex
+        record = {
+            **record,
+            "feedback_id": feedback_id,
+            "created_at": time.time(),
+            "forwarded": False,
+        }
+        if image is not None:
+            record["image_sha256"] = hashlib.sha256(image).hexdigest()
+        body = json.dumps(record, sort_keys=True).encode()
+        size = len(body) + (len(image) if image is not None else 0)
+        with self._lock:
+            self._make_room(size)
+            if image is not None:
+                write_atomically(self.directory / f"{feedback_id}.img", image)
+            write_atomically(self.directory / f"{feedback_id}.json", body)
+            self._index[feedback_id] = Stored(feedback_id, size, record["created_at"], False)
+        return record
+
+    def mark_forwarded(self, feedback_id: str) -> None:
+        with self._lock:
+            path = self.directory / f"{feedback_id}.json"
+            try:
+                record = json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                return
+            record["forwarded"] = True
+            write_atomically(path, json.dumps(record, sort_keys=True).encode())
+            old = self._index.get(feedback_id)
+            if old is not None:
+                self._index[feedback_id] = Stored(feedback_id, old.size, old.created, True)
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record, oldest first."""
+        found = []
+        for stored in sorted(self._index.values(), key=lambda s: s.created):
+            try:
+                found.append(
+                    json.loads((self.directory / f"{stored.feedback_id}.json").read_bytes())
+                )
+            except (OSError, ValueError):
+                continue
+        return found
+
+    def image(self, feedback_id: str) -> bytes | None:
+        try:
+            return (self.directory / f"{feedback_id}.img").read_bytes()
+        except OSError:
+            return None
+
+    def _make_room(self, size: int) -> None:
+        total = sum(s.size for s in self._index.values())
+        if size > self.max_bytes:
+            raise FeedbackFullError(
+                f"this feedback ({size:,} bytes with its photo) is larger than the whole feedback "
+                f"quota ({self.max_bytes:,} bytes); raise feedback_max_bytes"
+            )
+        forwarded = sorted(
+            (s for s in self._index.values() if s.forwarded), key=lambda s: s.created
+        )
+        while total + size > self.max_bytes or len(self._index) + 1 > self.max_count:
+            if not forwarded:
+                raise FeedbackFullError(
+                    "the feedback quota is full of records not yet forwarded to central; connect "
+                    "the box to its broker or export them (edge-agent export-feedback), then retry",
+                    retry_after_s=60.0,
+                )
+            victim = forwarded.pop(0)
+            for suffix in (".json", ".img"):
+                (self.directory / f"{victim.feedback_id}{suffix}").unlink(missing_ok=True)
+            del self._index[victim.feedback_id]
+            total -= victim.size
+
+
+MAX_TEXT = 500
+
+
+def make_record(
+    request: dict[str, Any], submitted: dict[str, Any], labels: tuple[str, ...]
+) -> dict[str, Any]:
+    """A feedback record from the kept request and what the technician submitted; refuses
+    anything malformed with a message that says what to send."""
+    verdict = submitted.get("verdict")
+    if verdict not in ("confirmed", "corrected", "rejected"):
+        raise BadRequestError("verdict must be 'confirmed', 'corrected' or 'rejected'")
+    corrected = submitted.get("corrected_label")
+    if verdict == "corrected":
+        if corrected not in labels:
+            raise BadRequestError(
+                f"corrected_label must be one of the model's labels {list(labels)}, got {corrected!r}"
+            )
+        if corrected == request["label"]:
+            raise BadRequestError("corrected_label equals the prediction; send verdict 'confirmed'")
+    elif corrected is not None:
+        raise BadRequestError("corrected_label goes only with verdict 'corrected'")
+    fields: dict[str, str | None] = {}
+    for name in ("note", "station", "operator"):
+        value = submitted.get(name)
+        if value is not None and (not isinstance(value, str) or len(value) > MAX_TEXT):
+            raise BadRequestError(f"{name} must be a string of at most {MAX_TEXT} characters")
+        fields[name] = value
+    return {
+        "request_id": request["request_id"],
+        "verdict": verdict,
+        "corrected_label": corrected,
+        **fields,
+        "prediction": {
+            "label": request["label"],
+            "score": request["score"],
+            "top_k": request["top_k"],
+        },
+        "model": request["model"],
+        "predicted_at": request.get("created_at"),
+        "image_format": request.get("image", {}).get("format"),
+    }
+
+
+def export(store: FeedbackStore, out: Path) -> dict[str, Any]:
+    """A retraining dataset: `LABEL/ID.ext` for confirmed and corrected photos (by the label the
+    technician gave), `records.jsonl` with every record, and a summary of corrections."""
+    out.mkdir(parents=True, exist_ok=True)
+    corrections: Counter[tuple[str, str]] = Counter()
+    verdicts: Counter[str] = Counter()
+    written = 0
+    with (out / "records.jsonl").open("w", encoding="utf-8") as lines:
+        for record in store.records():
+            lines.write(json.dumps(record, sort_keys=True) + "\n")
+            verdicts[record["verdict"]] += 1
+            predicted = record["prediction"]["label"]
+            truth = record.get("corrected_label") or (
+                predicted if record["verdict"] == "confirmed" else None
+            )
+            if record["verdict"] == "corrected" and truth is not None:
+                corrections[(predicted, truth)] += 1
+            image = store.image(record["feedback_id"])
+            if truth is None or image is None:
+                continue
+            folder = out / truth
+            folder.mkdir(exist_ok=True)
+            suffix = IMAGE_SUFFIX.get(record.get("image_format", ""), ".img")
+            (folder / f"{record['feedback_id']}{suffix}").write_bytes(image)
+            written += 1
+    summary = {
+        "records": sum(verdicts.values()),
+        "verdicts": dict(verdicts),
+        "images": written,
+        "corrections": [
+            {"predicted": predicted, "corrected_to": truth, "count": count}
+            for (predicted, truth), count in corrections.most_common()
+        ],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
