@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge_agent import __version__
+from edge_agent.classifier import Classifier
 from edge_agent.core import InferenceCore, ModelState
 from edge_agent.errors import AgentError, ConfigError, UnknownRequestError
 from edge_agent.explain import Explainer
@@ -27,6 +28,7 @@ from edge_agent.install import (
     Candidate,
     TextCandidate,
     check_memory,
+    prepare,
     prepare_any,
     stage_and_prepare,
 )
@@ -205,6 +207,11 @@ class Agent:
             entry["installed_versions"] = self.store.versions(name)
             described.append(entry)
         return described
+
+    def prepare_candidate(self, name: str, version: int) -> Classifier:
+        """An installed (not active) classifier version, loaded and self-tested, for shadowing."""
+        candidate = prepare(self.store.open(name, version), self.profile, self.settings.cache_dir)
+        return candidate.classifier
 
     # ---- feedback ------------------------------------------------------------------------
     async def submit_feedback(self, submitted: dict[str, Any]) -> dict[str, Any]:

@@ -25,11 +25,14 @@ from numpy.typing import NDArray
 
 from edge_agent.admission import Admission
 from edge_agent.classifier import Classifier
+from edge_agent.drift import DriftMonitor
 from edge_agent.errors import NotReadyError, UnknownModelError
 from edge_agent.metrics import AgentMetrics
 from edge_agent.records import RequestRecords
 from edge_agent.settings import AgentSettings
+from edge_agent.shadow import ShadowRunner
 from edge_bundle.imaging import DecodedImage
+from edge_bundle.preprocess import input_statistics
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -97,6 +100,8 @@ class InferenceCore:
         self._record_pool = ThreadPoolExecutor(1, "records")
         self._pending_records = 0
         self._active = 0  # predictions inside the core now (any transport)
+        self.drift: dict[tuple[str, int], DriftMonitor] = {}
+        self.shadow = ShadowRunner(self)
         self._pending_lock = threading.Lock()
         self.busy_since: float | None = None  # when the running inference started
         #: Recent server-side latencies (ms) of answered predictions, by transport, for telemetry.
@@ -261,7 +266,13 @@ class InferenceCore:
         )
         if keep:
             self._keep(prediction, data)
+        self._observe(classifier, image, scored.score)
+        self.shadow.after_answer(name, image, scored.label)
         return prediction
+
+    def busy_elsewhere(self) -> bool:
+        """True while another prediction is in flight or inference work is queued."""
+        return self._active > 1 or self.admission.in_flight > 1 or self.busy_since is not None
 
     def _alone(self) -> bool:
         """True when this is the only prediction in the core and the inference thread is idle."""
@@ -287,6 +298,33 @@ class InferenceCore:
         decoded = time.perf_counter()
         tensor = classifier.prepare(image)
         return image, tensor, decoded - started, time.perf_counter() - decoded
+
+    def drift_monitor(self, classifier: Classifier) -> DriftMonitor | None:
+        """The drift monitor of this model version (made on first use), None without baseline."""
+        baseline = classifier.bundle.manifest.drift_baseline
+        if not baseline:
+            return None
+        key = (classifier.name, classifier.version)
+        monitor = self.drift.get(key)
+        if monitor is None:
+            monitor = DriftMonitor(
+                baseline,
+                window=self.settings.drift_window,
+                min_samples=self.settings.drift_min_samples,
+            )
+            self.drift[key] = monitor
+        return monitor
+
+    def _observe(self, classifier: Classifier, image: DecodedImage, confidence: float) -> None:
+        """Feed the drift monitor off the request path (skipped under a record backlog)."""
+        monitor = self.drift_monitor(classifier)
+        if monitor is None or self._pending_records >= MAX_PENDING_RECORD_IMAGES:
+            return
+
+        def observe() -> None:
+            monitor.observe(input_statistics(image), confidence)
+
+        self._record_pool.submit(observe)
 
     def _keep(self, prediction: Prediction, data: bytes) -> None:
         """Write the record off the request path; under a backlog, keep the answer only."""

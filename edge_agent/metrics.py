@@ -143,6 +143,39 @@ class AgentMetrics:
             "lineside_feedback_total", "Technicians' feedback by verdict", ["verdict"], registry=r
         )
 
+        self.drift_psi = Gauge(
+            "lineside_drift_psi",
+            "Population stability index of live inputs against the bundle's baseline",
+            ["model", "feature"],
+            registry=r,
+        )
+        self.drift_alert = Gauge(
+            "lineside_drift_alert",
+            "1 when a model's drift score is over drift_alert_psi",
+            ["model"],
+            registry=r,
+        )
+
+        self.shadow = Counter(
+            "lineside_shadow_total",
+            "Shadow runs of a candidate by outcome (agree, disagree, dropped, failed)",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.shadow_disagreements = Counter(
+            "lineside_shadow_disagreements_total",
+            "Shadow disagreements by the active and the candidate label",
+            ["model", "active", "candidate"],
+            registry=r,
+        )
+        self.shadow_seconds = Histogram(
+            "lineside_shadow_seconds",
+            "The candidate's preprocess + inference time in shadow runs",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
     def set_model(self, name: str, version: int, sha256: str, runtime: str, providers: str) -> None:
         """Replace the info series of `name` with this version's."""
         for labels in list(self._model_series(name)):

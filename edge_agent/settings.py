@@ -136,6 +136,11 @@ class AgentSettings(BaseSettings):
     selftest_interval_s: float = Field(
         default=3600.0, ge=0, description="golden self-test period while serving (0 = load only)"
     )
+    # Drift of live inputs against the bundle's calibration baseline.
+    drift_window: int = Field(default=500, ge=10, description="recent requests compared")
+    drift_min_samples: int = Field(default=50, ge=5, description="requests before a score")
+    drift_alert_psi: float = Field(default=0.25, gt=0, description="drift score that alerts")
+
     # Technicians' feedback (kept on the box, forwarded to central over MQTT).
     feedback_max_bytes: int = Field(default=256 * MIB, ge=MIB, description="feedback disk quota")
     feedback_max_count: int = Field(default=50_000, ge=1)

@@ -46,6 +46,8 @@ def snapshot(agent: Agent) -> dict[str, Any]:
             for m in agent.describe_models()
         ],
         "system": _system(agent),
+        "drift": drift_scores(agent),
+        "shadow": agent.core.shadow.describe(),
         "in_flight": agent.core.admission.in_flight,
     }
     if agent.mqtt is not None:
@@ -59,6 +61,24 @@ def snapshot(agent: Agent) -> dict[str, Any]:
         agent.metrics.outbox_messages.set(depth["messages"])
         agent.metrics.outbox_bytes.set(depth["bytes"])
     return figures
+
+
+def drift_scores(agent: Agent) -> dict[str, Any]:
+    """Drift per active model, also set on the Prometheus gauges."""
+    result: dict[str, Any] = {}
+    for name, state in list(agent.core.models.items()):
+        if state.classifier is None:
+            continue
+        monitor = agent.core.drift_monitor(state.classifier)
+        scores = monitor.scores() if monitor is not None else None
+        if scores is None:
+            continue
+        for feature, value in scores["psi"].items():
+            agent.metrics.drift_psi.labels(name, feature).set(value)
+        alert = scores["score"] > agent.settings.drift_alert_psi
+        agent.metrics.drift_alert.labels(name).set(1 if alert else 0)
+        result[name] = {**scores, "alert": alert}
+    return result
 
 
 def _percentiles(agent: Agent) -> dict[str, dict[str, float]]:

@@ -28,12 +28,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edge_agent import __version__
 from edge_agent.agent import Agent
 from edge_agent.core import new_request_id
-from edge_agent.errors import AgentError, BadRequestError, UnauthorizedError, UnknownRequestError
+from edge_agent.errors import (
+    AgentError,
+    BadRequestError,
+    UnauthorizedError,
+    UnknownModelError,
+    UnknownRequestError,
+)
 from edge_agent.http import errors
 from edge_agent.http.generate import add_generation_routes
 from edge_agent.http.inputs import read_image
 from edge_agent.http.middleware import BodyLimit, Timing
 from edge_agent.http.page import INDEX_HTML
+from edge_agent.telemetry import drift_scores
 from edge_bundle.errors import BundleError
 
 ADMIN_PREFIX = "/v1/admin/"
@@ -147,7 +154,47 @@ def _add_routes(app: FastAPI, agent: Agent) -> None:
             depth = agent.mqtt.outbox.depth()
             agent.metrics.outbox_messages.set(depth["messages"])
             agent.metrics.outbox_bytes.set(depth["bytes"])
+        drift_scores(agent)
         return PlainTextResponse(agent.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post(
+        "/v1/admin/shadow",
+        tags=["admin"],
+        summary="Shadow the active model with an installed candidate version",
+        dependencies=admin,
+        status_code=201,
+    )
+    async def start_shadow(request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise BadRequestError('send JSON: {"name": "defects", "version": 2}') from None
+        name, version = body.get("name"), body.get("version")
+        if not isinstance(name, str) or not isinstance(version, int):
+            raise BadRequestError('send JSON: {"name": "defects", "version": 2}')
+        agent.core.classifier(name)  # the active model must exist and be ready
+        if version == agent.store.active_version(name):
+            raise BadRequestError(f"{name}@{version} is the active version; shadow another one")
+        candidate = await asyncio.to_thread(agent.prepare_candidate, name, version)
+        agent.core.shadow.start(name, candidate)
+        return {"shadowing": name, "candidate": candidate.describe()}
+
+    @app.delete(
+        "/v1/admin/shadow/{name}", tags=["admin"], summary="Stop shadowing", dependencies=admin
+    )
+    async def stop_shadow(name: str) -> dict[str, Any]:
+        shadow = agent.core.shadow.stop(name)
+        if shadow is None:
+            raise UnknownModelError(f"nothing shadows {name!r}")
+        return {"stopped": name, "result": shadow.describe()}
+
+    @app.get("/v1/shadow", tags=["operations"], summary="Shadow comparisons per model")
+    async def shadow_state() -> dict[str, Any]:
+        return {"shadows": agent.core.shadow.describe()}
+
+    @app.get("/v1/drift", tags=["operations"], summary="Drift of live inputs per model")
+    async def drift() -> dict[str, Any]:
+        return {"threshold": agent.settings.drift_alert_psi, "models": drift_scores(agent)}
 
     @app.get("/v1/models", tags=["models"], summary="Installed models and their state")
     async def list_models() -> dict[str, Any]:

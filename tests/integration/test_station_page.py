@@ -1,0 +1,96 @@
+"""The station page in real headless Chromium against a running agent: upload a photo, see the
+label and root causes, correct it, see the correction in the history. Screenshots at phone and
+desktop widths are kept as test artefacts (tests/artifacts/, or $LINESIDE_ARTIFACTS)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.agent_support import build_bundle, make_keys, photo, run_agent
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
+)
+ARTIFACTS = Path(
+    os.environ.get("LINESIDE_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts")
+)
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    webdriver = pytest.importorskip("selenium.webdriver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    profile = tempfile.mkdtemp(prefix="lineside-chromium-")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 f"--user-data-dir={profile}"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(
+        service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)), options=options
+    )
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.mark.parametrize("width,height,name", [(390, 844, "phone"), (1280, 900, "desktop")])
+def test_upload_see_answer_correct_and_see_history(
+    tmp_path: Path, browser: object, width: int, height: int, name: str
+) -> None:
+    import cv2
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.select import Select
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser
+    keys = make_keys(tmp_path / "keys")
+    bundle = build_bundle(tmp_path / "dist", keys)
+    state = tmp_path / "state"
+    subprocess.run(
+        [".venv/bin/edge-agent", "install", str(bundle.path), "--state-dir", str(state),
+         "--trusted-key", str(keys.public)],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    image = tmp_path / "part.jpg"
+    cv2.imwrite(str(image), photo(4, (900, 1200)))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with run_agent(state, "--trusted-key", str(keys.public)) as agent:
+        agent.wait_ready()
+        driver.set_window_size(width, height)  # type: ignore[attr-defined]
+        driver.get(agent.url + "/")  # type: ignore[attr-defined]
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#model option"))
+        driver.find_element(By.ID, "file").send_keys(str(image))  # type: ignore[attr-defined]
+        driver.find_element(By.ID, "classify").click()  # type: ignore[attr-defined]
+        label = wait.until(ec.visibility_of_element_located((By.ID, "answer-label")))
+        assert "%" in label.text
+        result = driver.find_element(By.ID, "result").text  # type: ignore[attr-defined]
+        assert "Likely causes" in result and "What to do" in result
+        driver.save_screenshot(str(ARTIFACTS / f"station-{name}-answer.png"))  # type: ignore[attr-defined]
+        choice = Select(driver.find_element(By.ID, "correct-label"))  # type: ignore[attr-defined]
+        corrected = choice.options[0].get_attribute("value")
+        choice.select_by_index(0)
+        driver.find_element(By.ID, "station").send_keys("line3-s2")  # type: ignore[attr-defined]
+        driver.find_element(By.CSS_SELECTOR, "#correct-form button").click()  # type: ignore[attr-defined]
+        wait.until(lambda d: "recorded" in d.find_element(By.ID, "feedback-status").text)
+        wait.until(lambda d: corrected in d.find_element(By.ID, "history").text)
+        assert "line3-s2" in driver.find_element(By.ID, "history").text  # type: ignore[attr-defined]
+        driver.save_screenshot(str(ARTIFACTS / f"station-{name}-corrected.png"))  # type: ignore[attr-defined]
+        # Accessibility basics: every input has a label; the answer region is announced.
+        for field in ("model", "file", "note", "correct-label", "station"):
+            assert driver.find_elements(By.CSS_SELECTOR, f"label[for='{field}']"), field  # type: ignore[attr-defined]
+        assert driver.find_element(By.ID, "result").get_attribute("aria-live") == "polite"  # type: ignore[attr-defined]
