@@ -19,7 +19,7 @@ from edge_agent.selftest import SelfTestReport, run_selftest
 from edge_agent.store import BundleStore
 from edge_bundle.bundle import VerifiedBundle
 from edge_bundle.errors import BundleError
-from edge_bundle.manifest import semver_tuple
+from edge_bundle.manifest import Manifest, semver_tuple
 from edge_bundle.profiles import HardwareProfile
 
 log = logging.getLogger(__name__)
@@ -118,10 +118,9 @@ def prepare_any(bundle: VerifiedBundle, profile: HardwareProfile, cache_dir: Pat
 KV_MB_PER_TOKEN = 0.05
 
 
-def memory_estimate_mb(bundle: VerifiedBundle) -> float:
+def memory_estimate_mb(manifest: Manifest) -> float:
     """What a bundle needs in memory once loaded: its model files (mapped or copied, plus runtime
     arenas, +20%) and, for a language model, the KV cache of its context."""
-    manifest = bundle.manifest
     weights = sum(f.size for f in manifest.files if f.role in ("model", "model-data", "mmproj"))
     estimate = weights / 1e6 * 1.2
     if manifest.generation is not None:
@@ -132,13 +131,17 @@ def memory_estimate_mb(bundle: VerifiedBundle) -> float:
 def check_memory(store: BundleStore, bundle: VerifiedBundle, budget_mb: int) -> None:
     """All active bundles (the new one instead of its own older version) must fit `budget_mb`."""
     name = bundle.manifest.name
-    needed = memory_estimate_mb(bundle)
+    needed = memory_estimate_mb(bundle.manifest)
     others = []
     for other in store.active_names():
         version = store.active_version(other)
         if other == name or version is None:
             continue
-        others.append((other, memory_estimate_mb(store.open(other, version))))
+        # Only for the size: each active bundle was verified at its install and is again when
+        # it loads, possibly with keys this command was not given.
+        manifest = store.installed_manifest(other, version)
+        if manifest is not None:
+            others.append((other, memory_estimate_mb(manifest)))
     total = needed + sum(mb for _, mb in others)
     if total > budget_mb:
         listed = ", ".join(f"{n} {mb:.0f} MB" for n, mb in others) or "nothing else"

@@ -29,7 +29,7 @@ from edge_bundle.archive import ArchiveLimits
 from edge_bundle.bundle import VerifiedBundle, open_bundle, verify_directory
 from edge_bundle.errors import BundleError
 from edge_bundle.files import fsync_directory, write_atomically
-from edge_bundle.manifest import BundleId
+from edge_bundle.manifest import BundleId, Manifest
 from edge_bundle.signing import TrustStore
 
 
@@ -95,6 +95,14 @@ class BundleStore:
             raise BundleRejectedError(
                 f"installed bundle {name}@{version} failed checks: {exc}"
             ) from exc
+
+    def installed_manifest(self, name: str, version: int) -> Manifest | None:
+        """An installed bundle's manifest, parsed but not verified (for sizes); None if unreadable."""
+        path = self._directory(BundleId(name, version)) / "manifest.json"
+        try:
+            return Manifest.from_bytes(path.read_bytes())
+        except (OSError, BundleError):
+            return None
 
     def task_of(self, name: str, version: int) -> str | None:
         """The manifest's task, read without verifying (only to label a failure); None if unreadable."""

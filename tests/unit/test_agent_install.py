@@ -246,3 +246,23 @@ def test_a_bundle_whose_golden_sample_is_not_an_image_is_refused_and_removed(
     with pytest.raises(BundleRejectedError, match="golden"):
         stage_and_prepare(store, broken, profile, cache)
     assert store.versions("defects") == []
+
+
+def test_memory_check_does_not_need_the_keys_of_other_active_bundles(tmp_path: Path) -> None:
+    """An install trusting only its own key still sizes the other active bundles (each was
+    verified at its own install and is verified again when it loads)."""
+    from edge_agent.install import check_memory
+    from edge_agent.store import BundleStore
+    from edge_bundle.signing import TrustStore
+    from tests.agent_support import build_bundle, make_keys
+
+    first_keys, second_keys = make_keys(tmp_path / "k1", "one"), make_keys(tmp_path / "k2", "two")
+    first = build_bundle(tmp_path / "a", first_keys, name="first")
+    second = build_bundle(tmp_path / "b", second_keys, name="second")
+    root = tmp_path / "store"
+    store_one = BundleStore(root, TrustStore.from_files([first_keys.public]))
+    store_one.stage(first.path)
+    store_one.activate("first", 1)
+    store_two = BundleStore(root, TrustStore.from_files([second_keys.public]))
+    staged = store_two.stage(second.path)
+    check_memory(store_two, staged, budget_mb=1000)
