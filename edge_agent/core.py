@@ -102,6 +102,7 @@ class InferenceCore:
         self._active = 0  # predictions inside the core now (any transport)
         self.drift: dict[tuple[str, int], DriftMonitor] = {}
         self.shadow = ShadowRunner(self)
+        self.last_started = 0.0  # when the latest prediction started (monotonic)
         self._pending_lock = threading.Lock()
         self.busy_since: float | None = None  # when the running inference started
         #: Recent server-side latencies (ms) of answered predictions, by transport, for telemetry.
@@ -200,6 +201,7 @@ class InferenceCore:
     ) -> Prediction:
         """Classify `data` with model `name`. The caller holds an admission slot."""
         classifier = self.classifier(name)
+        self.last_started = time.monotonic()
         self._active += 1
         try:
             return await self._predict(classifier, name, data, request_id, top_k, receive_s, keep)

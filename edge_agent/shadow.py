@@ -1,8 +1,9 @@
 """Shadow mode: a candidate version answers the same inputs as the active one, out of sight.
 
 After the active model's answer is sent, the candidate classifies the same decoded photo on the
-inference thread, never delaying an answer: a shadow run starts only when no other prediction is
-in flight, at most one is pending, and anything else is dropped (and counted). Agreement, the
+inference thread, never delaying an answer: a shadow run starts only after an idle gap (no new
+prediction for 50 ms), at most one is pending, and anything else is dropped (and counted) — under
+steady load shadow runs are dropped first. Agreement, the
 per-class disagreements and the candidate's latency go to metrics and telemetry, so central IT can
 judge a candidate before activating it (probation, in the updater, judges it after).
 """
@@ -17,6 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from edge_agent.classifier import Classifier
 from edge_bundle.imaging import DecodedImage
+
+#: How long the box must stay idle after an answer before the candidate runs on its photo.
+IDLE_GAP_S = 0.05
 
 if TYPE_CHECKING:
     from edge_agent.core import InferenceCore
@@ -82,22 +86,33 @@ class ShadowRunner:
         shadow = self.shadows.get(name)
         if shadow is None:
             return
-        metrics = self.core.metrics
         if shadow.pending or self.core.busy_elsewhere():
-            shadow.dropped += 1
-            metrics.shadow.labels(name, "dropped").inc()
+            self._drop(name, shadow)
             return
         shadow.pending = True
-        task = asyncio.get_running_loop().create_task(self._run(name, shadow, image, active_label))
+        task = asyncio.get_running_loop().create_task(
+            self._run(name, shadow, image, active_label, time.monotonic())
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, name: str, shadow: Shadow, image: DecodedImage, active_label: str) -> None:
+    def _drop(self, name: str, shadow: Shadow) -> None:
+        shadow.dropped += 1
+        self.core.metrics.shadow.labels(name, "dropped").inc()
+
+    async def _run(
+        self, name: str, shadow: Shadow, image: DecodedImage, active_label: str, answered: float
+    ) -> None:
         metrics = self.core.metrics
         candidate = shadow.candidate
         try:
-            # Yield first: the active answer is sent before the candidate starts.
-            await asyncio.sleep(0)
+            # Run only in an idle gap: the answer has been sent, and no prediction started since.
+            # A box under steady load drops its shadow runs instead of delaying anyone.
+            await asyncio.sleep(IDLE_GAP_S)
+            if self.core.last_started > answered or self.core.busy_elsewhere():
+                shadow.pending = False
+                self._drop(name, shadow)
+                return
 
             def classify() -> tuple[str, float]:
                 started = time.perf_counter()
