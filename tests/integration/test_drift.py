@@ -75,8 +75,11 @@ def test_drift_score_rises_on_dark_or_blurred_photos_only(tmp_path: Path) -> Non
     like = drift_of(tmp_path / "like", photos("none"))
     dark = drift_of(tmp_path / "dark", photos("dark"))
     blurred = drift_of(tmp_path / "blur", photos("blur"))
-    assert like["score"] < 0.25, like
-    assert dark["score"] > 0.25 and dark["psi"]["brightness"] > like["psi"]["brightness"], dark
-    assert blurred["score"] > 0.25 and blurred["psi"]["sharpness"] > like["psi"]["sharpness"], (
-        blurred
+    # With 100 baseline and 100 live samples in 10 bins, sampling noise alone gives PSI around
+    # 9 x (1/100 + 1/100) = 0.18 (seen up to ~0.3); real changes score several times that.
+    assert like["score"] < 0.5, like
+    assert dark["psi"]["brightness"] > 1.0 and dark["score"] > 3 * like["score"], (like, dark)
+    assert blurred["psi"]["sharpness"] > 1.0 and blurred["score"] > 3 * like["score"], (
+        like,
+        blurred,
     )
