@@ -50,8 +50,8 @@ ol,ul{padding-left:1.3rem} #history li{margin:.2rem 0}
     <label for="station">Station</label><input id="station" type="text" maxlength="100">
     <div><button>Send correction</button></div>
   </form>
-  <p id="feedback-status" aria-live="polite"></p>
 </section>
+<p id="feedback-status" aria-live="polite"></p>
 <section><h2>Recent inspections at this box</h2><ul id="history"></ul></section>
 <p><small><a href="/readyz">readiness</a> · <a href="/metrics">metrics</a> ·
 <a href="/openapi.json">API</a></small></p>

@@ -86,7 +86,12 @@ def test_upload_see_answer_correct_and_see_history(
         choice.select_by_index(0)
         driver.find_element(By.ID, "station").send_keys("line3-s2")  # type: ignore[attr-defined]
         driver.find_element(By.CSS_SELECTOR, "#correct-form button").click()  # type: ignore[attr-defined]
-        wait.until(lambda d: "recorded" in d.find_element(By.ID, "feedback-status").text)
+        try:
+            wait.until(lambda d: "recorded" in d.find_element(By.ID, "feedback-status").text)
+        except Exception:
+            status = driver.find_element(By.ID, "feedback-status").text  # type: ignore[attr-defined]
+            logs = driver.get_log("browser")  # type: ignore[attr-defined]
+            raise AssertionError(f"feedback not recorded: {status!r}; console: {logs}") from None
         wait.until(lambda d: corrected in d.find_element(By.ID, "history").text)
         assert "line3-s2" in driver.find_element(By.ID, "history").text  # type: ignore[attr-defined]
         driver.save_screenshot(str(ARTIFACTS / f"station-{name}-corrected.png"))  # type: ignore[attr-defined]
