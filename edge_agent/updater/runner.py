@@ -93,12 +93,16 @@ class Updater:
         self._candidate: Candidate | None = None
         self._swap: _Swap | None = None
         self._retries = 0
+        self._started = asyncio.Event()
+        self._steps: dict[str, asyncio.Task[None]] = {}  # the running task of each step
         self._trust_sequence = 0
         self._restore_trust()
 
     # ---- inputs --------------------------------------------------------------------------
     async def start(self) -> None:
+        """Resume what a previous run left in progress; notices wait until this is done."""
         await self.handle(Restarted())
+        self._started.set()
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -111,6 +115,9 @@ class Updater:
         """A retained notice arrived on a release or trust topic."""
         if not payload:
             return  # a cleared retained message
+        # A retained notice arrives as soon as MQTT connects, maybe before the active models are
+        # loaded and the interrupted update resumed: handle it only after that.
+        await self._started.wait()
         try:
             notice, signer = decode_notice(payload, self.trust)
         except BundleError as exc:
@@ -226,19 +233,29 @@ class Updater:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _start_step(self, phase: str, work: Any, release: Release) -> None:
+        """Run a step unless the same step is already running (never two writers of one file)."""
+        running = self._steps.get(phase)
+        if running is not None and not running.done():
+            return
+        task = asyncio.create_task(self._step(phase, work, release))
+        self._steps[phase] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _perform(self, action: Action) -> None:
         if isinstance(action, Report):
             await self._report(action)
         elif isinstance(action, Download):
-            self._spawn(self._step("downloading", self._download, action.release))
+            self._start_step("downloading", self._download, action.release)
         elif isinstance(action, Verify):
-            self._spawn(self._step("verifying", self._verify, action.release))
+            self._start_step("verifying", self._verify, action.release)
         elif isinstance(action, Stage):
-            self._spawn(self._step("staging", self._stage, action.release))
+            self._start_step("staging", self._stage, action.release)
         elif isinstance(action, Activate):
-            self._spawn(self._step("activating", self._activate, action.release))
+            self._start_step("activating", self._activate, action.release)
         elif isinstance(action, Probation):
-            self._spawn(self._step("probation", self._probation, action.release))
+            self._start_step("probation", self._probation, action.release)
         elif isinstance(action, RollBack):
             await self._roll_back(action)
         elif isinstance(action, Commit):
@@ -250,6 +267,7 @@ class Updater:
             await self.handle(NoticeReceived(action.release, datetime.now(UTC), active))
 
     async def _step(self, phase: str, work: Any, release: Release) -> None:
+        event: Event
         try:
             await work(release)
         except DownloadError as exc:
@@ -257,14 +275,17 @@ class Updater:
                 delay = RETRY_DELAYS_S[min(self._retries, len(RETRY_DELAYS_S) - 1)]
                 self._retries += 1
                 await asyncio.sleep(delay)
-            await self.handle(StepFailed(phase, str(exc), retry=exc.retry))  # type: ignore[arg-type]
-            return
+            event = StepFailed(phase, str(exc), retry=exc.retry)  # type: ignore[arg-type]
         except (AgentError, BundleError, OSError) as exc:
             reason = getattr(exc, "message", None) or str(exc)
-            await self.handle(StepFailed(phase, reason))  # type: ignore[arg-type]
-            return
-        self._retries = 0
-        await self.handle(StepDone(phase))  # type: ignore[arg-type]
+            event = StepFailed(phase, reason)  # type: ignore[arg-type]
+        else:
+            self._retries = 0
+            event = StepDone(phase)  # type: ignore[arg-type]
+        # This step's work is over: a retry or the next step may start a task of its own.
+        if self._steps.get(phase) is asyncio.current_task():
+            del self._steps[phase]
+        await self.handle(event)
 
     # ---- steps ---------------------------------------------------------------------------
     async def _download(self, release: Release) -> None:
