@@ -234,17 +234,25 @@ class MqttService:
         return []
 
     # ---- requests ------------------------------------------------------------------------
-    async def _request(self, message: Inbound, model: str) -> list[Outgoing]:
-        message_id = new_request_id()
+    def _route(
+        self, message: Inbound, model: str, message_id: str
+    ) -> tuple[Topic, dict[str, Any], Outgoing | None]:
+        """Where a reply goes (the allowed response topic, else the results topic), the
+        correlation data it carries, or the error to send instead when the topic is refused."""
         target = self._reply_topic(message)
         properties: dict[str, Any] = {}
         if isinstance(target, AgentError):
-            return [
-                self._error(self.scheme.errors(), target, None, message_id, properties, message)
-            ]
-        reply_to = target or self.scheme.results(model)
+            error = self._error(self.scheme.errors(), target, None, message_id, properties, message)
+            return self.scheme.errors(), properties, error
         if message.correlation_data is not None:
             properties["correlation_data"] = message.correlation_data.hex()
+        return target or self.scheme.results(model), properties, None
+
+    async def _request(self, message: Inbound, model: str) -> list[Outgoing]:
+        message_id = new_request_id()
+        reply_to, properties, refused = self._route(message, model, message_id)
+        if refused is not None:
+            return [refused]
         request: ImageRequest | None = None
         try:
             request = parse_request(
@@ -307,15 +315,9 @@ class MqttService:
     async def _generate(self, message: Inbound, model: str) -> list[Outgoing]:
         """Text generation over MQTT: JSON {"prompt"|"messages", "max_tokens", ...}; one reply."""
         message_id = new_request_id()
-        target = self._reply_topic(message)
-        properties: dict[str, Any] = {}
-        if isinstance(target, AgentError):
-            return [
-                self._error(self.scheme.errors(), target, None, message_id, properties, message)
-            ]
-        reply_to = target or self.scheme.results(model)
-        if message.correlation_data is not None:
-            properties["correlation_data"] = message.correlation_data.hex()
+        reply_to, properties, refused = self._route(message, model, message_id)
+        if refused is not None:
+            return [refused]
         client_id: str | None = None
         try:
             document = _json_or_none(message.payload)
