@@ -357,7 +357,3 @@ class InferenceCore:
         for state in self.models.values():
             if state.classifier is not None:
                 state.classifier.close()
-
-
-def probabilities_row(probabilities: NDArray[np.float32]) -> list[float]:
-    return [float(p) for p in probabilities[0]]

@@ -212,14 +212,11 @@ class Updater:
                             f"state not saved: {exc}",
                         )
                     )
-                    self._later(self._retry_event(event), 5.0)
+                    self._later(event, 5.0)
                     return
                 self.state = new
             for action in actions:
                 await self._perform(action)
-
-    def _retry_event(self, event: Event) -> Event:
-        return event
 
     def _later(self, event: Event, delay: float) -> None:
         async def run() -> None:
