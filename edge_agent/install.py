@@ -8,8 +8,10 @@ refused bundle leaves the active one untouched and says why.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from edge_agent import __version__
 from edge_agent.classifier import Classifier, load_classifier
@@ -55,25 +57,45 @@ def check_fits(bundle: VerifiedBundle, profile: HardwareProfile) -> None:
         )
 
 
-def prepare(bundle: VerifiedBundle, profile: HardwareProfile, cache_dir: Path) -> Candidate:
-    """Load a verified bundle and run its golden self-test; raise `BundleRejectedError`."""
-    check_fits(bundle, profile)
+class _Served(Protocol):
+    def close(self) -> None: ...
+
+
+_S = TypeVar("_S", bound=_Served)
+
+
+def _load_and_test(
+    bundle: VerifiedBundle,
+    load: Callable[[], _S],
+    selftest: Callable[[_S], SelfTestReport],
+) -> tuple[_S, SelfTestReport]:
+    """Load a verified bundle and run its self-test; any failure is a `BundleRejectedError`
+    and leaves nothing loaded."""
     try:
-        classifier = load_classifier(bundle, profile, cache_dir)
+        served = load()
     except AgentError as exc:
         raise BundleRejectedError(f"{bundle.bundle_id} cannot be loaded: {exc.message}") from exc
     try:
-        report = run_selftest(classifier)
+        report = selftest(served)
         report.raise_for_failure()
     except AgentError as exc:
-        classifier.close()
+        served.close()
         raise BundleRejectedError(exc.message) from exc
     except BundleError as exc:  # a golden sample the bundle's own pipeline cannot read
-        classifier.close()
+        served.close()
         raise BundleRejectedError(
             f"{bundle.bundle_id} failed its golden self-test: {exc}; the bundle is broken, "
             "rebuild it with model-packager"
         ) from exc
+    return served, report
+
+
+def prepare(bundle: VerifiedBundle, profile: HardwareProfile, cache_dir: Path) -> Candidate:
+    """Load a verified classifier bundle and run its golden self-test."""
+    check_fits(bundle, profile)
+    classifier, report = _load_and_test(
+        bundle, lambda: load_classifier(bundle, profile, cache_dir), run_selftest
+    )
     return Candidate(bundle, classifier, report)
 
 
@@ -94,16 +116,9 @@ def prepare_text(
 ) -> TextCandidate:
     """Load a verified text-generation bundle and replay its golden completions."""
     check_fits(bundle, profile)
-    try:
-        generator = load_generator(bundle, profile, cache_dir)
-    except AgentError as exc:
-        raise BundleRejectedError(f"{bundle.bundle_id} cannot be loaded: {exc.message}") from exc
-    try:
-        report = run_text_selftest(generator)
-        report.raise_for_failure()
-    except AgentError as exc:
-        generator.close()
-        raise BundleRejectedError(exc.message) from exc
+    generator, report = _load_and_test(
+        bundle, lambda: load_generator(bundle, profile, cache_dir), run_text_selftest
+    )
     return TextCandidate(bundle, generator, report)
 
 
