@@ -83,7 +83,15 @@ Dim = Annotated[int | str, PlainValidator(_dimension)]
 Task = Literal["image-classification", "text-generation", "vision-language"]
 Runtime = Literal["onnx", "llama"]
 FileRole = Literal[
-    "model", "model-data", "mmproj", "tokenizer", "knowledge", "golden", "report", "other"
+    "model",
+    "model-data",
+    "mmproj",
+    "tokenizer",
+    "knowledge",
+    "golden",
+    "reference",
+    "report",
+    "other",
 ]
 DType = Literal[
     "float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64",
@@ -112,6 +120,59 @@ class TensorSpec(_Strict):
     shape: tuple[Dim, ...]
 
 
+class QuantRecipe(_Strict):
+    """The knobs of an int8-static quantization (see docs/quantization.md)."""
+
+    name: Text
+    per_channel: bool = True
+    reduce_range: bool = False
+    symmetric_activations: bool = False
+    # Weight scales chosen so that no two adjacent same-sign int8 weights sum past 128: exact
+    # on CPUs whose int8 kernels add pairs of products in 16 bits (no VNNI).
+    pair_safe_scales: bool = False
+    float_nodes: tuple[Text, ...] = ()
+
+
+class Gate(_Strict):
+    """One acceptance gate of validation: a metric against its threshold."""
+
+    name: Text
+    threshold: float
+    value: float
+    passed: bool
+    # What the value was counted on and how it was judged (absent in bundles before 2026-12).
+    hits: Annotated[StrictInt, Field(ge=0)] | None = None
+    count: Annotated[StrictInt, Field(ge=0)] | None = None
+    interval: tuple[float, float] | None = None
+    judged: bool = True
+    basis: str | None = None
+
+
+EvaluationHow = Literal["native", "exact-arithmetic", "emulated", "not-evaluated"]
+
+
+class ClassEvaluation(_Strict):
+    """The candidate's figures on one CPU class (see `edge_bundle.cpu_class`), and how they were
+    obtained: on this class's own hardware, with exact int8 arithmetic (what VNNI/AMX compute),
+    under emulation, or not at all."""
+
+    cpu_class: Text
+    how: EvaluationHow
+    metrics: dict[str, float] = Field(default_factory=dict)
+    gates: tuple[Gate, ...] = ()
+    note: str | None = None
+
+
+class RecipeTrial(_Strict):
+    """One recipe tried at build time: its figures on each CPU class it was evaluated on."""
+
+    recipe: Text
+    evaluations: tuple[ClassEvaluation, ...] = ()
+    speedup_vs_fp32: float | None = None
+    passed: bool
+    note: str | None = None
+
+
 class Quantization(_Strict):
     """How the model was quantized, and on what calibration data."""
 
@@ -122,15 +183,9 @@ class Quantization(_Strict):
     calibration_set_sha256: Sha256Hex | None = None
     calibration_method: Text | None = None
     notes: str | None = None
-
-
-class Gate(_Strict):
-    """One acceptance gate of validation: a metric against its threshold."""
-
-    name: Text
-    threshold: float
-    value: float
-    passed: bool
+    # The int8 recipe chosen by measurement, and every recipe tried with its figures.
+    recipe: QuantRecipe | None = None
+    trials: tuple[RecipeTrial, ...] = ()
 
 
 class Validation(_Strict):
@@ -140,6 +195,33 @@ class Validation(_Strict):
     gates: tuple[Gate, ...] = ()
     waived_reason: Text | None = None
     dataset: str | None = None
+    # Per CPU class: the figures, and which class the gates above judged.
+    cpu_classes: tuple[ClassEvaluation, ...] = ()
+    judged_class: Text | None = None
+
+
+class GateThreshold(_Strict):
+    """A gate the box re-applies to the reference outputs: threshold and minimum input count."""
+
+    name: Literal["top1_agreement", "confident_top1_agreement", "top5_containment"]
+    minimum: Annotated[float, Field(ge=0, le=1)]
+    min_count: Annotated[StrictInt, Field(ge=1)]
+
+
+class ReferenceCheck(_Strict):
+    """fp32 reference outputs of small validation images (thumbnails chosen at packaging).
+
+    The box runs the bundle's model on `inputs` with its own kernels before it serves, compares
+    its probabilities with `outputs_path` (a float32 .npy of shape (len(inputs), classes), read
+    without pickle) and refuses the bundle when agreement is below a gate's interval.
+    `expected` holds the build's own figures on these inputs, per CPU class evaluated.
+    """
+
+    inputs: tuple[RelativePath, ...] = Field(min_length=1)
+    outputs_path: RelativePath
+    confident: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    gates: tuple[GateThreshold, ...] = Field(min_length=1)
+    expected: tuple[ClassEvaluation, ...] = ()
 
 
 class MachineInfo(_Strict):
@@ -235,6 +317,7 @@ class ManifestBody(_Strict):
     lineage: Lineage | None = None
     drift_baseline: dict[str, Any] | None = None
     golden: Golden | None = None
+    reference_check: ReferenceCheck | None = None
     min_agent_version: SemVer = "0.1.0"
     knowledge_path: RelativePath | None = None
     # Text generation (runtime "llama"): how to run it and what it must reproduce.
@@ -282,6 +365,8 @@ class Manifest(ManifestBody):
         if self.generation is not None and self.generation.chat_template is not None:
             referenced.append(self.generation.chat_template.path)
         referenced += [s.input_path for s in (self.golden.samples if self.golden else ())]
+        if self.reference_check is not None:
+            referenced += [*self.reference_check.inputs, self.reference_check.outputs_path]
         missing = sorted(set(referenced) - set(paths))
         if missing:
             raise ValueError(f"{missing} are referenced but not listed in files; add them")

