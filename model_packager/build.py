@@ -419,6 +419,9 @@ def _report_data(
         golden_tolerance=body.golden.tolerance,
         golden_k=max((len(s.expected_topk) for s in body.golden.samples), default=0),
         accuracy=accuracy,
+        judged_class=validation.judged_class,
+        classes=validation.cpu_classes,
+        trials=body.quantization.trials if body.quantization else (),
     )
 
 

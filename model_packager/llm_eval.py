@@ -6,8 +6,10 @@ checked in a child process that llama.cpp can read the file. Likelihood is measu
 at most `EVAL_WINDOW` tokens, each starting after BOS, so memory stays bounded (llama.cpp keeps
 one row of logits per token); reference and candidate see exactly the same windows.
 
-The golden completion is produced the way the agent replays it: `create_completion(prompt,
-max_tokens, temperature=0)` — greedy, no repetition penalty, no stop strings.
+The golden completion is produced the way the agent replays it: from an empty llama.cpp state
+(`edge_bundle.llama_state.clear_state`, so no earlier request's prefix is reused), at the
+profile's threads and the bundle's context, `create_completion(prompt, max_tokens,
+temperature=0)` — greedy, no repetition penalty, no stop strings.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from edge_bundle.llama_state import clear_state
 from model_packager.benchmark import Timing
 from model_packager.errors import ExportError, PackagerError
 
@@ -171,7 +174,7 @@ def _log_probabilities(
 
 def golden_completion(llm: Any, prompt: str, max_tokens: int) -> str:
     """The greedy completion of `prompt`, as the agent's self-test replays it."""
-    llm.reset()
+    clear_state(llm)
     out = llm.create_completion(
         prompt, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0, stream=False
     )
@@ -202,8 +205,9 @@ def measure_generation(llm: Any, text: str, *, tokens: int) -> GenerationTiming:
 
 def _generate(llm: Any, prompt: list[int], count: int) -> list[float]:
     """Milliseconds before each of `count` greedily generated tokens (the first includes the
-    prompt). EOS does not stop it: the benchmark wants a fixed amount of work."""
-    llm.reset()
+    prompt). EOS does not stop it: the benchmark wants a fixed amount of work. Like every request
+    on the box, it starts from an empty state."""
+    clear_state(llm)
     intervals = []
     last = time.perf_counter()
     for produced, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True), start=1):

@@ -479,13 +479,3 @@ class _ArrayReader:
 
     def __len__(self) -> int:
         return len(self._batches)
-
-
-def needs_reduce_range(features: Sequence[str], arch: str) -> bool:
-    """True for x86-64 CPUs without VNNI. ONNX Runtime multiplies uint8 activations by int8
-    weights there with 16-bit saturating instructions (vpmaddubsw); with the full weight range
-    the sums overflow and accuracy drops badly on some networks. ONNX Runtime's remedy is a 7-bit
-    weight range. Measured on a real EfficientNet-Lite0 on an AVX2-only EPYC, confident top-1
-    agreement with fp32: full range 87.5%, 7-bit 95.5% (1.5x faster than fp32); uint8 weights
-    gave 98.9% but ran 5.7x slower than fp32. With VNNI (or on ARM) the full range is exact."""
-    return arch == "x86_64" and not ({"avx512_vnni", "avx_vnni"} & set(features))

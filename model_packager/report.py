@@ -17,7 +17,7 @@ from typing import Any
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import Markup
 
-from edge_bundle.manifest import Gate
+from edge_bundle.manifest import ClassEvaluation, Gate, RecipeTrial
 
 MAX_MATRIX_CLASSES = 30
 
@@ -52,6 +52,9 @@ class ReportData:
     golden_k: int
     accuracy: tuple[float, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    judged_class: str | None = None
+    classes: tuple[ClassEvaluation, ...] = ()
+    trials: tuple[RecipeTrial, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,24 @@ def render_llm_report(data: LlmReportData) -> str:
     return _render("templates/report_llm.html.j2", view)
 
 
+def _class_row(record: ClassEvaluation) -> dict[str, Any]:
+    def share(name: str, count: str) -> str:
+        value = record.metrics.get(name)
+        if value is None:
+            return "–"
+        return f"{100 * value:.1f} % of {record.metrics.get(count, 0):.0f}"
+
+    return {
+        "cpu_class": record.cpu_class,
+        "how": record.how,
+        "note": record.note,
+        "confident": share("confident_top1_agreement", "confident_samples"),
+        "top1": share("top1_agreement", "samples"),
+        "top5": share("top5_containment", "samples"),
+        "passed": all(gate.passed for gate in record.gates),
+    }
+
+
 def _render(template: str, view: dict[str, Any]) -> str:
     env = ImmutableSandboxedEnvironment(autoescape=True)
     files = resources.files("model_packager")
@@ -133,6 +154,9 @@ def _view(data: ReportData) -> dict[str, Any]:
         "dataset": data.dataset,
         "metrics": [(name, _number(value)) for name, value in sorted(data.metrics.items())],
         "gates": data.gates,
+        "judged_class": data.judged_class,
+        "classes": [_class_row(c) for c in data.classes],
+        "trials": data.trials,
         "notes": data.notes,
         "labels": data.labels,
         "confusion_rows": "true label"
