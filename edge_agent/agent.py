@@ -25,7 +25,6 @@ from edge_agent.feedback import FeedbackStore, make_record
 from edge_agent.generation import GenerationService, GeneratorState
 from edge_agent.install import (
     AnyCandidate,
-    Candidate,
     TextCandidate,
     check_memory,
     prepare,
@@ -34,9 +33,12 @@ from edge_agent.install import (
 )
 from edge_agent.metrics import AgentMetrics
 from edge_agent.records import RequestRecords
+from edge_agent.reference_check import ReferenceReport
+from edge_agent.reference_check import status as reference_status
 from edge_agent.selftest import run_selftest
 from edge_agent.settings import AgentSettings
 from edge_agent.store import BundleStore
+from edge_bundle.cpu_class import host_class
 from edge_bundle.errors import BundleError
 from edge_bundle.profiles import HardwareProfile, load_profile
 from edge_bundle.signing import TrustStore
@@ -195,6 +197,8 @@ class Agent:
             if state.classifier is not None:
                 entry.update(state.classifier.describe())
             entry["selftest"] = state.last_selftest
+            if state.reference_check is not None:
+                entry["reference_check"] = state.reference_check
             entry["installed_versions"] = self.store.versions(name)
             described.append(entry)
         for name, text_state in sorted(self.generation.models.items()):
@@ -207,6 +211,24 @@ class Agent:
             entry["installed_versions"] = self.store.versions(name)
             described.append(entry)
         return described
+
+    @functools.cached_property
+    def cpu_class(self) -> str:
+        """This box's CPU class (how its int8 kernels compute; see `edge_bundle.cpu_class`)."""
+        return str(host_class())
+
+    def reference_check(
+        self, classifier: Classifier, report: ReferenceReport | None = None
+    ) -> dict[str, Any]:
+        """What GET /v1/models says of a classifier's reference check: `report` when it just ran,
+        else the outcome the store recorded at install."""
+        manifest = classifier.bundle.manifest
+        recorded = (
+            report.to_json()
+            if report is not None
+            else self.store.reference_check(manifest.name, manifest.version)
+        )
+        return reference_status(manifest, recorded, self.cpu_class)
 
     def prepare_candidate(self, name: str, version: int) -> Classifier:
         """An installed (not active) classifier version, loaded and self-tested, for shadowing."""
@@ -259,10 +281,16 @@ class Agent:
                 manifest.bundle_id,
                 candidate.selftest.seconds * 1000,
             )
-            served = (
-                candidate.classifier if isinstance(candidate, Candidate) else candidate.generator
-            )
-            return {"activated": served.describe(), "selftest": _selftest_json(candidate)}
+            if isinstance(candidate, TextCandidate):
+                return {
+                    "activated": candidate.generator.describe(),
+                    "selftest": _selftest_json(candidate),
+                }
+            return {
+                "activated": candidate.classifier.describe(),
+                "selftest": _selftest_json(candidate),
+                "reference_check": self.core.models[manifest.name].reference_check,
+            }
 
     async def reload(self) -> None:
         """Load whatever the store marks active now (after a CLI install; SIGHUP)."""
@@ -282,7 +310,10 @@ class Agent:
         self.core.set_model(
             name,
             ModelState(
-                "ready", classifier=candidate.classifier, last_selftest=_selftest_json(candidate)
+                "ready",
+                classifier=candidate.classifier,
+                last_selftest=_selftest_json(candidate),
+                reference_check=self.reference_check(candidate.classifier, candidate.reference),
             ),
         )
 

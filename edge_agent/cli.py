@@ -1,7 +1,7 @@
 """The `edge-agent` command line: the device-side entry point.
 
     edge-agent serve    [--config FILE] [options]   run the agent (HTTP; SIGTERM drains)
-    edge-agent install  BUNDLE [--no-activate]      verify, self-test and activate a bundle
+    edge-agent install  BUNDLE [--no-activate]      verify, self-test, reference-check, activate
     edge-agent models                               what the store holds and what is active
     edge-agent export-feedback --out DIR            technicians' feedback as a retraining dataset
     edge-agent doctor                               check this installation can run the agent
@@ -73,13 +73,14 @@ def _serve(args: argparse.Namespace) -> int:
 def _install(args: argparse.Namespace) -> int:
     from edge_agent.agent import build_profile, build_store
     from edge_agent.install import Candidate, stage_and_prepare
+    from edge_agent.reference_check import not_carried_warning
 
     settings = _settings(args)
     _configure_logging(settings.log_level)
     store = build_store(settings)
     profile = build_profile(settings)
     candidate = stage_and_prepare(
-        store, args.bundle, profile, settings.cache_dir, settings.memory_budget_mb
+        store, args.bundle, profile, settings.cache_dir, settings.memory_budget_mb, warn=False
     )
     manifest = candidate.bundle.manifest
     report = candidate.selftest
@@ -88,6 +89,14 @@ def _install(args: argparse.Namespace) -> int:
         f"golden self-test passed: {report.samples} samples, max deviation "
         f"{report.max_deviation:.2e} <= {report.tolerance}"
     )
+    if isinstance(candidate, Candidate):
+        if candidate.reference is not None:
+            print(candidate.reference.summary())
+        else:
+            print(
+                f"edge-agent: warning: {not_carried_warning(str(manifest.bundle_id))}",
+                file=sys.stderr,
+            )
     (candidate.classifier if isinstance(candidate, Candidate) else candidate.generator).close()
     if args.no_activate:
         print(f"installed {manifest.bundle_id}, not activated")

@@ -81,6 +81,8 @@ class ModelState:
     reason: str = ""
     classifier: Classifier | None = None
     last_selftest: dict[str, Any] | None = None
+    # What GET /v1/models says of the reference check (`edge_agent.reference_check.status`).
+    reference_check: dict[str, Any] | None = None
 
 
 class InferenceCore:

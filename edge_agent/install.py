@@ -1,8 +1,10 @@
 """Installing a bundle: verify, check it fits this device, load it, self-test it, then activate.
 
-The one path for every way a bundle arrives: `edge-agent install`, the admin HTTP route, and (in
-the update work) bundles pushed over MQTT. Nothing is activated until every check has passed; a
-refused bundle leaves the active one untouched and says why.
+The one path for every way a bundle arrives: `edge-agent install`, the admin HTTP route, and
+bundles pushed over MQTT (the updater's staging). Nothing is activated until every check has
+passed; a refused bundle leaves the active one untouched and says why. A classifier arriving on
+the box is also checked against the fp32 reference outputs it carries (`reference_check`), once:
+loading an installed bundle again at start-up runs the golden self-test only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from edge_agent import __version__
 from edge_agent.classifier import Classifier, load_classifier
 from edge_agent.errors import AgentError, BundleRejectedError
 from edge_agent.generator import Generator, load_generator, run_text_selftest
+from edge_agent.reference_check import ReferenceReport, not_carried_warning, run_reference_check
 from edge_agent.selftest import SelfTestReport, run_selftest
 from edge_agent.store import BundleStore
 from edge_bundle.bundle import VerifiedBundle
@@ -34,6 +37,8 @@ class Candidate:
     bundle: VerifiedBundle
     classifier: Classifier
     selftest: SelfTestReport
+    # The reference check, when it ran (install, staging) and the bundle carries references.
+    reference: ReferenceReport | None = None
 
 
 def check_fits(bundle: VerifiedBundle, profile: HardwareProfile) -> None:
@@ -90,13 +95,46 @@ def _load_and_test(
     return served, report
 
 
-def prepare(bundle: VerifiedBundle, profile: HardwareProfile, cache_dir: Path) -> Candidate:
-    """Load a verified classifier bundle and run its golden self-test."""
+def prepare(
+    bundle: VerifiedBundle,
+    profile: HardwareProfile,
+    cache_dir: Path,
+    *,
+    check_references: bool = False,
+) -> Candidate:
+    """Load a verified classifier bundle and run its golden self-test.
+
+    `check_references` (a bundle arriving on this box: install, update staging) then also runs
+    the reference check; a bundle that fails it, or carries a malformed one, is refused.
+    """
     check_fits(bundle, profile)
     classifier, report = _load_and_test(
         bundle, lambda: load_classifier(bundle, profile, cache_dir), run_selftest
     )
-    return Candidate(bundle, classifier, report)
+    if not check_references:
+        return Candidate(bundle, classifier, report)
+    try:
+        reference = run_reference_check(classifier, profile=profile.name)
+        if reference is not None:
+            reference.raise_for_failure()
+    except AgentError:
+        classifier.close()
+        raise
+    return Candidate(bundle, classifier, report, reference)
+
+
+def record_reference(store: BundleStore, candidate: Candidate, *, warn: bool = True) -> None:
+    """Keep a passed reference check's outcome in the store, for `GET /v1/models` later; `warn`
+    logs a bundle that carries no references (the CLI prints that itself)."""
+    if candidate.reference is None:
+        if warn and candidate.bundle.manifest.reference_check is None:
+            log.warning("%s", not_carried_warning(str(candidate.bundle.bundle_id)))
+        return
+    manifest = candidate.bundle.manifest
+    try:
+        store.save_reference_check(manifest.name, manifest.version, candidate.reference.to_json())
+    except (AgentError, OSError) as exc:  # the check passed; only its record is missing
+        log.warning("cannot record the reference check of %s: %s", manifest.bundle_id, exc)
 
 
 @dataclass
@@ -122,11 +160,17 @@ def prepare_text(
     return TextCandidate(bundle, generator, report)
 
 
-def prepare_any(bundle: VerifiedBundle, profile: HardwareProfile, cache_dir: Path) -> AnyCandidate:
+def prepare_any(
+    bundle: VerifiedBundle,
+    profile: HardwareProfile,
+    cache_dir: Path,
+    *,
+    check_references: bool = False,
+) -> AnyCandidate:
     """`prepare` or `prepare_text`, by the bundle's task."""
     if bundle.manifest.task == "text-generation":
         return prepare_text(bundle, profile, cache_dir)
-    return prepare(bundle, profile, cache_dir)
+    return prepare(bundle, profile, cache_dir, check_references=check_references)
 
 
 #: Per context token, an upper bound of the KV cache of the small models boxes run (f16).
@@ -135,7 +179,8 @@ KV_MB_PER_TOKEN = 0.05
 
 def memory_estimate_mb(manifest: Manifest) -> float:
     """What a bundle needs in memory once loaded: its model files (mapped or copied, plus runtime
-    arenas, +20%) and, for a language model, the KV cache of its context."""
+    arenas, +20%) and, for a language model, the KV cache of its context. Golden samples,
+    reference inputs and outputs, knowledge and reports are read once at most, never kept."""
     weights = sum(f.size for f in manifest.files if f.role in ("model", "model-data", "mmproj"))
     estimate = weights / 1e6 * 1.2
     if manifest.generation is not None:
@@ -174,13 +219,19 @@ def stage_and_prepare(
     profile: HardwareProfile,
     cache_dir: Path,
     budget_mb: int | None = None,
+    *,
+    warn: bool = True,
 ) -> AnyCandidate:
-    """Verify and store `bundle_file`, check it fits, load and self-test it (not activated)."""
+    """Verify and store `bundle_file`, check it fits, load, self-test and reference-check it
+    (not activated)."""
     bundle = store.stage(bundle_file)
     try:
         check_memory(store, bundle, budget_mb or profile.budgets.memory_mb)
-        return prepare_any(bundle, profile, cache_dir)
+        candidate = prepare_any(bundle, profile, cache_dir, check_references=True)
     except BundleRejectedError:
         if store.active_version(bundle.manifest.name) != bundle.manifest.version:
             store.remove(bundle.manifest.name, bundle.manifest.version)
         raise
+    if isinstance(candidate, Candidate):
+        record_reference(store, candidate, warn=warn)
+    return candidate

@@ -2,6 +2,7 @@
 
     STORE/bundles/NAME/VERSION/        an extracted, verified bundle (never modified after install)
     STORE/bundles/NAME/VERSION.json    install record: bundle sha256, signer, when
+    STORE/bundles/NAME/VERSION.reference.json   the reference check's outcome at install, if run
     STORE/active/NAME                  symlink -> ../bundles/NAME/VERSION, swapped atomically
     STORE/staging/                     extraction in progress (cleared at start)
 
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from edge_agent.errors import BundleRejectedError, ConfigError, UnknownModelError
 from edge_bundle.archive import ArchiveLimits
@@ -122,7 +124,24 @@ class BundleStore:
                 f"the install record {path} is unreadable ({exc}); install {name}@{version} again"
             ) from exc
 
+    def reference_check(self, name: str, version: int) -> dict[str, Any] | None:
+        """The reference check's outcome recorded at install; None when none is (readable)."""
+        path = self._reference_path(BundleId(name, version))
+        try:
+            report = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return report if isinstance(report, dict) else None
+
     # ---- writing -------------------------------------------------------------------------
+    def save_reference_check(self, name: str, version: int, report: dict[str, Any]) -> None:
+        """Record the reference check's outcome beside the install record (the bundle's own
+        directory is never modified)."""
+        bundle_id = BundleId(name, version)
+        if not self._directory(bundle_id).is_dir():
+            raise UnknownModelError(f"{bundle_id} is not installed")
+        write_atomically(self._reference_path(bundle_id), json.dumps(report).encode())
+
     def stage(self, bundle_file: Path) -> VerifiedBundle:
         """Verify `bundle_file` and add it to the store (not active yet); return it.
 
@@ -185,6 +204,7 @@ class BundleStore:
             directory = self._directory(BundleId(name, version))
             shutil.rmtree(directory, ignore_errors=True)
             directory.with_suffix(".json").unlink(missing_ok=True)
+            self._reference_path(BundleId(name, version)).unlink(missing_ok=True)
 
     def deactivate(self, name: str) -> None:
         """Serve no version of `name` any more (a first install that was rolled back)."""
@@ -210,6 +230,9 @@ class BundleStore:
 
     def _directory(self, bundle_id: BundleId) -> Path:
         return self.root / "bundles" / bundle_id.name / str(bundle_id.version)
+
+    def _reference_path(self, bundle_id: BundleId) -> Path:
+        return self._directory(bundle_id).with_suffix(".reference.json")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -77,6 +77,8 @@ def guess_role(name: str) -> FileRole:
     base = name.rsplit("/", 1)[-1].lower()
     if name.startswith("golden/"):
         return "golden"
+    if name.startswith("reference/"):
+        return "reference"
     if base.startswith("mmproj") and base.endswith(".gguf"):
         return "mmproj"
     if base.endswith((".onnx", ".gguf")):

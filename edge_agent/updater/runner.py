@@ -24,7 +24,7 @@ import numpy as np
 from edge_agent import faults
 from edge_agent.core import ModelState
 from edge_agent.errors import AgentError
-from edge_agent.install import Candidate, check_fits, prepare
+from edge_agent.install import Candidate, check_fits, prepare, record_reference
 from edge_agent.updater import persist
 from edge_agent.updater.download import DownloadError, discard, download
 from edge_agent.updater.machine import (
@@ -314,12 +314,15 @@ class Updater:
     async def _stage(self, release: Release) -> None:
         def work() -> Candidate:
             bundle = self.agent.store.open(release.name, release.version)
-            candidate = prepare(bundle, self.agent.profile, self.settings.cache_dir)
+            candidate = prepare(
+                bundle, self.agent.profile, self.settings.cache_dir, check_references=True
+            )
             try:
                 self._check_latency(candidate)
             except AgentError:
                 candidate.classifier.close()
                 raise
+            record_reference(self.agent.store, candidate)
             return candidate
 
         self._candidate = await asyncio.to_thread(work)
@@ -364,7 +367,14 @@ class Updater:
         faults.hit("update.swapped-store")
         core.set_model(
             release.name,
-            ModelState("ready", classifier=candidate.classifier, last_selftest=None),
+            ModelState(
+                "ready",
+                classifier=candidate.classifier,
+                last_selftest=None,
+                reference_check=self.agent.reference_check(
+                    candidate.classifier, candidate.reference
+                ),
+            ),
             close_previous=False,
         )
         self._swap = _Swap(
@@ -441,7 +451,14 @@ class Updater:
                     prepare, bundle, self.agent.profile, self.settings.cache_dir
                 )
                 previous = candidate.classifier
-            core.set_model(release.name, ModelState("ready", classifier=previous))
+            core.set_model(
+                release.name,
+                ModelState(
+                    "ready",
+                    classifier=previous,
+                    reference_check=self.agent.reference_check(previous),
+                ),
+            )
         with contextlib.suppress(AgentError, OSError):
             if store.active_version(release.name) != release.version:
                 await asyncio.to_thread(store.remove, release.name, release.version)

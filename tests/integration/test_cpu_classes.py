@@ -160,7 +160,7 @@ def test_emulated_avx2_runs_the_model_under_qemu(ws: dict[str, Path], tmp_path: 
         recipe=recipes.PAIR_SAFE,
     )  # fmt: skip
     plan = ClassPlan(CpuClass.X86_AVX2, "emulated", "test")
-    emulated = class_eval._run_emulated(model, inputs, 1)  # noqa: SLF001
+    emulated = class_eval._run_emulated(model, inputs, 1)
     exact = class_eval.run(ClassPlan(CpuClass.X86_VNNI, "exact-arithmetic", ""), model, inputs, 1)
     assert plan.how == "emulated"
     np.testing.assert_array_equal(emulated, exact)

@@ -79,6 +79,9 @@ def test_real_model_passes_default_gates_on_avx2_and_the_build_class(tmp_path: P
     assert manifest.quantization.recipe.pair_safe_scales
     assert manifest.reference_check is not None
     assert len(manifest.reference_check.inputs) == 64
+    roles = {entry.path: entry.role for entry in manifest.files}
+    assert all(roles[path] == "reference" for path in manifest.reference_check.inputs)
+    assert roles[manifest.reference_check.outputs_path] == "reference"
     model_entry = manifest.file("model.onnx")
     model = realdata.real_model_onnx()
     assert model_entry is not None and model.stat().st_size / model_entry.size >= 3.5

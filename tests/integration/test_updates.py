@@ -20,6 +20,7 @@ import pytest
 
 from tests.agent_support import AgentProcess, Keys, build_bundle, jpeg, make_keys, run_agent
 from tests.mqtt_support import Broker, TestClient, body, running_broker
+from tests.unit.agent_fixtures import with_references
 from tests.update_support import (
     always_nan_bytes,
     file_server,
@@ -128,13 +129,17 @@ def predict(agent: AgentProcess, image: bytes | None = None) -> httpx.Response:
 def test_happy_path(tmp_path: Path, state: Path, keys: Keys, broker: Broker, files: Any) -> None:
     directory, url, log = files
     signing, public = release_key(tmp_path / "release")
-    v2 = build_bundle(tmp_path / "v2", keys, version=2, seed=9)
-    (directory / "defects-2.bundle").write_bytes(v2.path.read_bytes())
+    v2 = with_references(
+        build_bundle(tmp_path / "v2", keys, version=2, seed=9), tmp_path / "defects-2.bundle"
+    )
+    (directory / "defects-2.bundle").write_bytes(v2.read_bytes())
     env = update_env(broker, public)
     with run_agent(state, "--trusted-key", str(keys.public), env=env) as agent:
         agent.wait_ready()
+        before = httpx.get(f"{agent.url}/v1/models/defects").json()["reference_check"]
+        assert before["status"] == "not-carried"
         watcher = Watcher(broker.port)
-        publish(broker, signed_notice(signing, v2.path, f"{url}/defects-2.bundle", sequence=100))
+        publish(broker, signed_notice(signing, v2, f"{url}/defects-2.bundle", sequence=100))
         committed = watcher.wait("committed", sequence=100)
         phases = [r["phase"] for r in watcher.reports() if r["sequence"] == 100]
         watcher.close()
@@ -143,6 +148,9 @@ def test_happy_path(tmp_path: Path, state: Path, keys: Keys, broker: Broker, fil
         assert predict(agent).json()["model"]["version"] == 2
         updates = httpx.get(f"{agent.url}/v1/updates").json()
         assert updates["state"]["phase"] == "committed"
+        checked = httpx.get(f"{agent.url}/v1/models/defects").json()["reference_check"]
+        assert checked["status"] == "passed"  # checked at staging
+        assert checked["figures"]["top1_agreement"]["value"] == 1.0
     assert log.ranges == [None]  # one plain download
 
 
@@ -270,6 +278,7 @@ def test_interrupted_download_resumes(
         ("fails to load", "cannot be loaded"),
         ("outputs NaN", "non-finite"),
         ("fails golden", "golden self-test"),
+        ("disagrees with its references", "disagrees with its fp32 reference outputs"),
     ],
 )
 def test_bad_bundles_are_refused_at_staging(
@@ -281,20 +290,32 @@ def test_bad_bundles_are_refused_at_staging(
         "fails to load": {"model_bytes": b"this is not an onnx model"},
         "outputs NaN": {"model_bytes": always_nan_bytes()},
         "fails golden": {"golden_offset": 0.05},
+        "disagrees with its references": {},
     }[kind]
-    bad = build_bundle(tmp_path / "bad", keys, version=2, **options)
-    (directory / "bad.bundle").write_bytes(bad.path.read_bytes())
+    built = build_bundle(tmp_path / "bad", keys, version=2, **options)
+    bad = built.path
+    if kind == "disagrees with its references":
+        bad = with_references(built, tmp_path / "permuted.bundle", outputs=_rotated)
+    (directory / "bad.bundle").write_bytes(bad.read_bytes())
     with run_agent(
         state, "--trusted-key", str(keys.public), env=update_env(broker, public)
     ) as agent:
         agent.wait_ready()
         watcher = Watcher(broker.port)
-        publish(broker, signed_notice(signing, bad.path, f"{url}/bad.bundle", sequence=3))
+        publish(broker, signed_notice(signing, bad, f"{url}/bad.bundle", sequence=3))
         report = watcher.wait("refused", sequence=3)
         watcher.close()
         assert report["phase"] == "staging", report
         assert words in report["reason"], report
         assert predict(agent).json()["model"]["version"] == 1
+    assert not (state / "store" / "bundles" / "defects" / "2").exists()
+
+
+def _rotated(probabilities: Any) -> Any:
+    """Reference outputs whose every top-1 names another class than the model's."""
+    import numpy as np
+
+    return np.roll(probabilities, 1, axis=1)
 
 
 def traffic(agent: AgentProcess, stop: threading.Event, results: list[int], image: bytes) -> None:

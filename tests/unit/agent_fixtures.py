@@ -1,9 +1,9 @@
 """Shared helpers for the edge agent's unit tests.
 
 Trust stores and bundle stores over `tests.agent_support` keys, doctored bundle files (a flipped
-byte, no signature, a re-signed manifest with other fields), settings isolated from the developer's
-environment, and a directory listing for "nothing was left behind" checks. Plain functions, not
-fixtures, so each test module states the fixtures it uses.
+byte, no signature, a re-signed manifest with other fields, fp32 reference outputs added),
+settings isolated from the developer's environment, and a directory listing for "nothing was left
+behind" checks. Plain functions, not fixtures, so each test module states the fixtures it uses.
 """
 
 from __future__ import annotations
@@ -14,15 +14,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from edge_agent.settings import ENV_PREFIX, AgentSettings, load_settings
 from edge_agent.store import BundleStore
 from edge_bundle.archive import write_archive
-from edge_bundle.bundle import write_bundle
-from edge_bundle.manifest import MANIFEST_FILE, SIGNATURES_FILE, Manifest, ManifestBody
+from edge_bundle.bundle import SourceFile, write_bundle
+from edge_bundle.manifest import (
+    MANIFEST_FILE,
+    SIGNATURES_FILE,
+    ClassEvaluation,
+    GateThreshold,
+    Manifest,
+    ManifestBody,
+    ReferenceCheck,
+)
+from edge_bundle.preprocess import load_spec, preprocess_bytes
+from edge_bundle.scores import to_probabilities
 from edge_bundle.signing import TrustStore
-from tests.agent_support import BuiltBundle, Keys
+from tests.agent_support import SPEC, BuiltBundle, Keys, jpeg
 
 GENERIC_PROFILE = "generic-x86-64-avx2"
 ADMIN_TOKEN = "an-admin-token-of-some-length"
@@ -67,13 +79,79 @@ def unsigned_copy(bundle: Path, out: Path) -> Path:
 
 
 def resigned(
-    built: BuiltBundle, out: Path, files: dict[str, Path] | None = None, **changes: Any
+    built: BuiltBundle,
+    out: Path,
+    files: dict[str, Path | SourceFile] | None = None,
+    **changes: Any,
 ) -> Path:
     """`built` with manifest fields (and `files`) changed, hashed and signed by its own key."""
     manifest = Manifest.from_bytes(members(built.path)[MANIFEST_FILE])
     data = {k: getattr(manifest, k) for k in ManifestBody.model_fields}
     body = ManifestBody.model_validate({**data, **changes})
     return write_bundle(out, {**built.files, **(files or {})}, body, built.keys.key)
+
+
+REFERENCE_GATES = (
+    GateThreshold(name="top1_agreement", minimum=0.9, min_count=8),
+    GateThreshold(name="top5_containment", minimum=0.95, min_count=8),
+    # Never judged on a dozen inputs: reported, not failed.
+    GateThreshold(name="confident_top1_agreement", minimum=0.9, min_count=1000),
+)
+
+
+def reference_outputs(built: BuiltBundle, count: int = 12) -> tuple[dict[str, Path], NDArray[Any]]:
+    """`count` JPEG thumbnails and the fp32 probabilities of `built`'s model on them, computed
+    through `edge_bundle.preprocess` as the packager computes them."""
+    import onnxruntime as ort
+
+    folder = built.path.parent / f"{built.name}-{built.version}-reference"
+    folder.mkdir(parents=True, exist_ok=True)
+    session = ort.InferenceSession(
+        str(built.files["model.onnx"]), providers=["CPUExecutionProvider"]
+    )
+    spec = load_spec(SPEC)
+    inputs, rows = {}, []
+    for index in range(count):
+        data = jpeg(300 + index, (48, 64))
+        path = folder / f"{index:02d}.jpg"
+        path.write_bytes(data)
+        inputs[f"reference/{index:02d}.jpg"] = path
+        logits = session.run(None, {"x": preprocess_bytes(data, spec)})[0]
+        rows.append(to_probabilities(logits, "logits")[0])
+    return inputs, np.stack(rows).astype(np.float32)
+
+
+def with_references(
+    built: BuiltBundle,
+    out: Path,
+    *,
+    outputs: Callable[[NDArray[Any]], NDArray[Any]] | None = None,
+    outputs_file: Path | None = None,
+    gates: tuple[GateThreshold, ...] = REFERENCE_GATES,
+    expected: tuple[ClassEvaluation, ...] = (),
+    count: int = 12,
+    garbled: tuple[str, ...] = (),
+) -> Path:
+    """`built` re-signed with a reference check: thumbnails and their fp32 outputs, changed by
+    `outputs` (a function of the true ones) or replaced by the file `outputs_file`; the inputs
+    named in `garbled` are replaced by bytes that are no image."""
+    inputs, true_outputs = reference_outputs(built, count)
+    for name in garbled:
+        inputs[name].write_bytes(b"not an image at all")
+    if outputs_file is None:
+        outputs_file = out.parent / f"{out.stem}-reference.npy"
+        np.save(outputs_file, outputs(true_outputs) if outputs else true_outputs)
+    check = ReferenceCheck(
+        inputs=tuple(inputs),
+        outputs_path="reference/outputs.npy",
+        gates=gates,
+        expected=expected,
+    )
+    files: dict[str, Path | SourceFile] = {
+        name: SourceFile(path, "reference") for name, path in inputs.items()
+    }
+    files["reference/outputs.npy"] = SourceFile(outputs_file, "reference")
+    return resigned(built, out, files=files, reference_check=check)
 
 
 def files_under(root: Path) -> list[str]:

@@ -21,6 +21,7 @@ from edge_agent.agent import Agent
 from edge_agent.http.app import create_app
 from edge_agent.http.errors import error_response, status_for
 from edge_bundle import errors as bundle_errors
+from edge_bundle.cpu_class import host_class
 from tests.agent_support import BuiltBundle, Keys, build_bundle, jpeg, make_keys
 from tests.unit.agent_fixtures import (
     ADMIN_TOKEN,
@@ -30,6 +31,7 @@ from tests.unit.agent_fixtures import (
     resigned,
     store_for,
     wait_for,
+    with_references,
 )
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -202,6 +204,15 @@ def test_readyz_describes_the_loaded_model(served: Served) -> None:
     assert (model["name"], model["version"], model["status"]) == ("defects", 1, "ready")
     assert model["selftest"]["passed"] is True
     assert model["signed_by"] == served.keys.key.key_id
+
+
+def test_a_model_without_references_is_listed_with_a_warning(served: Served) -> None:
+    model = served.client.get("/v1/models/defects").json()
+    check = model["reference_check"]
+    assert check["status"] == "not-carried"
+    assert "defects@1 carries no fp32 reference outputs" in check["warning"]
+    [listed] = served.client.get("/v1/models").json()["models"]
+    assert listed["reference_check"] == check
 
 
 def test_healthz(served: Served) -> None:
@@ -551,3 +562,62 @@ def test_installing_version_2_swaps_the_served_model(fresh: Served, tmp_path: Pa
 def test_an_empty_install_body_is_a_bad_request(fresh: Served) -> None:
     response = fresh.client.post("/v1/admin/bundles", content=b"", headers=ADMIN)
     assert "empty" in assert_error(response, 400, "bad_request")["message"]
+
+
+# ---- the reference check ------------------------------------------------------------------------
+def test_install_route_runs_the_reference_check_and_models_show_it(
+    fresh: Served, tmp_path: Path
+) -> None:
+    checked = with_references(build_bundle(tmp_path, fresh.keys), tmp_path / "checked.bundle")
+    response = fresh.client.post("/v1/admin/bundles", content=checked.read_bytes(), headers=ADMIN)
+    assert response.status_code == 201, response.text
+    shown = response.json()["reference_check"]
+    assert shown["status"] == "passed"
+    assert shown["cpu_class"] == str(host_class())
+    assert shown["figures"]["top1_agreement"]["value"] == 1.0
+    assert shown["figures"]["top1_agreement"]["count"] == 12
+    assert "warning" not in shown
+    assert fresh.client.get("/v1/models/defects").json()["reference_check"] == shown
+
+
+def test_a_bundle_disagreeing_with_its_references_is_refused_over_http(
+    fresh: Served, tmp_path: Path
+) -> None:
+    client = fresh.client
+    first = build_bundle(tmp_path, fresh.keys)
+    assert client.post("/v1/admin/bundles", content=first.path.read_bytes(), headers=ADMIN)
+    before = answer(predict(client))
+    second = build_bundle(tmp_path, fresh.keys, version=2, seed=11)
+    bad = with_references(second, tmp_path / "bad.bundle", outputs=lambda p: p[:, [1, 2, 0]])
+    response = client.post("/v1/admin/bundles", content=bad.read_bytes(), headers=ADMIN)
+    message = assert_error(response, 422, "bundle_rejected")["message"]
+    assert "defects@2 disagrees with its fp32 reference outputs" in message
+    assert "top1_agreement 0.0000 (0/12" in message
+    assert "the build did not evaluate this class" in message
+    assert answer(predict(client)) == before
+    assert fresh.agent.store.versions("defects") == [1]
+    assert client.get("/v1/models/defects").json()["reference_check"]["status"] == "not-carried"
+
+
+def test_the_check_recorded_at_install_is_shown_after_a_restart(tmp_path: Path) -> None:
+    """Start-up does not run the check again; it shows the one recorded when it was installed."""
+    from edge_agent.install import stage_and_prepare
+    from edge_bundle.profiles import load_profile
+
+    keys = make_keys(tmp_path / "keys")
+    checked = with_references(build_bundle(tmp_path, keys), tmp_path / "checked.bundle")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        clean_environment(monkeypatch)
+        settings = agent_settings(tmp_path / "state", keys)
+    store = store_for(settings.store_dir, keys)
+    candidate = stage_and_prepare(
+        store, checked, load_profile(settings.profile), settings.cache_dir
+    )
+    candidate.classifier.close()  # type: ignore[union-attr]
+    store.activate("defects", 1)
+    recorded = store.reference_check("defects", 1)
+    assert recorded is not None and recorded["status"] == "passed"
+    with serve(tmp_path, keys) as agent:
+        assert wait_loaded(agent.client).status_code == 200
+        model = agent.client.get("/v1/models/defects").json()
+        assert model["reference_check"] == recorded
