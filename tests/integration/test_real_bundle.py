@@ -46,7 +46,7 @@ def _build(tmp_path: Path, profile: str, *extra: str) -> int:
     command = [
         "build", str(model), "--model-config", str(tmp_path / "model.yaml"),
         "--name", "lite0", "--version", "1", "--profile", profile,
-        "--key", str(tmp_path / "keys" / "k.key"), "--out", str(tmp_path / "dist" / profile),
+        "--key", str(tmp_path / "keys" / "k.key"), "--out", str(tmp_path / "dist" / Path(profile).stem),
         "--quantization", "int8-static", "--calibration", str(calibration),
         "--bench-samples", "10", "--min-speedup", "0", "--quiet", *extra,
     ]  # fmt: skip
@@ -55,7 +55,7 @@ def _build(tmp_path: Path, profile: str, *extra: str) -> int:
 
 def _manifest(tmp_path: Path, profile: str) -> Manifest:
     return verify_bundle(
-        tmp_path / "dist" / profile / "lite0-1.bundle",
+        tmp_path / "dist" / Path(profile).stem / "lite0-1.bundle",
         TrustStore.from_files([tmp_path / "keys" / "k.pub"]),
     )
 
@@ -85,3 +85,41 @@ def test_real_model_passes_default_gates_on_avx2_and_the_build_class(tmp_path: P
     model_entry = manifest.file("model.onnx")
     model = realdata.real_model_onnx()
     assert model_entry is not None and model.stat().st_size / model_entry.size >= 3.5
+
+
+def test_a_bundle_built_for_another_class_is_refused_at_install_where_it_computes_less(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bundle for a VNNI box takes the full-range recipe (exact on VNNI). Installed on a box
+    whose kernels saturate, its reference outputs disagree and `edge-agent install` refuses it
+    with the figures; on a VNNI box it installs. The assertion follows the class this runs on."""
+    from edge_agent.cli import main as agent
+
+    generic = Path("firmware_profiles/generic-x86-64-avx2.toml").read_text()
+    vnni = generic.replace('"generic-x86-64-avx2"', '"vnni-box"').replace(
+        'features = ["avx2", "fma", "f16c"]',
+        'features = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni"]',
+    )
+    profile = tmp_path / "vnni-box.toml"
+    profile.write_text(vnni)
+    assert _build(tmp_path, str(profile)) == 0
+    bundle = tmp_path / "dist" / "vnni-box" / "lite0-1.bundle"
+    manifest = _manifest(tmp_path, str(profile))
+    assert manifest.validation is not None
+    assert manifest.validation.judged_class == CpuClass.X86_VNNI.value
+    assert manifest.quantization is not None and manifest.quantization.recipe is not None
+    assert manifest.quantization.recipe.name == "plain"
+    capsys.readouterr()
+    code = agent([
+        "install", str(bundle), "--state-dir", str(tmp_path / "state"), "--profile", str(profile),
+        "--trusted-key", str(tmp_path / "keys" / "k.pub"),
+    ])  # fmt: skip
+    out = capsys.readouterr()
+    if host_class().saturates:
+        assert code != 0, out.out
+        assert "reference" in out.err and host_class().value in out.err
+        assert "top5_containment" in out.err or "confident_top1_agreement" in out.err
+        assert not (tmp_path / "state" / "bundles" / "lite0" / "1").exists()
+    else:
+        assert code == 0, out.err
+        assert "passed" in out.out
