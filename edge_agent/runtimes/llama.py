@@ -4,6 +4,10 @@ Imported only when a bundle's runtime is "llama", so a box without llama-cpp-pyt
 ONNX bundles. Threads, batch threads, GPU layers and the context size come from the profile (the
 context is also capped by the bundle's own `generation.context_size`). One `Llama` object is not
 thread-safe: the caller runs one generation at a time per session.
+
+Every request starts from an empty llama.cpp state (`edge_bundle.llama_state.clear_state`): no
+prompt prefix is reused from an earlier request, so a greedy completion is a function of the
+prompt and the loaded model alone and equals the golden completion the packager recorded.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 from edge_agent.errors import InferenceError, RuntimeLoadError
 from edge_agent.runtimes.base import TextChunk, TextRequest
 from edge_bundle.bundle import VerifiedBundle
+from edge_bundle.llama_state import clear_state
 from edge_bundle.profiles import HardwareProfile
 
 log = logging.getLogger(__name__)
@@ -40,11 +45,14 @@ class LlamaSession:
         prompt_tokens = self.count_tokens(request.prompt)
         completion_tokens = 0
         try:
+            # Reusing the previous request's prefix would make this text depend on it.
+            clear_state(self._llama)
             pieces = self._llama.create_completion(
                 request.prompt,
                 max_tokens=request.max_tokens,
                 temperature=request.temperature,
                 top_p=request.top_p,
+                repeat_penalty=1.0,  # as the packager's golden completions (no penalty)
                 stop=list(request.stop),
                 seed=request.seed,
                 stream=True,
