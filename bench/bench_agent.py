@@ -66,15 +66,17 @@ from bench.common import (
     summarize_ms,
     write_json,
 )
-from edge_agent.agent import build_profile, build_store
-from edge_agent.classifier import Classifier, load_classifier
-from edge_agent.core import InferenceCore, ModelState, new_request_id
+from edge_agent.app.agent import build_profile, build_store
+from edge_agent.engine.classifier import Classifier, load_classifier
+from edge_agent.engine.core import InferenceCore
+from edge_agent.engine.records import RequestRecords
+from edge_agent.engine.types import ModelState, new_request_id
 from edge_agent.metrics import AgentMetrics
-from edge_agent.records import RequestRecords
 from edge_agent.settings import AgentSettings
 from edge_bundle.signing import KeyRole, SigningKey, write_key_files
-from model_packager.build import BuildOptions, build
+from model_packager.build import build
 from model_packager.evaluate import GatePolicy
+from model_packager.options import BuildOptions
 from model_packager.progress import Progress
 from tests import realdata
 from tests.agent_support import free_port
@@ -306,7 +308,7 @@ def _agent_args(state: Path, public_key: Path) -> list[str]:
 
 def install_bundle(state: Path, bench: BenchBundle) -> str:
     """`edge-agent install` the bundle into a fresh state directory; its output line."""
-    command = [sys.executable, "-m", "edge_agent.cli", "install", str(bench.bundle),
+    command = [sys.executable, "-m", "edge_agent.app.cli", "install", str(bench.bundle),
                *_agent_args(state, bench.public_key), "--log-level", "warning"]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -319,7 +321,7 @@ def install_bundle(state: Path, bench: BenchBundle) -> str:
 
 def start_agent(state: Path, bench: BenchBundle, work: Path, keep_records: bool) -> Server:
     port = free_port()
-    command = [sys.executable, "-m", "edge_agent.cli", "serve", *_agent_args(state, bench.public_key),
+    command = [sys.executable, "-m", "edge_agent.app.cli", "serve", *_agent_args(state, bench.public_key),
                "--host", "127.0.0.1", "--port", str(port), "--max-in-flight", str(MAX_IN_FLIGHT),
                "--log-level", "warning"]  # fmt: skip
     env = {} if keep_records else {"EDGE_AGENT_KEEP_REQUESTS_COUNT": "0"}

@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         state = work / "state"
         for bundle, key in ((text.path, keys.public), (classifier, classifier_key)):
             subprocess.run(
-                [sys.executable, "-m", "edge_agent.cli", "install", str(bundle), "--state-dir", str(state),
+                [sys.executable, "-m", "edge_agent.app.cli", "install", str(bundle), "--state-dir", str(state),
                  "--trusted-key", str(key)],
                 check=True, capture_output=True,
             )  # fmt: skip
@@ -179,7 +179,7 @@ def quantization_rows() -> list[dict[str, Any]]:
     No small unquantized real model ships on PyPI, so this is the tiny Llama the packager tests
     train (2 layers, 64 wide, trained a little on our prose): the perplexity changes show how the
     formats compare, not what a real model loses."""
-    from model_packager.llm_table import quantization_table
+    from model_packager.llm.table import quantization_table
     from tests.llm_support import make_tiny_llama
 
     with tempfile.TemporaryDirectory(prefix="bench-llm-table-") as tmp:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import format_table, library_versions, peak_rss_mib, percentile, write_json
-from edge_agent.explain import SYSTEM
+from edge_agent.device.explain import SYSTEM
 from edge_agent.runtimes.base import TextChunk, TextRequest
 from edge_agent.runtimes.llama import LlamaSession
 from edge_bundle.chat_template import render_chat

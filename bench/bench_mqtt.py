@@ -134,7 +134,7 @@ def small_jpeg() -> bytes:
 
 def install(state: Path, bundle: Path, key: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "edge_agent.cli", "install", str(bundle), "--state-dir", str(state),
+        [sys.executable, "-m", "edge_agent.app.cli", "install", str(bundle), "--state-dir", str(state),
          "--trusted-key", str(key)],
         check=True, capture_output=True,
     )  # fmt: skip

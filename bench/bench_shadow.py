@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         state = work / "state"
         for bundle, key, extra in ((DEMO_BUNDLE, DEMO_KEY, []), (v2, v2_key, ["--no-activate"])):
             subprocess.run(
-                [sys.executable, "-m", "edge_agent.cli", "install", str(bundle), "--state-dir", str(state),
+                [sys.executable, "-m", "edge_agent.app.cli", "install", str(bundle), "--state-dir", str(state),
                  "--trusted-key", str(key), *extra],
                 check=True, capture_output=True,
             )  # fmt: skip

@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         photo.write_bytes(phone_photo())
         state = work / "state"
         subprocess.run(
-            [sys.executable, "-m", "edge_agent.cli", "install", str(DEMO_BUNDLE), "--state-dir", str(state),
+            [sys.executable, "-m", "edge_agent.app.cli", "install", str(DEMO_BUNDLE), "--state-dir", str(state),
              "--trusted-key", str(DEMO_KEY)],
             check=True, capture_output=True,
         )  # fmt: skip

@@ -20,7 +20,7 @@ sys.path.insert(0, str(DEMO.parent))
 
 import make_demo  # noqa: E402
 
-from edge_agent.classifier import load_classifier  # noqa: E402
+from edge_agent.engine.classifier import load_classifier  # noqa: E402
 from edge_bundle.bundle import open_bundle  # noqa: E402
 from edge_bundle.profiles import load_profile  # noqa: E402
 from edge_bundle.signing import TrustStore  # noqa: E402

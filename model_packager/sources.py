@@ -7,8 +7,8 @@ A source is one of
 - a language model (`LlmSource`): a Hugging Face causal-LM directory (`…ForCausalLM`, safetensors
   weights, tokenizer files; optionally a LoRA adapter), or a `.gguf` file.
 
-This module only inspects files (JSON, YAML, ONNX and GGUF headers); exporting lives in
-`export.py` and `llm_gguf.py`.
+This module only inspects files (JSON, YAML, ONNX and GGUF headers: `gguf_header.py`); exporting
+lives in `export.py` and `llm/gguf.py`.
 Pickle checkpoints (`.bin`, `.pt`, `.pth`, `.ckpt`) execute code when loaded, so they are refused
 unless the user passes `--allow-pickle`.
 """
@@ -25,7 +25,7 @@ from edge_bundle.errors import PreprocessError
 from edge_bundle.hashing import sha256_file
 from edge_bundle.preprocess import PreprocessSpec, load_spec
 from model_packager.errors import SourceError
-from model_packager.llm_gguf import GgufInfo, read_gguf_info
+from model_packager.gguf_header import GgufInfo, read_gguf_info
 
 SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")

@@ -242,7 +242,7 @@ def spawn_agent(
     log_path = state_dir.parent / f"agent-{port}.log"
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     command = [
-        sys.executable, "-m", "edge_agent.cli", "serve", "--state-dir", str(state_dir),
+        sys.executable, "-m", "edge_agent.app.cli", "serve", "--state-dir", str(state_dir),
         "--port", str(port), "--host", "127.0.0.1", *args,
     ]  # fmt: skip
     with log_path.open("wb") as log:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from model_packager.llm_eval import DEFAULT_EVAL_TEXT
+from model_packager.llm.eval import DEFAULT_EVAL_TEXT
 
 # Our own prose about the shop floor: the tokenizer's training corpus and the model's lessons.
 CORPUS = """\

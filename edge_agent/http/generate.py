@@ -1,13 +1,13 @@
 """Language-model routes: our own `generate`, the OpenAI-compatible completions and chat
 completions (so the `openai` client works against the box), and the explanation stream of a
-prediction. Streaming answers are server-sent events; a client that goes away cancels its
-generation.
+prediction. Each route only validates its body and shapes the answer: the request is checked
+(token limit, the model's context, admission) by the device's one generate path before any answer
+starts. Streaming answers are server-sent events; a client that goes away cancels its generation.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,10 +17,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge_agent.agent import Agent
-from edge_agent.errors import BadRequestError, UnknownRequestError
-from edge_agent.generator import Generator
-from edge_agent.runtimes.base import TextChunk, TextRequest
+from edge_agent.device.api import Device
+from edge_agent.device.texts import TextAsk
+from edge_agent.runtimes.base import TextChunk
 
 Stop = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=4)]
 
@@ -39,6 +38,19 @@ class _Body(BaseModel):
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def ask(
+        self, *, prompt: str | None = None, messages: list[dict[str, str]] | None = None
+    ) -> TextAsk:
+        return TextAsk(
+            prompt=prompt,
+            messages=tuple(messages) if messages is not None else None,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=self.stops(),
+            seed=self.seed,
+        )
 
 
 class GenerateBody(_Body):
@@ -64,45 +76,15 @@ class ChatBody(_Body):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
 
 
-def add_generation_routes(app: FastAPI, agent: Agent) -> None:
-    def text_request(generator: Generator, body: _Body, prompt: str) -> TextRequest:
-        limit = agent.settings.max_generation_tokens
-        max_tokens = body.max_tokens or limit
-        if max_tokens > limit:
-            raise BadRequestError(f"max_tokens {max_tokens} is over this agent's limit of {limit}")
-        context = generator.generation.context_size
-        prompt_tokens = generator.session.count_tokens(prompt)
-        if prompt_tokens + max_tokens > context:
-            raise BadRequestError(
-                f"the prompt is {prompt_tokens} tokens; with max_tokens {max_tokens} that is over "
-                f"the model's context of {context}; shorten the prompt or ask for fewer tokens"
-            )
-        return TextRequest(
-            prompt,
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            stop=generator.stops(body.stops()),
-            seed=body.seed,
-        )
-
-    async def collect(generator: Generator, request: TextRequest) -> tuple[str, TextChunk]:
-        text, last = "", TextChunk("")
-        async for chunk in agent.generation.stream(generator, request, threading.Event()):
-            text += chunk.text
-            last = chunk
-        return text, last
-
+def add_generation_routes(app: FastAPI, device: Device) -> None:
     @app.post("/v1/models/{name}/generate", tags=["language models"], summary="Generate text")
     async def generate(name: str, body: GenerateBody) -> Any:
-        generator = agent.generation.generator(name)
-        request = text_request(generator, body, body.prompt)
-        agent.generation.admit()
+        prepared = device.text_request(name, body.ask(prompt=body.prompt))
         if not body.stream:
             started = time.perf_counter()
-            text, last = await collect(generator, request)
+            text, last = await device.complete_text(prepared)
             return {
-                "model": generator.describe(),
+                "model": prepared.generator.describe(),
                 "text": text,
                 "finish_reason": last.finish_reason,
                 "usage": _usage(last),
@@ -110,7 +92,7 @@ def add_generation_routes(app: FastAPI, agent: Agent) -> None:
             }
 
         async def events() -> AsyncIterator[str]:
-            async for chunk in agent.generation.stream(generator, request, threading.Event()):
+            async for chunk in device.stream_text(prepared):
                 if chunk.text:
                     yield _sse({"text": chunk.text})
                 if chunk.finish_reason is not None:
@@ -122,12 +104,10 @@ def add_generation_routes(app: FastAPI, agent: Agent) -> None:
 
     @app.post("/v1/completions", tags=["language models"], summary="OpenAI-compatible completions")
     async def completions(body: CompletionBody) -> Any:
-        generator = agent.generation.generator(body.model)
-        request = text_request(generator, body, body.prompt)
-        agent.generation.admit()
+        prepared = device.text_request(body.model, body.ask(prompt=body.prompt))
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
-            text, last = await collect(generator, request)
+            text, last = await device.complete_text(prepared)
             return {
                 "id": ident, "object": "text_completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "text": text, "finish_reason": _finish(last), "logprobs": None}],
@@ -135,7 +115,7 @@ def add_generation_routes(app: FastAPI, agent: Agent) -> None:
             }  # fmt: skip
 
         async def events() -> AsyncIterator[str]:
-            async for chunk in agent.generation.stream(generator, request, threading.Event()):
+            async for chunk in device.stream_text(prepared):
                 finish = _finish(chunk) if chunk.finish_reason is not None else None
                 if chunk.text or finish:
                     yield _sse({
@@ -148,13 +128,11 @@ def add_generation_routes(app: FastAPI, agent: Agent) -> None:
 
     @app.post("/v1/chat/completions", tags=["language models"], summary="OpenAI-compatible chat")
     async def chat_completions(body: ChatBody) -> Any:
-        generator = agent.generation.generator(body.model)
-        prompt = generator.chat_prompt([m.model_dump() for m in body.messages])
-        request = text_request(generator, body, prompt)
-        agent.generation.admit()
+        messages = [m.model_dump() for m in body.messages]
+        prepared = device.text_request(body.model, body.ask(messages=messages))
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
-            text, last = await collect(generator, request)
+            text, last = await device.complete_text(prepared)
             return {
                 "id": ident, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -164,7 +142,7 @@ def add_generation_routes(app: FastAPI, agent: Agent) -> None:
 
         async def events() -> AsyncIterator[str]:
             first = True
-            async for chunk in agent.generation.stream(generator, request, threading.Event()):
+            async for chunk in device.stream_text(prepared):
                 delta: dict[str, str] = {"role": "assistant"} if first else {}
                 first = False
                 if chunk.text:
@@ -186,17 +164,12 @@ def add_generation_routes(app: FastAPI, agent: Agent) -> None:
         summary="The explanation of a prediction (server-sent events, or JSON when done)",
     )
     async def explanation(request_id: str, request: Request) -> Any:
-        job = agent.explainer.get(request_id)
-        if job is None:
-            raise UnknownRequestError(
-                f"no explanation for request {request_id}: unknown, expired, or its model has "
-                "no explainer"
-            )
+        job = device.explanation(request_id)
         if "text/event-stream" not in request.headers.get("accept", ""):
             return JSONResponse(job.to_json())
 
         async def events() -> AsyncIterator[str]:
-            async for event in agent.explainer.follow(request_id):
+            async for event in device.follow_explanation(request_id):
                 yield _sse(event)
 
         return _stream(events())

@@ -13,12 +13,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
+from edge_agent.device.predictions import Photo
 from edge_agent.errors import AgentError, BadRequestError, UnsupportedMediaError
 
 IMAGE_FIELD = "image"
@@ -27,20 +27,12 @@ MAX_NOTE_CHARS = 500
 ACCEPTED = "image/* (raw body), multipart/form-data (field 'image') or application/json"
 
 
-@dataclass(frozen=True)
-class Upload:
-    """The photo, and the technician's optional note (for the explanation)."""
-
-    image: bytes
-    note: str | None = None
-
-
-async def read_image(request: Request) -> Upload:
+async def read_image(request: Request) -> Photo:
     """The image (and note) of a prediction request; `AgentError`s say what to send instead."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     note = request.query_params.get("note")
     if content_type.startswith("image/") or content_type == "application/octet-stream":
-        return Upload(await request.body(), _note(note))
+        return Photo(await request.body(), _note(note))
     if content_type == "multipart/form-data":
         return await _from_multipart(request)
     if content_type == "application/json":
@@ -49,7 +41,7 @@ async def read_image(request: Request) -> Upload:
     raise UnsupportedMediaError(f"cannot read an image from {shown}; send {ACCEPTED}")
 
 
-async def _from_multipart(request: Request) -> Upload:
+async def _from_multipart(request: Request) -> Photo:
     try:
         form = await request.form(max_files=1, max_fields=16)
     except AgentError:  # the body cap, raised from inside the parser's reads
@@ -68,12 +60,12 @@ async def _from_multipart(request: Request) -> Upload:
                 f"photo as -F {IMAGE_FIELD}=@photo.jpg"
             )
         field = form.get(NOTE_FIELD)
-        return Upload(await upload.read(), _note(field if isinstance(field, str) else None))
+        return Photo(await upload.read(), _note(field if isinstance(field, str) else None))
     finally:
         await form.close()
 
 
-def _from_json(body: bytes) -> Upload:
+def _from_json(body: bytes) -> Photo:
     try:
         document: Any = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -91,7 +83,7 @@ def _from_json(body: bytes) -> Upload:
     if note is not None and not isinstance(note, str):
         raise BadRequestError(f"'{NOTE_FIELD}' must be a string")
     try:
-        return Upload(base64.b64decode(encoded, validate=True), _note(note))
+        return Photo(base64.b64decode(encoded, validate=True), _note(note))
     except (binascii.Error, ValueError):
         raise BadRequestError(
             f"the '{IMAGE_FIELD}' field is not valid base64 (standard alphabet, with padding); "

@@ -1,8 +1,9 @@
 """Reading requests and events out of MQTT payloads, and shaping what goes back.
 
-Pure functions, no I/O: a request or event payload is either the raw image bytes or JSON carrying
-the image as base64 (at `image`, or at a mapping's dotted path). Every problem is an `AgentError`
-whose code and message go back to the sender exactly as over HTTP.
+Pure functions and values, no I/O: a request or event payload is either the raw image bytes or
+JSON carrying the image as base64 (at `image`, or at a mapping's dotted path). Every problem is an
+`AgentError` whose code and message go back to the sender exactly as over HTTP. What goes back is
+an `Outgoing` message, on its way to the outbox.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_agent.errors import BadRequestError, PayloadTooLargeError
+from edge_agent.mqtt.outbox import Kind
+from edge_agent.mqtt.topics import Topic
 from edge_bundle.errors import ImageError
 
 JSON_CONTENT = "application/json"
@@ -116,3 +119,27 @@ def error_payload(
         **extra,
     }
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message on its way to the outbox: where, what, of which kind, with which properties."""
+
+    topic: Topic
+    payload: bytes
+    kind: Kind
+    message_id: str
+    properties: dict[str, Any]
+
+
+def to_json(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def json_or_none(payload: bytes) -> dict[str, Any] | None:
+    """The payload as a JSON object, or None (for carrying metadata over even into errors)."""
+    try:
+        document = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return document if isinstance(document, dict) else None

@@ -41,8 +41,15 @@ def part_path(directory: Path, release: Release) -> Path:
     return directory / f"{release.name}-{release.version}-{release.sha256[:12]}.part"
 
 
-def download(release: Release, directory: Path, *, timeout: float = 30.0) -> Downloaded:
-    """Fetch `release.url` into `directory`, resuming a partial file; check size and sha256."""
+def download(
+    release: Release,
+    directory: Path,
+    *,
+    timeout: float = 30.0,
+    transport: httpx.BaseTransport | None = None,
+) -> Downloaded:
+    """Fetch `release.url` into `directory`, resuming a partial file; check size and sha256.
+    `transport` replaces the network (an `httpx.MockTransport` in tests)."""
     directory.mkdir(parents=True, exist_ok=True)
     part = part_path(directory, release)
     note = part.with_suffix(".json")
@@ -54,9 +61,10 @@ def download(release: Release, directory: Path, *, timeout: float = 30.0) -> Dow
             headers["If-Range"] = validator
     digest = hashlib.sha256()
     try:
-        with httpx.stream(
-            "GET", release.url, headers=headers, timeout=timeout, follow_redirects=True
-        ) as response:
+        with (
+            httpx.Client(transport=transport, timeout=timeout, follow_redirects=True) as client,
+            client.stream("GET", release.url, headers=headers) as response,
+        ):
             if response.status_code >= 500 or response.status_code == 429:
                 raise DownloadError(f"the server answered {response.status_code}", retry=True)
             if response.status_code not in (200, 206):

@@ -1,5 +1,9 @@
 """The updater's runner: feeds events to the pure state machine and performs its actions.
 
+It is handed what it needs and nothing more: the settings, the device's model lifecycle (the
+store, the profile, and the one activation and roll-back path it shares with installs), the
+publisher its reports leave through, the metrics, and its trusted keys.
+
 Every new state is persisted (atomically) before its actions run, and every action can be run
 again after a crash with the same result, so a SIGKILL or power cut at any point resumes cleanly:
 the store swaps versions with one rename, so the box serves the old version or the new one, never
@@ -11,22 +15,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import httpx
 import numpy as np
 
 from edge_agent import faults
-from edge_agent.core import ModelState
+from edge_agent.device.install import Candidate, check_fits, prepare, record_reference
+from edge_agent.device.models import Models
+from edge_agent.device.ports import Publisher
+from edge_agent.engine.types import ModelState
 from edge_agent.errors import AgentError
-from edge_agent.install import Candidate, check_fits, prepare, record_reference
+from edge_agent.metrics import AgentMetrics
+from edge_agent.settings import AgentSettings
 from edge_agent.updater import persist
-from edge_agent.updater.download import DownloadError, discard, download
+from edge_agent.updater.download import DownloadError, discard, download, part_path
 from edge_agent.updater.machine import (
     Action,
     Activate,
@@ -53,9 +61,6 @@ from edge_bundle.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from edge_bundle.release import ReleaseNotice, TrustNotice, apply_trust, decode_notice
 from edge_bundle.signing import TrustStore
 
-if TYPE_CHECKING:
-    from edge_agent.agent import Agent
-
 log = logging.getLogger(__name__)
 RETRY_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 TRUST_FILE = "trust-notice.json"
@@ -64,9 +69,9 @@ STAGING_LATENCY_RUNS = 10
 
 @dataclass
 class _Swap:
-    """What probation needs: the classifier to roll back to and the latency before the swap."""
+    """What probation needs: the state to roll back to and the latency before the swap."""
 
-    previous: Any  # Classifier | None
+    previous: ModelState | None
     baseline_p95_ms: float | None
     errors_before: int
     started: float
@@ -75,10 +80,24 @@ class _Swap:
 class Updater:
     """One per agent when updates are configured."""
 
-    def __init__(self, agent: Agent, release_trust: TrustStore, root_trust: TrustStore) -> None:
-        self.agent = agent
-        self.settings = agent.settings
-        self.directory = agent.settings.updater_dir
+    def __init__(
+        self,
+        settings: AgentSettings,
+        models: Models,
+        publisher: Publisher | None,
+        metrics: AgentMetrics,
+        release_trust: TrustStore,
+        root_trust: TrustStore,
+        *,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.models = models
+        self.store = models.store
+        self.publisher = publisher
+        self.metrics = metrics
+        self.transport = transport  # None: the network (tests hand in an httpx.MockTransport)
+        self.directory = settings.updater_dir
         self.state_path = self.directory / "state.json"
         self.downloads = self.directory / "downloads"
         # One store for both: the purpose of each notice pins the role that may sign it, and a
@@ -103,6 +122,10 @@ class Updater:
         """Resume what a previous run left in progress; notices wait until this is done."""
         await self.handle(Restarted())
         self._started.set()
+
+    def describe(self) -> dict[str, Any]:
+        """The persisted state and the recent reports (`GET /v1/updates`)."""
+        return {"state": self.state.to_json(), "reports": self.reports}
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -150,9 +173,7 @@ class Updater:
             rollback=notice.rollback,
         )
         await self.handle(
-            NoticeReceived(
-                release, datetime.now(UTC), self.agent.store.active_version(release.name)
-            )
+            NoticeReceived(release, datetime.now(UTC), self.store.active_version(release.name))
         )
 
     def _restore_trust(self) -> None:
@@ -260,7 +281,7 @@ class Updater:
         elif isinstance(action, Discard):
             await asyncio.to_thread(self._discard, action.release)
         elif isinstance(action, Resubmit):
-            active = self.agent.store.active_version(action.release.name)
+            active = self.store.active_version(action.release.name)
             await self.handle(NoticeReceived(action.release, datetime.now(UTC), active))
 
     async def _step(self, phase: str, work: Any, release: Release) -> None:
@@ -294,35 +315,33 @@ class Updater:
                 "needed (twice the bundle plus the reserve); free space or raise nothing",
                 retry=False,
             )
-        await asyncio.to_thread(download, release, self.downloads)
+        await asyncio.to_thread(download, release, self.downloads, transport=self.transport)
 
     async def _verify(self, release: Release) -> None:
         def work() -> None:
-            from edge_agent.updater.download import part_path
-
-            bundle = self.agent.store.stage(part_path(self.downloads, release))
+            bundle = self.store.stage(part_path(self.downloads, release))
             manifest = bundle.manifest
             if (manifest.name, manifest.version) != (release.name, release.version):
                 raise AgentError(
                     f"the bundle is {manifest.bundle_id} but the notice announced "
                     f"{release.name}@{release.version}"
                 )
-            check_fits(bundle, self.agent.profile)
+            check_fits(bundle, self.models.profile)
 
         await asyncio.to_thread(work)
 
     async def _stage(self, release: Release) -> None:
         def work() -> Candidate:
-            bundle = self.agent.store.open(release.name, release.version)
+            bundle = self.store.open(release.name, release.version)
             candidate = prepare(
-                bundle, self.agent.profile, self.settings.cache_dir, check_references=True
+                bundle, self.models.profile, self.settings.cache_dir, check_references=True
             )
             try:
                 self._check_latency(candidate)
             except AgentError:
                 candidate.classifier.close()
                 raise
-            record_reference(self.agent.store, candidate)
+            record_reference(self.store, candidate)
             return candidate
 
         self._candidate = await asyncio.to_thread(work)
@@ -342,7 +361,7 @@ class Updater:
             classifier.infer(classifier.prepare(image))
             times.append((time.perf_counter() - started) * 1000)
         p95 = float(np.percentile(times, 95))
-        budget = self.agent.profile.budgets.latency_p95_ms
+        budget = self.models.profile.budgets.latency_p95_ms
         if p95 > budget:
             raise AgentError(
                 f"staged latency p95 {p95:.1f} ms is over the profile's budget of {budget} ms"
@@ -353,36 +372,13 @@ class Updater:
         self._candidate = None
         if candidate is None or candidate.bundle.manifest.version != release.version:
             # After a restart the staged classifier is gone: load and test it again.
-            bundle = self.agent.store.open(release.name, release.version)
-            candidate = await asyncio.to_thread(
-                prepare, bundle, self.agent.profile, self.settings.cache_dir
-            )
-        core = self.agent.core
-        current = core.models.get(release.name)
-        previous = current.classifier if current is not None else None
+            candidate = await self.models.prepare(release.name, release.version)
+        serving = self.models.serving_version(release.name)
         baseline = (
-            _p95(core.model_latencies.get((release.name, previous.version))) if previous else None
+            _p95(self.models.latencies(release.name, serving)) if serving is not None else None
         )
-        await asyncio.to_thread(self.agent.store.activate, release.name, release.version)
-        faults.hit("update.swapped-store")
-        core.set_model(
-            release.name,
-            ModelState(
-                "ready",
-                classifier=candidate.classifier,
-                last_selftest=None,
-                reference_check=self.agent.reference_check(
-                    candidate.classifier, candidate.reference
-                ),
-            ),
-            close_previous=False,
-        )
-        self._swap = _Swap(
-            previous,
-            baseline,
-            core.model_outcomes[(release.name, "inference_failed")],
-            time.monotonic(),
-        )
+        previous = await self.models.activate(candidate, by="update", keep_previous=True)
+        self._swap = _Swap(previous, baseline, self.models.failures(release.name), time.monotonic())
         log.info(
             "activated %s@%s; probation for %.0f s",
             release.name,
@@ -391,25 +387,20 @@ class Updater:
         )
 
     async def _probation(self, release: Release) -> None:
-        core = self.agent.core
+        models = self.models
         settings = self.settings
         swap = self._swap
         if swap is None:  # resumed after a restart: watch from now, roll back from the store
-            swap = _Swap(
-                None,
-                None,
-                core.model_outcomes[(release.name, "inference_failed")],
-                time.monotonic(),
-            )
+            swap = _Swap(None, None, models.failures(release.name), time.monotonic())
             self._swap = swap
         deadline = swap.started + settings.probation_s
         next_selftest = time.monotonic() + settings.probation_selftest_s
         while time.monotonic() < deadline:
             await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
-            errors = core.model_outcomes[(release.name, "inference_failed")] - swap.errors_before
+            errors = models.failures(release.name) - swap.errors_before
             if errors >= settings.probation_max_errors:
                 raise AgentError(f"{errors} inference failures on live traffic during probation")
-            samples = core.model_latencies.get((release.name, release.version))
+            samples = models.latencies(release.name, release.version)
             if swap.baseline_p95_ms and samples and len(samples) >= settings.probation_min_samples:
                 p95 = _p95(samples)
                 assert p95 is not None
@@ -421,55 +412,28 @@ class Updater:
                     )
             if time.monotonic() >= next_selftest:
                 next_selftest = time.monotonic() + settings.probation_selftest_s
-                state = core.models.get(release.name)
-                if state is not None and state.classifier is not None:
-                    from edge_agent.selftest import run_selftest
-
-                    report = await core.run_inference(
-                        functools.partial(run_selftest, state.classifier)
+                report = await models.selftest(release.name)
+                if report is not None and not report.passed:
+                    raise AgentError(
+                        "golden self-test failed during probation: " + "; ".join(report.failures)
                     )
-                    if not report.passed:
-                        raise AgentError(
-                            "golden self-test failed during probation: "
-                            + "; ".join(report.failures)
-                        )
 
     async def _roll_back(self, action: RollBack) -> None:
-        release, core, store = action.release, self.agent.core, self.agent.store
+        release = action.release
         swap, self._swap = self._swap, None
-        if action.to_version is None:
-            await asyncio.to_thread(store.deactivate, release.name)
-            state = core.models.pop(release.name, None)
-            if state is not None and state.classifier is not None:
-                core.close_later(state.classifier)
-        else:
-            await asyncio.to_thread(store.activate, release.name, action.to_version)
-            previous = swap.previous if swap is not None else None
-            if previous is None or previous.version != action.to_version:
-                bundle = store.open(release.name, action.to_version)
-                candidate = await asyncio.to_thread(
-                    prepare, bundle, self.agent.profile, self.settings.cache_dir
-                )
-                previous = candidate.classifier
-            core.set_model(
-                release.name,
-                ModelState(
-                    "ready",
-                    classifier=previous,
-                    reference_check=self.agent.reference_check(previous),
-                ),
-            )
+        previous = swap.previous if swap is not None else None
+        await self.models.roll_back(release.name, action.to_version, previous)
         with contextlib.suppress(AgentError, OSError):
-            if store.active_version(release.name) != release.version:
-                await asyncio.to_thread(store.remove, release.name, release.version)
+            if self.store.active_version(release.name) != release.version:
+                await asyncio.to_thread(self.store.remove, release.name, release.version)
         log.warning("rolled back %s@%s: %s", release.name, release.version, action.reason)
 
     async def _commit(self, release: Release) -> None:
         swap, self._swap = self._swap, None
-        if swap is not None and swap.previous is not None:
-            self.agent.core.close_later(swap.previous)
+        if swap is not None:
+            self.models.retire(swap.previous)
         removed = await asyncio.to_thread(
-            self.agent.store.prune, release.name, self.settings.keep_versions
+            self.store.prune, release.name, self.settings.keep_versions
         )
         await asyncio.to_thread(discard, self.downloads, release)
         log.info(
@@ -478,7 +442,7 @@ class Updater:
 
     def _discard(self, release: Release) -> None:
         discard(self.downloads, release)
-        store = self.agent.store
+        store = self.store
         if (
             release.version in store.versions(release.name)
             and store.active_version(release.name) != release.version
@@ -503,10 +467,9 @@ class Updater:
         del self.reports[:-50]
         level = logging.WARNING if report.outcome in ("refused", "rolled_back") else logging.INFO
         log.log(level, "update %s: %s", report.outcome, message)
-        self.agent.metrics.updates.labels(report.outcome).inc()
-        mqtt = self.agent.mqtt
-        if mqtt is not None:
-            await mqtt.publish_update(message)
+        self.metrics.updates.labels(report.outcome).inc()
+        if self.publisher is not None:
+            await self.publisher.publish_update(message)
 
 
 def _p95(samples: Any) -> float | None:

@@ -165,8 +165,9 @@ def register(subparsers: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model_packager.build import BuildOptions, build
+    from model_packager.build import build
     from model_packager.errors import PackagerError
+    from model_packager.options import BuildOptions
     from model_packager.progress import Progress
 
     if args.waive_gate is not None and not args.waive_gate.strip():

@@ -23,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from edge_agent.store import BundleStore
+from edge_agent.device.store import BundleStore
 from edge_bundle.signing import TrustStore
 from tests.agent_support import BuiltBundle, Keys, build_bundle, jpeg, make_keys, run_agent
 
@@ -42,7 +42,10 @@ def bundle(tmp_path: Path, keys: Keys) -> BuiltBundle:
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "edge_agent.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "edge_agent.app.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

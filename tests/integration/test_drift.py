@@ -12,10 +12,11 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.classifier import load_classifier
-from edge_agent.core import InferenceCore, ModelState
+from edge_agent.engine.classifier import load_classifier
+from edge_agent.engine.core import InferenceCore
+from edge_agent.engine.records import RequestRecords
+from edge_agent.engine.types import ModelState
 from edge_agent.metrics import AgentMetrics
-from edge_agent.records import RequestRecords
 from edge_agent.settings import AgentSettings
 from edge_bundle.bundle import open_bundle
 from edge_bundle.profiles import load_profile

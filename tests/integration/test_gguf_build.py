@@ -18,7 +18,7 @@ from edge_bundle.bundle import VerifiedBundle, open_bundle
 from edge_bundle.chat_template import CHATML
 from edge_bundle.signing import TrustStore
 from model_packager.cli import main
-from model_packager.llm_eval import GOLDEN_PROMPT
+from model_packager.llm.eval import GOLDEN_PROMPT
 from tests import llm_support
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="install with scripts/install (builds llama)")
@@ -127,7 +127,7 @@ def test_hf_llama_with_lora_becomes_a_validated_q8_0_bundle(
         assert golden.max_tokens == 16 and golden.expected_text
         assert _replay(model, generation.context_size, golden.prompt, 16) == golden.expected_text
     # The adapter is in the weights: its projections differ from the base model's, the rest not.
-    from model_packager.llm_gguf import convert_to_gguf, quantize_gguf
+    from model_packager.llm.gguf import convert_to_gguf, quantize_gguf
 
     base = convert_to_gguf(root / "tiny", tmp_path / "base-f16.gguf")
     quantize_gguf(base, tmp_path / "base-q8.gguf", "q8_0", threads=2)

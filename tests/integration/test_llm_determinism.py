@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.generator import Generator, load_generator, run_text_selftest
+from edge_agent.engine.generator import Generator, load_generator, run_text_selftest
 from edge_agent.runtimes.base import TextRequest
 from edge_bundle.bundle import open_bundle
 from edge_bundle.profiles import HardwareProfile, load_profile

@@ -100,7 +100,7 @@ def test_a_bundle_built_for_another_class_is_refused_at_install_where_it_compute
     """A bundle for a VNNI box takes the full-range recipe (exact on VNNI). Installed on a box
     whose kernels saturate, its reference outputs disagree and `edge-agent install` refuses it
     with the figures; on a VNNI box it installs. The assertion follows the class this runs on."""
-    from edge_agent.cli import main as agent
+    from edge_agent.app.cli import main as agent
 
     generic = Path("firmware_profiles/generic-x86-64-avx2.toml").read_text()
     vnni = generic.replace('"generic-x86-64-avx2"', '"vnni-box"').replace(

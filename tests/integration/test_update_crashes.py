@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from edge_agent.classifier import load_classifier
+from edge_agent.engine.classifier import load_classifier
 from edge_bundle.bundle import open_bundle
 from edge_bundle.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from edge_bundle.profiles import load_profile

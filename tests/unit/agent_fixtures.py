@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
+from edge_agent.device.store import BundleStore
 from edge_agent.settings import ENV_PREFIX, AgentSettings, load_settings
-from edge_agent.store import BundleStore
 from edge_bundle.archive import write_archive
 from edge_bundle.bundle import SourceFile, write_bundle
 from edge_bundle.manifest import (

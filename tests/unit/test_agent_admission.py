@@ -1,4 +1,4 @@
-"""edge_agent.admission.Admission: a fixed number of slots, refusal instead of queueing, and
+"""edge_agent.engine.admission.Admission: a fixed number of slots, refusal instead of queueing, and
 draining that lets admitted work finish."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from edge_agent.admission import Admission
+from edge_agent.engine.admission import Admission
 from edge_agent.errors import DrainingError, OverloadedError
 
 

@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent import errors as agent_errors
-from edge_agent.agent import Agent
-from edge_agent.http.app import create_app
+from edge_agent.app.agent import Agent
+from edge_agent.app.server import http_app
 from edge_agent.http.errors import error_response, status_for
 from edge_bundle import errors as bundle_errors
 from edge_bundle.cpu_class import host_class
@@ -60,7 +60,7 @@ def serve(
         store.stage(built.path)
         store.activate(built.name, built.version)
     agent = Agent(settings)
-    with TestClient(create_app(agent)) as client:
+    with TestClient(http_app(agent)) as client:
         yield Served(client, agent, keys, work)
 
 
@@ -601,7 +601,7 @@ def test_a_bundle_disagreeing_with_its_references_is_refused_over_http(
 
 def test_the_check_recorded_at_install_is_shown_after_a_restart(tmp_path: Path) -> None:
     """Start-up does not run the check again; it shows the one recorded when it was installed."""
-    from edge_agent.install import stage_and_prepare
+    from edge_agent.device.install import stage_and_prepare
     from edge_bundle.profiles import load_profile
 
     keys = make_keys(tmp_path / "keys")

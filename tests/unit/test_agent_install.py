@@ -1,4 +1,4 @@
-"""edge_agent.install and edge_agent.selftest: a bundle is activated only once it fits this device,
+"""edge_agent.device.install and edge_agent.engine.selftest: a bundle is activated only once it fits this device,
 loads, and reproduces its own golden outputs; a refused one does not stay in the store."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from edge_agent import __version__
-from edge_agent.classifier import Classifier, load_classifier
+from edge_agent.device.install import check_fits, prepare, stage_and_prepare
+from edge_agent.device.store import BundleStore
+from edge_agent.engine.classifier import Classifier, load_classifier
+from edge_agent.engine.selftest import run_selftest
 from edge_agent.errors import BundleRejectedError, SelfTestError
-from edge_agent.install import check_fits, prepare, stage_and_prepare
-from edge_agent.selftest import run_selftest
-from edge_agent.store import BundleStore
 from edge_bundle.profiles import HardwareProfile, load_profile
 from tests.agent_support import Keys, build_bundle, make_keys
 from tests.unit.agent_fixtures import GENERIC_PROFILE, resigned, store_for
@@ -251,8 +251,8 @@ def test_a_bundle_whose_golden_sample_is_not_an_image_is_refused_and_removed(
 def test_memory_check_does_not_need_the_keys_of_other_active_bundles(tmp_path: Path) -> None:
     """An install trusting only its own key still sizes the other active bundles (each was
     verified at its own install and is verified again when it loads)."""
-    from edge_agent.install import check_memory
-    from edge_agent.store import BundleStore
+    from edge_agent.device.install import check_memory
+    from edge_agent.device.store import BundleStore
     from edge_bundle.signing import TrustStore
     from tests.agent_support import build_bundle, make_keys
 

@@ -1,4 +1,4 @@
-"""edge_agent.records.RequestRecords: bounded by age, count and bytes, oldest first, and rebuilt
+"""edge_agent.engine.records.RequestRecords: bounded by age, count and bytes, oldest first, and rebuilt
 from disk on restart."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from edge_agent import records as records_module
-from edge_agent.records import RequestRecords
+from edge_agent.engine import records as records_module
+from edge_agent.engine.records import RequestRecords
 
 HOUR = 3600.0
 
@@ -21,7 +21,7 @@ def rid(n: int) -> str:
 
 
 class Clock:
-    """Stands in for the `time` module inside edge_agent.records."""
+    """Stands in for the `time` module inside edge_agent.engine.records."""
 
     def __init__(self, now: float = 1_700_000_000.0) -> None:
         self.now = now

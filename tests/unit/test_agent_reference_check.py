@@ -1,4 +1,4 @@
-"""edge_agent.reference_check at install: a classifier bundle must agree with the fp32 reference
+"""edge_agent.engine.reference_check at install: a classifier bundle must agree with the fp32 reference
 outputs it carries, computed on this box; one that does not, or whose reference is malformed, is
 refused and removed, and a bundle without references installs with a warning."""
 
@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.classifier import Classifier
-from edge_agent.cli import EXIT_REFUSED, main
+from edge_agent.app.cli import EXIT_REFUSED, main
+from edge_agent.device.install import Candidate, memory_estimate_mb, prepare, stage_and_prepare
+from edge_agent.device.store import BundleStore
+from edge_agent.engine.classifier import Classifier
+from edge_agent.engine.reference_check import load_reference_outputs, status
 from edge_agent.errors import BundleRejectedError
-from edge_agent.install import Candidate, memory_estimate_mb, prepare, stage_and_prepare
-from edge_agent.reference_check import load_reference_outputs, status
-from edge_agent.store import BundleStore
 from edge_bundle.cpu_class import host_class
 from edge_bundle.manifest import ClassEvaluation
 from edge_bundle.profiles import HardwareProfile, load_profile

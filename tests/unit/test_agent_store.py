@@ -1,4 +1,4 @@
-"""edge_agent.store.BundleStore: verified installs, atomic activation, immutable versions, and
+"""edge_agent.device.store.BundleStore: verified installs, atomic activation, immutable versions, and
 re-verification of what is on disk each time a version is opened."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.device.store import BundleStore
 from edge_agent.errors import BundleRejectedError, ConfigError, UnknownModelError
-from edge_agent.store import BundleStore
 from edge_bundle.manifest import MANIFEST_FILE
 from tests.agent_support import Keys, build_bundle, make_keys
 from tests.unit.agent_fixtures import (

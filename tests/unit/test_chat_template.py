@@ -20,7 +20,7 @@ from edge_bundle.chat_template import (
 )
 from edge_bundle.errors import BundleError, TemplateError
 from model_packager.errors import SourceError
-from model_packager.llm_template import choose_template
+from model_packager.llm.template import choose_template
 from model_packager.sources import LlmSource
 
 CONVERSATION = [

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.device.feedback import FeedbackStore, export, make_record
 from edge_agent.errors import BadRequestError, FeedbackFullError
-from edge_agent.feedback import FeedbackStore, export, make_record
 
 REQUEST = {
     "request_id": "a" * 32,

@@ -1,4 +1,4 @@
-"""edge_agent.sdnotify against a real AF_UNIX datagram socket standing in for systemd."""
+"""edge_agent.app.sdnotify against a real AF_UNIX datagram socket standing in for systemd."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.sdnotify import SystemdNotifier, watchdog_loop
+from edge_agent.app.sdnotify import SystemdNotifier, watchdog_loop
 
 
 class FakeSystemd:
@@ -96,7 +96,7 @@ def test_everything_is_a_no_op_outside_systemd() -> None:
 
 
 def test_unusable_socket_value_disables_notifications(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="edge_agent.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="edge_agent.app.sdnotify"):
         notifier = SystemdNotifier({"NOTIFY_SOCKET": "vsock:2:1234"})
     assert not notifier.enabled
     assert "neither a path nor an abstract socket" in caplog.text
@@ -106,7 +106,7 @@ def test_send_failure_never_raises_and_warns_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     notifier = SystemdNotifier({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
-    with caplog.at_level(logging.DEBUG, logger="edge_agent.sdnotify"):
+    with caplog.at_level(logging.DEBUG, logger="edge_agent.app.sdnotify"):
         notifier.ready()
         notifier.watchdog()
         notifier.stopping()
@@ -177,7 +177,7 @@ def test_watchdog_loop_stops_pinging_while_unhealthy(
             raise asyncio.CancelledError
 
     with (
-        caplog.at_level(logging.WARNING, logger="edge_agent.sdnotify"),
+        caplog.at_level(logging.WARNING, logger="edge_agent.app.sdnotify"),
         pytest.raises(asyncio.CancelledError),
     ):
         asyncio.run(watchdog_loop(notifier, lambda: next(health), sleep=fake_sleep))

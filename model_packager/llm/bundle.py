@@ -1,4 +1,4 @@
-"""The contents of a language-model bundle from what `model_packager.llm` measured: the model
+"""The contents of a language-model bundle from what `package.py` measured: the model
 and pinned template files, the manifest body (generation section, validation, benchmark,
 lineage), the report page and the command's summary lines."""
 
@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from edge_bundle.bundle import SourceFile
 from edge_bundle.manifest import (
@@ -23,13 +22,11 @@ from edge_bundle.manifest import (
     Validation,
 )
 from model_packager.benchmark import machine_info
-from model_packager.llm_eval import GenerationTiming
-from model_packager.llm_gguf import GgufInfo
-from model_packager.llm_template import TEMPLATE_FILE, PinnedTemplate
+from model_packager.gguf_header import GgufInfo
+from model_packager.llm.eval import GenerationTiming
+from model_packager.llm.plan import GgufChoice, LlmPlan
+from model_packager.llm.template import TEMPLATE_FILE, PinnedTemplate
 from model_packager.report import LlmReportData, render_llm_report
-
-if TYPE_CHECKING:
-    from model_packager.llm import GgufChoice, LlmPlan
 
 MODEL_FILE = "model.gguf"
 

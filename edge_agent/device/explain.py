@@ -21,10 +21,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.core import Prediction
+from edge_agent.engine.generation import GenerationService
+from edge_agent.engine.generator import Generator
+from edge_agent.engine.types import Prediction
 from edge_agent.errors import AgentError
-from edge_agent.generation import GenerationService
-from edge_agent.generator import Generator
 from edge_agent.runtimes.base import TextRequest
 from edge_agent.settings import AgentSettings
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from edge_agent.classifier import Classifier
+from edge_agent.engine.classifier import Classifier
 from edge_agent.errors import SelfTestError
 from edge_bundle.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 

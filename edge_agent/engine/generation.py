@@ -16,32 +16,23 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
 
-from edge_agent.core import InferenceCore
+from edge_agent.engine.generator import Generator
+from edge_agent.engine.lane import InferenceLane
+from edge_agent.engine.types import GeneratorState
 from edge_agent.errors import NotReadyError, OverloadedError, UnknownModelError
-from edge_agent.generator import Generator
 from edge_agent.runtimes.base import TextChunk, TextRequest
 from edge_agent.settings import AgentSettings
 
 _END = object()
 
 
-@dataclass
-class GeneratorState:
-    status: str  # "loading", "ready" or "failed"
-    reason: str = ""
-    generator: Generator | None = None
-    last_selftest: dict[str, Any] | None = None
-
-
 class GenerationService:
     """Text models by name, the thread that runs them, and their admission."""
 
-    def __init__(self, settings: AgentSettings, core: InferenceCore) -> None:
+    def __init__(self, settings: AgentSettings, lane: InferenceLane) -> None:
         self.settings = settings
-        self.core = core
+        self.lane = lane
         self.models: dict[str, GeneratorState] = {}
         self.in_flight = 0
         self._pool = ThreadPoolExecutor(1, "llm")
@@ -121,7 +112,7 @@ class GenerationService:
         if limit <= 0:
             return
         deadline = time.monotonic() + limit
-        while self.core.admission.in_flight > 0 and time.monotonic() < deadline:
+        while self.lane.classifying() and time.monotonic() < deadline:
             time.sleep(0.002)
 
     def close(self) -> None:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from edge_agent.engine.selftest import SelfTestReport
 from edge_agent.errors import BadRequestError, RuntimeLoadError
 from edge_agent.runtimes import runtime_for
 from edge_agent.runtimes.base import TextRequest, TextSession
-from edge_agent.selftest import SelfTestReport
 from edge_bundle.bundle import VerifiedBundle
 from edge_bundle.errors import BundleError
 from edge_bundle.hashing import sha256_file

@@ -4,8 +4,8 @@ text-generation bundle (runtime "llama").
 Steps: pick and check the chat template (cheap, first) -> choose the quantization -> convert HF
 to GGUF f16 (the reference) -> quantize with llama.cpp -> validate the candidate against the
 reference by perplexity on an evaluation text (gated) -> golden greedy completions -> benchmark at
-the profile's threads -> manifest body and report. `model_packager.build` owns everything around
-it: the output checks, signing and the atomic write.
+the profile's threads -> manifest body and report (`bundle.py`). `model_packager.build` owns
+everything around it: the option checks, signing and the atomic write.
 
 An already-quantized GGUF has no reference: it is packaged as it is (its perplexity recorded, not
 gated). Re-quantizing a quantized file is refused: a second rounding on top of the first loses
@@ -15,17 +15,14 @@ more than quantizing once from the original, so the user is sent back to the f16
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from edge_bundle.chat_template import render_chat
-from edge_bundle.manifest import BundleId, Gate, TextGolden, Validation
-from edge_bundle.profile_host import HostMatch
-from edge_bundle.profiles import HardwareProfile
+from edge_bundle.manifest import Gate, TextGolden, Validation
 from model_packager.errors import GateError, PackagerError, QuantizationError, SourceError
-from model_packager.llm_bundle import LlmContents, LlmOutcome, bundle_contents
-from model_packager.llm_eval import (
+from model_packager.gguf_header import GGUF_FILE_TYPES, GgufInfo, read_gguf_info
+from model_packager.llm.bundle import LlmContents, LlmOutcome, bundle_contents
+from model_packager.llm.eval import (
     DEFAULT_EVAL_TEXT,
     EVAL_WINDOW,
     GOLDEN_PROMPT,
@@ -36,93 +33,17 @@ from model_packager.llm_eval import (
     loaded,
     measure_generation,
 )
-from model_packager.llm_gguf import (
-    GGUF_FILE_TYPES,
-    GgufInfo,
-    convert_to_gguf,
-    merge_causal_adapter,
-    probe_load,
-    quantize_gguf,
-    read_gguf_info,
-)
-from model_packager.llm_template import PinnedTemplate, choose_template
+from model_packager.llm.gguf import convert_to_gguf, merge_causal_adapter, probe_load, quantize_gguf
+from model_packager.llm.plan import GgufChoice, LlmPlan
+from model_packager.llm.template import PinnedTemplate, choose_template
 from model_packager.progress import Progress
 from model_packager.sources import LlmSource
-
-if TYPE_CHECKING:
-    from model_packager.build import BuildOptions
 
 # Largest relative perplexity increase (percent) over the f16 reference, per quantization.
 # llama.cpp's published tables for 7B models show about +0.01% for q8_0, +1% for q5_k_m and +3%
 # for q4_k_m; models under 1B parameters lose two to three times more, so these leave that margin.
 DEFAULT_MAX_PERPLEXITY_INCREASE = {"f16": 0.5, "q8_0": 1.0, "q5_k_m": 5.0, "q4_k_m": 10.0}
 CHAT_GOLDEN_QUESTION = "Why do brackets from press 3 show burrs?"
-
-
-@dataclass(frozen=True)
-class LlmPlan:
-    """What `model-packager build` asked for a language model, after the cheap checks."""
-
-    source: LlmSource
-    profile: HardwareProfile
-    bundle_id: BundleId
-    host: HostMatch
-    packager_version: str
-    quantization: str = "auto"
-    chat_template: str | None = None
-    eval_text: Path | None = None
-    max_perplexity_increase: float | None = None  # percent; None: the quantization's default
-    waive_reason: str | None = None
-    bench_tokens: int = 50
-
-    @classmethod
-    def from_options(
-        cls,
-        options: BuildOptions,
-        source: LlmSource,
-        profile: HardwareProfile,
-        bundle_id: BundleId,
-        host: HostMatch,
-        packager_version: str,
-    ) -> LlmPlan:
-        return cls(
-            source=source,
-            profile=profile,
-            bundle_id=bundle_id,
-            host=host,
-            packager_version=packager_version,
-            quantization=options.quantization,
-            chat_template=options.chat_template,
-            eval_text=options.eval_text,
-            max_perplexity_increase=options.max_perplexity_increase,
-            waive_reason=options.policy.waive_reason,
-            bench_tokens=options.bench_samples,
-        )
-
-
-def check_options(options: BuildOptions, source: LlmSource) -> None:
-    """Refuse the options that only image classifiers take."""
-    vision_only = {
-        "--calibration": options.calibration,
-        "--eval": options.eval_dir,
-        "--knowledge": options.knowledge,
-        "--labels": options.labels,
-    }
-    given = [name for name, value in vision_only.items() if value is not None]
-    if given:
-        raise PackagerError(
-            f"{', '.join(given)} only apply to image classifiers; {source.describe()} is a "
-            "language model (use --eval-text FILE to validate it on your own text)"
-        )
-
-
-@dataclass(frozen=True)
-class GgufChoice:
-    """The quantization to ship and why."""
-
-    quantization: str
-    as_is: bool  # the source file is shipped unchanged
-    reason: str
 
 
 def package_llm(plan: LlmPlan, work: Path, progress: Progress) -> LlmContents:

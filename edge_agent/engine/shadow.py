@@ -14,16 +14,15 @@ import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from edge_agent.classifier import Classifier
+from edge_agent.engine.classifier import Classifier
+from edge_agent.engine.lane import InferenceLane
+from edge_agent.metrics import AgentMetrics
 from edge_bundle.imaging import DecodedImage
 
 #: How long the box must stay idle after an answer before the candidate runs on its photo.
 IDLE_GAP_S = 0.05
-
-if TYPE_CHECKING:
-    from edge_agent.core import InferenceCore
 
 
 @dataclass
@@ -63,30 +62,31 @@ class Shadow:
 
 
 class ShadowRunner:
-    """Shadows by model name; the core calls `after_answer` once an answer is ready."""
+    """Shadows by model name; `after_answer` is one of the core's "after answer" hooks."""
 
-    def __init__(self, core: InferenceCore) -> None:
-        self.core = core
+    def __init__(self, lane: InferenceLane, metrics: AgentMetrics) -> None:
+        self.lane = lane
+        self.metrics = metrics
         self.shadows: dict[str, Shadow] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self, name: str, candidate: Classifier) -> None:
         old = self.shadows.pop(name, None)
         if old is not None:
-            self.core.close_later(old.candidate)
+            self.lane.close_later(old.candidate)
         self.shadows[name] = Shadow(candidate)
 
     def stop(self, name: str) -> Shadow | None:
         shadow = self.shadows.pop(name, None)
         if shadow is not None:
-            self.core.close_later(shadow.candidate)
+            self.lane.close_later(shadow.candidate)
         return shadow
 
     def after_answer(self, name: str, image: DecodedImage, active_label: str) -> None:
         shadow = self.shadows.get(name)
         if shadow is None:
             return
-        if shadow.pending or self.core.busy_elsewhere():
+        if shadow.pending or self.lane.busy_elsewhere():
             self._drop(name, shadow)
             return
         shadow.pending = True
@@ -98,18 +98,18 @@ class ShadowRunner:
 
     def _drop(self, name: str, shadow: Shadow) -> None:
         shadow.dropped += 1
-        self.core.metrics.shadow.labels(name, "dropped").inc()
+        self.metrics.shadow.labels(name, "dropped").inc()
 
     async def _run(
         self, name: str, shadow: Shadow, image: DecodedImage, active_label: str, answered: float
     ) -> None:
-        metrics = self.core.metrics
+        metrics = self.metrics
         candidate = shadow.candidate
         try:
             # Run only in an idle gap: the answer has been sent, and no prediction started since.
             # A box under steady load drops its shadow runs instead of delaying anyone.
             await asyncio.sleep(IDLE_GAP_S)
-            if self.core.last_started > answered or self.core.busy_elsewhere():
+            if self.lane.last_started > answered or self.lane.busy_elsewhere():
                 shadow.pending = False
                 self._drop(name, shadow)
                 return
@@ -120,7 +120,7 @@ class ShadowRunner:
                 label = candidate.labels[int(probabilities[0].argmax())]
                 return label, time.perf_counter() - started
 
-            label, seconds = await self.core.run_inference(classify)
+            label, seconds = await self.lane.run(classify)
         except Exception:  # a broken candidate must not disturb the active model
             shadow.failed += 1
             metrics.shadow.labels(name, "failed").inc()

@@ -1,7 +1,8 @@
-"""Installing a bundle: verify, check it fits this device, load it, self-test it, then activate.
+"""Installing a bundle: verify, check it fits this device, load it, self-test it (not activate).
 
 The one path for every way a bundle arrives: `edge-agent install`, the admin HTTP route, and
-bundles pushed over MQTT (the updater's staging). Nothing is activated until every check has
+bundles pushed over MQTT (the updater's staging). What it prepares is a candidate; making it the
+active version is `models.Models.activate`'s job. Nothing is activated until every check has
 passed; a refused bundle leaves the active one untouched and says why. A classifier arriving on
 the box is also checked against the fp32 reference outputs it carries (`reference_check`), once:
 loading an installed bundle again at start-up runs the golden self-test only.
@@ -16,12 +17,16 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from edge_agent import __version__
-from edge_agent.classifier import Classifier, load_classifier
+from edge_agent.device.store import BundleStore
+from edge_agent.engine.classifier import Classifier, load_classifier
+from edge_agent.engine.generator import Generator, load_generator, run_text_selftest
+from edge_agent.engine.reference_check import (
+    ReferenceReport,
+    not_carried_warning,
+    run_reference_check,
+)
+from edge_agent.engine.selftest import SelfTestReport, run_selftest
 from edge_agent.errors import AgentError, BundleRejectedError
-from edge_agent.generator import Generator, load_generator, run_text_selftest
-from edge_agent.reference_check import ReferenceReport, not_carried_warning, run_reference_check
-from edge_agent.selftest import SelfTestReport, run_selftest
-from edge_agent.store import BundleStore
 from edge_bundle.bundle import VerifiedBundle
 from edge_bundle.errors import BundleError
 from edge_bundle.manifest import Manifest, semver_tuple

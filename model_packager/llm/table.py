@@ -11,15 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model_packager.errors import SourceError
-from model_packager.llm import prepare_reference
-from model_packager.llm_eval import (
+from model_packager.gguf_header import GGUF_FILE_TYPES
+from model_packager.llm.eval import (
     DEFAULT_EVAL_TEXT,
     EVAL_WINDOW,
     likelihood,
     loaded,
     measure_generation,
 )
-from model_packager.llm_gguf import GGUF_FILE_TYPES, quantize_gguf
+from model_packager.llm.gguf import quantize_gguf
+from model_packager.llm.package import prepare_reference
 from model_packager.progress import Progress
 from model_packager.sources import LlmSource, resolve_source
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from edge_agent.classifier import Classifier
+from edge_agent.engine.classifier import Classifier
 from edge_agent.errors import AgentError, BundleRejectedError
 from edge_bundle.agreement import Threshold, Verdict, figures, judge
 from edge_bundle.cpu_class import host_class

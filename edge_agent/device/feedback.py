@@ -9,10 +9,14 @@ Quota policy: at most `max_bytes` and `max_count` records. When full, the oldest
 handed to the MQTT outbox (and so on their way to central) are removed first; if none is, new
 feedback is refused with a clear error (507) rather than dropping what was never forwarded. An
 export (`edge-agent export-feedback`) writes a retraining dataset and changes nothing.
+
+`FeedbackDesk` is the one way in, for HTTP and MQTT alike: it finds the kept prediction, checks
+the verdict against the model's labels, stores the record and forwards it through the publisher.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import threading
@@ -23,7 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from edge_agent.errors import BadRequestError, FeedbackFullError
+from edge_agent.device.ports import Publisher
+from edge_agent.engine.core import InferenceCore
+from edge_agent.engine.records import RequestRecords
+from edge_agent.errors import BadRequestError, FeedbackFullError, UnknownRequestError
+from edge_agent.metrics import AgentMetrics
 from edge_bundle.files import write_atomically
 
 Verdict = Literal["confirmed", "corrected", "rejected"]
@@ -136,6 +144,49 @@ class FeedbackStore:
                 (self.directory / f"{victim.feedback_id}{suffix}").unlink(missing_ok=True)
             del self._index[victim.feedback_id]
             total -= victim.size
+
+
+class FeedbackDesk:
+    """Technicians' verdicts on kept predictions: checked, stored, forwarded."""
+
+    def __init__(
+        self,
+        store: FeedbackStore,
+        records: RequestRecords,
+        core: InferenceCore,
+        metrics: AgentMetrics,
+        publisher: Publisher | None,
+    ) -> None:
+        self.store = store
+        self.records = records
+        self.core = core
+        self.metrics = metrics
+        self.publisher = publisher
+
+    async def submit(self, submitted: dict[str, Any]) -> dict[str, Any]:
+        """Store a technician's verdict on a kept prediction and forward it to central."""
+        request_id = submitted.get("request_id")
+        request = self.records.get(request_id) if isinstance(request_id, str) else None
+        if request is None:
+            raise UnknownRequestError(
+                f"no kept prediction with request_id {request_id!r}: it is unknown or older than "
+                "the keep limits (keep_requests_s); feedback must refer to a recent prediction"
+            )
+        state = self.core.models.get(request["model"]["name"])
+        labels = state.classifier.labels if state is not None and state.classifier else ()
+        record = make_record(request, submitted, labels)
+        image = self.records.image(request["request_id"])
+        stored = await asyncio.to_thread(self.store.add, record, image)
+        if self.publisher is not None:
+            await self.publisher.publish_feedback(stored, image)
+            await asyncio.to_thread(self.store.mark_forwarded, stored["feedback_id"])
+        self.metrics.feedback.labels(stored["verdict"]).inc()
+        return stored
+
+    async def recent(self, limit: int) -> dict[str, Any]:
+        """The latest `limit` records, newest first, and how many are stored."""
+        records = await asyncio.to_thread(self.store.records)
+        return {"feedback": records[-limit:][::-1], "stored": len(self.store)}
 
 
 MAX_TEXT = 500

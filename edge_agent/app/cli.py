@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import __version__
+from edge_agent.app.preflight import PreflightError, check_single_ort
 from edge_agent.errors import AgentError, BundleRejectedError, ConfigError
-from edge_agent.preflight import PreflightError, check_single_ort
 from edge_agent.settings import AgentSettings, load_settings
 
 EXIT_SETTINGS = 3
@@ -62,7 +62,7 @@ def _configure_logging(level: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from edge_agent.server import serve
+    from edge_agent.app.server import serve
 
     settings = _settings(args)
     _configure_logging(settings.log_level)
@@ -71,9 +71,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from edge_agent.agent import build_profile, build_store
-    from edge_agent.install import Candidate, stage_and_prepare
-    from edge_agent.reference_check import not_carried_warning
+    from edge_agent.app.agent import build_profile, build_store
+    from edge_agent.device.install import Candidate, stage_and_prepare
+    from edge_agent.engine.reference_check import not_carried_warning
 
     settings = _settings(args)
     _configure_logging(settings.log_level)
@@ -110,7 +110,7 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from edge_agent.agent import build_store
+    from edge_agent.app.agent import build_store
 
     store = build_store(_settings(args))
     names = sorted({p.name for p in (store.root / "bundles").iterdir() if p.is_dir()})
@@ -123,7 +123,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _export_feedback(args: argparse.Namespace) -> int:
-    from edge_agent.feedback import FeedbackStore, export
+    from edge_agent.device.feedback import FeedbackStore, export
 
     settings = _settings(args)
     store = FeedbackStore(

@@ -1,7 +1,7 @@
 """Measuring a GGUF language model with llama.cpp: mean negative log-likelihood (perplexity) of a
 text, the greedy golden completion, and generation speed at a profile's thread counts.
 
-Models are loaded in this process through llama-cpp-python, after `llm_gguf.probe_load` has
+Models are loaded in this process through llama-cpp-python, after `gguf.probe_load` has
 checked in a child process that llama.cpp can read the file. Likelihood is measured in windows of
 at most `EVAL_WINDOW` tokens, each starting after BOS, so memory stays bounded (llama.cpp keeps
 one row of logits per token); reference and candidate see exactly the same windows.

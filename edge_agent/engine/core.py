@@ -1,10 +1,11 @@
-"""The inference core: what every transport calls to classify an image.
+"""The inference core: classifying an image with an active model, the same for every caller.
 
-Work is split over two pools so a 2-core box stays busy without oversubscribing: decoding and
-preprocessing (OpenCV releases the GIL) run on `decode_threads` threads, while inference runs on
-a single thread because the runtime already spreads one inference over the profile's intra-op
-threads. Transports hold an admission slot (`core.admission`) for each request, which bounds
-everything the core can be asked to do at once.
+Work is split so a 2-core box stays busy without oversubscribing: decoding and preprocessing
+(OpenCV releases the GIL) run on `decode_threads` threads, while inference runs on the inference
+lane's single thread (`lane`). Whoever calls `predict` holds an admission slot of the lane (the
+device's one predict path does), which bounds everything the core can be asked to do at once.
+Once an answer is ready the core calls its "after answer" hooks (shadow runs use one) and keeps
+the request record and drift statistics off the request path.
 """
 
 from __future__ import annotations
@@ -13,24 +14,22 @@ import asyncio
 import logging
 import threading
 import time
-import uuid
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
-from edge_agent.admission import Admission
-from edge_agent.classifier import Classifier
-from edge_agent.drift import DriftMonitor
+from edge_agent.engine.classifier import Classifier
+from edge_agent.engine.drift import DriftMonitor
+from edge_agent.engine.lane import InferenceLane
+from edge_agent.engine.records import RequestRecords
+from edge_agent.engine.types import ModelState, Prediction
 from edge_agent.errors import NotReadyError, UnknownModelError
 from edge_agent.metrics import AgentMetrics
-from edge_agent.records import RequestRecords
 from edge_agent.settings import AgentSettings
-from edge_agent.shadow import ShadowRunner
 from edge_bundle.imaging import DecodedImage
 from edge_bundle.preprocess import input_statistics
 
@@ -40,73 +39,33 @@ _T = TypeVar("_T")
 MAX_PENDING_RECORD_IMAGES = 16
 LATENCY_WINDOW = 2048
 
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One classification, shaped for every transport (and for an explanation to follow)."""
-
-    request_id: str
-    model: dict[str, Any]
-    label: str
-    score: float
-    top_k: tuple[tuple[str, float], ...]
-    knowledge: dict[str, Any] | None
-    image: dict[str, Any]
-    timings_ms: dict[str, float]
-    created_at: float = field(default_factory=time.time)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "request_id": self.request_id,
-            "model": self.model,
-            "label": self.label,
-            "score": round(self.score, 6),
-            "top_k": [{"label": label, "score": round(score, 6)} for label, score in self.top_k],
-            "knowledge": self.knowledge,
-            "image": self.image,
-            "timings_ms": {stage: round(ms, 3) for stage, ms in self.timings_ms.items()},
-            "created_at": self.created_at,
-        }
-
-
-@dataclass
-class ModelState:
-    """Whether a model may serve, and why not."""
-
-    status: str  # "loading", "ready" or "failed"
-    reason: str = ""
-    classifier: Classifier | None = None
-    last_selftest: dict[str, Any] | None = None
-    # What GET /v1/models says of the reference check (`edge_agent.reference_check.status`).
-    reference_check: dict[str, Any] | None = None
+#: Called once an answer is ready: (model name, the decoded photo, the active model's label).
+AfterAnswer = Callable[[str, DecodedImage, str], None]
 
 
 class InferenceCore:
-    """Active classifiers by name, the pools that run them, and admission control."""
+    """Active classifiers by name, the pools that run them, and what they answered."""
 
     def __init__(
-        self, settings: AgentSettings, metrics: AgentMetrics, records: RequestRecords
+        self,
+        settings: AgentSettings,
+        metrics: AgentMetrics,
+        records: RequestRecords,
+        lane: InferenceLane | None = None,
+        after_answer: Sequence[AfterAnswer] = (),
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.records = records
-        self.admission = Admission(settings.max_in_flight)
-        metrics.capacity.set(settings.max_in_flight)
+        self._owns_lane = lane is None
+        self.lane = lane if lane is not None else InferenceLane(settings.max_in_flight, metrics)
+        self.after_answer = tuple(after_answer)
         self.models: dict[str, ModelState] = {}
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, "decode")
-        self._infer_pool = ThreadPoolExecutor(1, "infer")
         self._record_pool = ThreadPoolExecutor(1, "records")
         self._pending_records = 0
-        self._active = 0  # predictions inside the core now (any transport)
-        self.drift: dict[tuple[str, int], DriftMonitor] = {}
-        self.shadow = ShadowRunner(self)
-        self.last_started = 0.0  # when the latest prediction started (monotonic)
         self._pending_lock = threading.Lock()
-        self.busy_since: float | None = None  # when the running inference started
+        self.drift: dict[tuple[str, int], DriftMonitor] = {}
         #: Recent server-side latencies (ms) of answered predictions, by transport, for telemetry.
         self.latencies: dict[str, deque[float]] = {}
         self.outcomes: Counter[tuple[str, str]] = Counter()  # (transport, outcome) -> count
@@ -150,10 +109,16 @@ class InferenceCore:
             and previous is not None
             and previous.classifier not in (None, state.classifier)
         ):
-            # Closed on the inference thread, after any inference already queued on it.
             old = previous.classifier
             assert old is not None
-            self._infer_pool.submit(old.close)
+            self.lane.close_later(old)
+
+    def remove_model(self, name: str) -> ModelState | None:
+        """Stop serving `name`; its classifier is closed after what is queued for it."""
+        state = self.models.pop(name, None)
+        if state is not None and state.classifier is not None:
+            self.lane.close_later(state.classifier)
+        return state
 
     def classifier(self, name: str) -> Classifier:
         state = self.models.get(name)
@@ -171,25 +136,8 @@ class InferenceCore:
 
     # ---- running ---------------------------------------------------------------------------
     async def run_inference(self, function: Callable[[], _T]) -> _T:
-        """Run `function` on the inference thread (selftests use this too, to serialise)."""
-        loop = asyncio.get_running_loop()
-        self.metrics.queued.inc()
-        started = threading.Event()
-
-        def call() -> _T:
-            started.set()
-            self.metrics.queued.dec()  # running now, no longer waiting
-            self.busy_since = time.monotonic()
-            try:
-                return function()
-            finally:
-                self.busy_since = None
-
-        try:
-            return await loop.run_in_executor(self._infer_pool, call)
-        finally:
-            if not started.is_set():  # cancelled before it ran
-                self.metrics.queued.dec()
+        """Run `function` on the inference thread (self-tests use this too, to serialise)."""
+        return await self.lane.run(function)
 
     async def predict(
         self,
@@ -203,12 +151,8 @@ class InferenceCore:
     ) -> Prediction:
         """Classify `data` with model `name`. The caller holds an admission slot."""
         classifier = self.classifier(name)
-        self.last_started = time.monotonic()
-        self._active += 1
-        try:
+        with self.lane.prediction():
             return await self._predict(classifier, name, data, request_id, top_k, receive_s, keep)
-        finally:
-            self._active -= 1
 
     async def _predict(
         self,
@@ -220,10 +164,10 @@ class InferenceCore:
         receive_s: float,
         keep: bool,
     ) -> Prediction:
-        if self._alone():
+        if self.lane.alone():
             # Nothing else to overlap with: one hop to the inference thread instead of two
             # (each thread hand-off costs ~1-4 ms on a busy 2-core box).
-            image, tensor, decode_s, prepare_s, probabilities, infer_s = await self.run_inference(
+            image, tensor, decode_s, prepare_s, probabilities, infer_s = await self.lane.run(
                 lambda: self._whole_pipeline(classifier, data)
             )
         else:
@@ -232,7 +176,7 @@ class InferenceCore:
                 self._decode_pool, self._decode_and_prepare, classifier, data
             )
             started = time.perf_counter()
-            probabilities = await self.run_inference(lambda: classifier.infer(tensor))
+            probabilities = await self.lane.run(lambda: classifier.infer(tensor))
             infer_s = time.perf_counter() - started
         started = time.perf_counter()
         scored = classifier.postprocess(probabilities, top_k)
@@ -271,16 +215,9 @@ class InferenceCore:
         if keep:
             self._keep(prediction, data)
         self._observe(classifier, image, scored.score)
-        self.shadow.after_answer(name, image, scored.label)
+        for hook in self.after_answer:
+            hook(name, image, scored.label)
         return prediction
-
-    def busy_elsewhere(self) -> bool:
-        """True while another prediction is in flight or inference work is queued."""
-        return self._active > 1 or self.admission.in_flight > 1 or self.busy_since is not None
-
-    def _alone(self) -> bool:
-        """True when this is the only prediction in the core and the inference thread is idle."""
-        return self._active == 1 and self.busy_since is None
 
     def _whole_pipeline(
         self, classifier: Classifier, data: bytes
@@ -349,13 +286,12 @@ class InferenceCore:
 
         self._record_pool.submit(write)
 
-    def close_later(self, classifier: Classifier) -> None:
-        """Close a classifier after whatever the inference thread has queued for it."""
-        self._infer_pool.submit(classifier.close)
-
     def close(self) -> None:
-        for pool in (self._decode_pool, self._record_pool, self._infer_pool):
+        """Finish queued work and close every classifier (and the lane, when it is this core's)."""
+        for pool in (self._decode_pool, self._record_pool):
             pool.shutdown(wait=True, cancel_futures=False)
+        if self._owns_lane:
+            self.lane.close()
         for state in self.models.values():
             if state.classifier is not None:
                 state.classifier.close()

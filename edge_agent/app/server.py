@@ -18,11 +18,12 @@ import time
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from edge_agent import __version__
-from edge_agent.agent import Agent
+from edge_agent.app.agent import Agent
+from edge_agent.app.sdnotify import SystemdNotifier, watchdog_loop
 from edge_agent.http.app import create_app
-from edge_agent.sdnotify import SystemdNotifier, watchdog_loop
 from edge_agent.settings import AgentSettings
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,9 @@ class AgentServer(uvicorn.Server):
         self.notifier.ready()
         self.notifier.status("serving; loading installed bundles")
         self._background.append(
-            asyncio.create_task(watchdog_loop(self.notifier, self.agent.healthy), name="watchdog")
+            asyncio.create_task(
+                watchdog_loop(self.notifier, self.agent.device.healthy), name="watchdog"
+            )
         )
         self._background.append(asyncio.create_task(self._report_loaded(), name="status"))
         scheme = "https" if self.agent.settings.tls else "http"
@@ -65,12 +68,12 @@ class AgentServer(uvicorn.Server):
 
     async def _report_loaded(self) -> None:
         """Tell systemd (`systemctl status`) what is served once loading is over."""
-        while self.agent.loading:
+        device = self.agent.device
+        while device.models.loading:
             await asyncio.sleep(0.1)
-        ready, reasons = self.agent.readiness()
+        ready, reasons = device.readiness()
         models = ", ".join(
-            f"{m['name']}@{m.get('version', '?')} {m['status']}"
-            for m in self.agent.describe_models()
+            f"{m['name']}@{m.get('version', '?')} {m['status']}" for m in device.describe_models()
         )
         self.notifier.status(f"serving {models}" if ready else "not ready: " + "; ".join(reasons))
         if ready:
@@ -98,13 +101,13 @@ class AgentServer(uvicorn.Server):
         self.notifier.stopping()
         budget = max(0.0, settings.shutdown_timeout_s - CLOSE_RESERVE_S)
         await asyncio.sleep(min(settings.drain_grace_s, budget))
-        idle = await self.agent.core.admission.wait_idle(
+        idle = await self.agent.lane.admission.wait_idle(
             max(0.0, budget - (time.monotonic() - started))
         )
         if not idle:
             log.warning(
                 "%d predictions still running at the drain deadline",
-                self.agent.core.admission.in_flight,
+                self.agent.lane.admission.in_flight,
             )
         remaining = settings.shutdown_timeout_s - (time.monotonic() - started)
         self.config.timeout_graceful_shutdown = max(1, math.floor(remaining - 0.5))
@@ -115,11 +118,16 @@ class AgentServer(uvicorn.Server):
         self._background.append(asyncio.create_task(self.agent.reload(), name="reload"))
 
 
+def http_app(agent: Agent) -> FastAPI:
+    """The HTTP app over the agent's device, its lifespan the agent's start and stop."""
+    return create_app(agent.device, lifespan=agent.lifespan, updates=agent.updater)
+
+
 def serve(settings: AgentSettings) -> None:
     """Run the agent until it is stopped; returns after a clean shutdown."""
     agent = Agent(settings)
     config = uvicorn.Config(
-        create_app(agent),
+        http_app(agent),
         host=settings.host,
         port=settings.port,
         ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,

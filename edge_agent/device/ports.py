@@ -1,0 +1,44 @@
+"""What the device sends out, as interfaces the layers above implement.
+
+The device never imports a transport: results of HTTP predictions, technicians' feedback, update
+reports and telemetry leave through a `Publisher` (the MQTT service implements it; with MQTT off
+there is none), and the HTTP side reads the updater's status through `UpdateStatus`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from edge_agent.engine.types import Prediction
+
+
+class Publisher(Protocol):
+    """Messages that must reach central: each goes through the durable outbox."""
+
+    async def publish_result(self, prediction: Prediction, source: dict[str, Any]) -> None:
+        """A prediction made elsewhere (HTTP), to the model's results topic."""
+        ...
+
+    async def publish_feedback(self, record: dict[str, Any], image: bytes | None) -> None:
+        """A stored feedback record (with its photo, where it fits a message)."""
+        ...
+
+    async def publish_update(self, report: dict[str, Any]) -> None:
+        """An updater progress or outcome report."""
+        ...
+
+    async def publish_telemetry(self, figures: dict[str, Any]) -> None:
+        """One telemetry snapshot."""
+        ...
+
+    def health(self) -> dict[str, Any]:
+        """The connection, queue and outbox figures telemetry reports (sets their gauges too)."""
+        ...
+
+
+class UpdateStatus(Protocol):
+    """What `GET /v1/updates` shows of the updater."""
+
+    def describe(self) -> dict[str, Any]:
+        """{"state": the persisted state as JSON, "reports": the recent reports}."""
+        ...

@@ -1,0 +1,113 @@
+"""The one predict path, whatever transport brought the photo.
+
+A prediction takes an admission slot of the inference lane before anything else (so text
+generation yields to it and the in-flight gauge counts it), checks the model can serve before a
+byte of the photo is read, classifies, counts the outcome under its transport, and then (outside
+the slot) publishes an HTTP result to MQTT when configured and starts the explanation when asked.
+HTTP reads its upload inside the slot (`receive`), MQTT hands over the photo it already parsed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent.device.explain import Explainer, Listener
+from edge_agent.device.ports import Publisher
+from edge_agent.engine.core import InferenceCore
+from edge_agent.engine.types import Prediction, new_request_id
+from edge_agent.errors import AgentError, error_code
+from edge_agent.metrics import AgentMetrics
+from edge_agent.settings import AgentSettings
+from edge_bundle.errors import BundleError
+
+
+@dataclass(frozen=True)
+class Photo:
+    """What a prediction classifies, and the technician's optional note (for the explanation)."""
+
+    image: bytes
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A prediction, and the `explanation` field of the answer (None: no explanation)."""
+
+    prediction: Prediction
+    explanation: dict[str, Any] | None = None
+
+
+#: The photo itself, or how to receive it (an HTTP upload, read while the slot is held).
+PhotoSource = Photo | Callable[[], Awaitable[Photo]]
+
+
+class Predictions:
+    """Classification as every transport asks for it."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        core: InferenceCore,
+        explainer: Explainer,
+        metrics: AgentMetrics,
+        publisher: Publisher | None,
+    ) -> None:
+        self.settings = settings
+        self.core = core
+        self.explainer = explainer
+        self.metrics = metrics
+        self.publisher = publisher
+
+    async def predict(
+        self,
+        name: str,
+        photo: PhotoSource,
+        *,
+        transport: str,
+        request_id: str | None = None,
+        top_k: int = 3,
+        explain: bool = False,
+        listener: Listener | None = None,
+    ) -> Answer:
+        """Classify a photo with model `name`; `explain` starts the explanation (when the model
+        names an explainer), `listener` hears when it ends."""
+        request_id = request_id or new_request_id()
+        admission = self.core.lane.admission
+        arrived = time.perf_counter()
+        outcome = "error"
+        try:
+            with admission.slot():
+                self.metrics.in_flight.set(admission.in_flight)
+                self.core.classifier(name)  # unknown or not-ready models fail before the upload
+                started = time.perf_counter()
+                received = photo if isinstance(photo, Photo) else await photo()
+                prediction = await self.core.predict(
+                    name,
+                    received.image,
+                    request_id=request_id,
+                    top_k=top_k,
+                    receive_s=time.perf_counter() - started,
+                )
+            outcome = "ok"
+        except (AgentError, BundleError) as exc:
+            outcome = error_code(exc)
+            raise
+        finally:
+            elapsed = time.perf_counter() - arrived if outcome == "ok" else None
+            self.core.record(name, transport, outcome, elapsed)
+            self.metrics.in_flight.set(admission.in_flight)
+        if (
+            transport == "http"
+            and self.publisher is not None
+            and self.settings.mqtt_publish_http_results
+        ):
+            await self.publisher.publish_result(prediction, {"transport": transport})
+        if not explain:
+            return Answer(prediction)
+        explainer = self.core.classifier(name).bundle.manifest.explainer
+        return Answer(
+            prediction, self.explainer.start(prediction, explainer, received.note, listener)
+        )

@@ -1,0 +1,98 @@
+"""The inference lane: the one thread models run on, admission to it, and what is running now.
+
+Classification (`core`), shadow runs (`shadow`) and the periodic and probation self-tests all run
+their model calls here, one after another, because a runtime already spreads one inference over
+the profile's intra-op threads. Every prediction, whatever transport brought it, holds an
+admission slot (`admission.slot()`) while it is in flight, which bounds what the box can be asked
+to do at once and tells text generation (`classifying`) when to yield the CPU. The busy state
+(`busy_since`, `last_started`, `active`) lets shadow runs wait for idle gaps and the watchdog
+notice a wedged runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, TypeVar
+
+from edge_agent.engine.admission import Admission
+from edge_agent.metrics import AgentMetrics
+
+_T = TypeVar("_T")
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+class InferenceLane:
+    """The single inference thread, its admission, and its busy state."""
+
+    def __init__(self, capacity: int, metrics: AgentMetrics) -> None:
+        self.metrics = metrics
+        self.admission = Admission(capacity)
+        metrics.capacity.set(capacity)
+        self._pool = ThreadPoolExecutor(1, "infer")
+        self.busy_since: float | None = None  # when the running inference started (monotonic)
+        self.last_started = 0.0  # when the latest prediction started (monotonic)
+        self.active = 0  # predictions inside the core now (any transport)
+
+    async def run(self, function: Callable[[], _T]) -> _T:
+        """Run `function` on the inference thread, after whatever is queued there."""
+        loop = asyncio.get_running_loop()
+        self.metrics.queued.inc()
+        started = threading.Event()
+
+        def call() -> _T:
+            started.set()
+            self.metrics.queued.dec()  # running now, no longer waiting
+            self.busy_since = time.monotonic()
+            try:
+                return function()
+            finally:
+                self.busy_since = None
+
+        try:
+            return await loop.run_in_executor(self._pool, call)
+        finally:
+            if not started.is_set():  # cancelled before it ran
+                self.metrics.queued.dec()
+
+    @contextlib.contextmanager
+    def prediction(self) -> Iterator[None]:
+        """Count one prediction as inside the engine for the duration of the block."""
+        self.last_started = time.monotonic()
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+    def alone(self) -> bool:
+        """True when the calling prediction is the only one and the inference thread is idle."""
+        return self.active == 1 and self.busy_since is None
+
+    def busy_elsewhere(self) -> bool:
+        """True while another prediction is in flight or inference work is queued."""
+        return self.active > 1 or self.admission.in_flight > 1 or self.busy_since is not None
+
+    def classifying(self) -> bool:
+        """True while any prediction is admitted or running (text generation yields to it)."""
+        return self.admission.in_flight > 0 or self.active > 0
+
+    def wedged(self, after_s: float) -> bool:
+        """True when one inference has been running for longer than `after_s`."""
+        busy = self.busy_since
+        return busy is not None and time.monotonic() - busy >= after_s
+
+    def close_later(self, model: Closable) -> None:
+        """Close a model after whatever the inference thread has queued for it."""
+        self._pool.submit(model.close)
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the thread."""
+        self._pool.shutdown(wait=True, cancel_futures=False)

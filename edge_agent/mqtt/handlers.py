@@ -1,0 +1,305 @@
+"""What the MQTT transport does with each message, over the device API.
+
+Routes a message by its topic (requests, event mappings, generation, feedback, release and trust
+notices) and turns it into the messages that go back: the answer on the MQTT 5 response topic
+(or the model's results topic) with the request's correlation data, a result of an event mapping
+on its result topic, or an error reply with the same code and message as over HTTP. Predictions
+and generations take the device's one predict and generate paths, so they hold an admission slot
+and are checked against the model's context exactly as HTTP's are. No I/O of its own: the service
+puts what this returns into the outbox.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from edge_agent.device.api import Device
+from edge_agent.device.explain import Explanation
+from edge_agent.device.predictions import Photo
+from edge_agent.device.texts import TextAsk
+from edge_agent.engine.types import new_request_id
+from edge_agent.errors import AgentError, BadRequestError, DrainingError, error_code
+from edge_agent.metrics import AgentMetrics
+from edge_agent.mqtt.link import Inbound
+from edge_agent.mqtt.messages import (
+    ImageRequest,
+    Outgoing,
+    carry,
+    error_payload,
+    json_or_none,
+    parse_request,
+    to_json,
+)
+from edge_agent.mqtt.routes import Routes
+from edge_agent.mqtt.topics import Topic
+from edge_agent.settings import EventMapping
+from edge_bundle.errors import BundleError
+
+log = logging.getLogger(__name__)
+#: Client request ids remembered to refuse replays.
+REPLAY_WINDOW = 4096
+#: max_tokens of a generate request that names none.
+DEFAULT_MAX_TOKENS = 128
+
+#: Where release and trust notices go (the updater's `on_notice`).
+NoticeHandler = Callable[[str, bytes], Awaitable[None]]
+#: Puts messages made later (an explanation that follows its answer) into the outbox.
+Send = Callable[[list[Outgoing]], Awaitable[None]]
+
+
+class MqttHandlers:
+    """Turns incoming messages into device calls and the messages that answer them."""
+
+    def __init__(
+        self,
+        device: Device,
+        routes: Routes,
+        metrics: AgentMetrics,
+        send: Send,
+        *,
+        notices: NoticeHandler | None = None,
+    ) -> None:
+        self.device = device
+        self.routes = routes
+        self.scheme = routes.scheme
+        self.settings = routes.settings
+        self.metrics = metrics
+        self.send = send
+        self.notices = notices
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    async def process(self, message: Inbound) -> list[Outgoing]:
+        """What to put into the outbox for `message` (raises `DrainingError` to leave it)."""
+        if self.routes.is_notice(message.topic):
+            if self.notices is not None:
+                await self.notices(message.topic, message.payload)
+            return []
+        model = self.scheme.model_of_request(message.topic)
+        if model is not None:
+            return await self._request(message, model)
+        if message.topic == self.routes.feedback_submit:
+            return await self._feedback(message)
+        text_model = self.scheme.model_of_generate(message.topic)
+        if text_model is not None:
+            return await self._generate(message, text_model)
+        mapping = self.routes.mapping_for(message.topic)
+        if mapping is not None:
+            return await self._event(message, mapping)
+        log.debug("ignoring a message on %s (no request topic, no mapping)", message.topic)
+        return []
+
+    # ---- requests ------------------------------------------------------------------------
+    def _route(
+        self, message: Inbound, model: str, message_id: str
+    ) -> tuple[Topic, dict[str, Any], Outgoing | None]:
+        """Where a reply goes (the allowed response topic, else the results topic), the
+        correlation data it carries, or the error to send instead when the topic is refused."""
+        target = self.routes.reply_topic(message)
+        properties: dict[str, Any] = {}
+        if isinstance(target, AgentError):
+            error = self._error(self.scheme.errors(), target, None, message_id, properties, message)
+            return self.scheme.errors(), properties, error
+        if message.correlation_data is not None:
+            properties["correlation_data"] = message.correlation_data.hex()
+        return target or self.scheme.results(model), properties, None
+
+    async def _request(self, message: Inbound, model: str) -> list[Outgoing]:
+        message_id = new_request_id()
+        reply_to, properties, refused = self._route(message, model, message_id)
+        if refused is not None:
+            return [refused]
+        request: ImageRequest | None = None
+        try:
+            request = parse_request(
+                message.payload,
+                message.content_type,
+                max_bytes=self.settings.mqtt_max_payload_bytes,
+            )
+            self._check_replay(message, request)
+            note = request.document.get("note") if request.document else None
+            answer = await self.device.predict(
+                model,
+                Photo(request.image, note if isinstance(note, str) else None),
+                transport="mqtt",
+                top_k=request.top_k,
+                explain=True,
+                listener=functools.partial(self._explained, reply_to, properties),
+            )
+        except DrainingError:
+            raise
+        except (AgentError, BundleError) as exc:
+            client_id = request.client_request_id if request else None
+            return [self._error(reply_to, exc, client_id, message_id, properties, message)]
+        body = answer.prediction.to_json()
+        body["message_id"] = message_id
+        if request.client_request_id is not None:
+            body["client_request_id"] = request.client_request_id
+        if answer.explanation is not None:
+            body["explanation"] = answer.explanation
+        return [Outgoing(reply_to, to_json(body), "reply", message_id, properties)]
+
+    async def _feedback(self, message: Inbound) -> list[Outgoing]:
+        """Feedback over MQTT: the same JSON as POST /v1/feedback; a reply where one is asked."""
+        message_id = new_request_id()
+        target = self.routes.reply_topic(message)
+        properties: dict[str, Any] = {}
+        if message.correlation_data is not None:
+            properties["correlation_data"] = message.correlation_data.hex()
+        reply_to = target if isinstance(target, Topic) else self.scheme.errors()
+        try:
+            if isinstance(target, AgentError):
+                raise target
+            document = json_or_none(message.payload)
+            if document is None:
+                raise BadRequestError("feedback must be a JSON object like POST /v1/feedback")
+            stored = await self.device.submit_feedback(document)
+        except (AgentError, BundleError) as exc:
+            return [self._error(reply_to, exc, None, message_id, properties, message)]
+        if not isinstance(target, Topic):
+            return []
+        body = {"feedback_id": stored["feedback_id"], "stored": True, "message_id": message_id}
+        return [Outgoing(target, to_json(body), "reply", message_id, properties)]
+
+    async def _explained(
+        self, topic: Topic, properties: dict[str, Any], explanation: Explanation
+    ) -> None:
+        """The second tier: the explanation follows on the same topic, same correlation data."""
+        message_id = new_request_id()
+        body = {"kind": "explanation", **explanation.to_json(), "message_id": message_id}
+        await self.send([Outgoing(topic, to_json(body), "reply", message_id, properties)])
+
+    async def _generate(self, message: Inbound, model: str) -> list[Outgoing]:
+        """Text generation over MQTT: JSON {"prompt"|"messages", "max_tokens", ...}; one reply."""
+        message_id = new_request_id()
+        reply_to, properties, refused = self._route(message, model, message_id)
+        if refused is not None:
+            return [refused]
+        client_id: str | None = None
+        try:
+            document = json_or_none(message.payload)
+            if document is None:
+                raise BadRequestError(
+                    'the payload must be a JSON object: {"prompt": "..."} or {"messages": [...]}'
+                )
+            given_id = document.get("request_id")
+            client_id = given_id if isinstance(given_id, str) else None
+            ask = _text_ask(document, self.settings.max_generation_tokens)
+            prepared = self.device.text_request(model, ask)
+            text, last = await self.device.complete_text(prepared)
+        except (AgentError, BundleError) as exc:
+            return [self._error(reply_to, exc, client_id, message_id, properties, message)]
+        body = {
+            "model": model,
+            "text": text,
+            "finish_reason": last.finish_reason,
+            "usage": {
+                "prompt_tokens": last.prompt_tokens,
+                "completion_tokens": last.completion_tokens,
+            },
+            "message_id": message_id,
+        }
+        if client_id is not None:
+            body["client_request_id"] = client_id
+        return [Outgoing(reply_to, to_json(body), "reply", message_id, properties)]
+
+    def _check_replay(self, message: Inbound, request: ImageRequest) -> None:
+        key = request.client_request_id or (
+            message.correlation_data.hex() if message.correlation_data else None
+        )
+        if key is None:
+            return
+        key = f"{message.response_topic or message.topic}|{key}"
+        if key in self._seen:
+            raise BadRequestError(
+                "this request id was already answered (a replay); give each request a new id"
+            )
+        self._seen[key] = time.monotonic()
+        while len(self._seen) > REPLAY_WINDOW:
+            self._seen.popitem(last=False)
+
+    # ---- events --------------------------------------------------------------------------
+    async def _event(self, message: Inbound, mapping: EventMapping) -> list[Outgoing]:
+        message_id = new_request_id()
+        topic = Topic(
+            mapping.result_topic.format(
+                site=self.settings.site, device=self.settings.device, model=mapping.model
+            )
+        )
+        source: dict[str, Any] = {"topic": message.topic}
+        if mapping.carry:
+            source["carry"] = carry(json_or_none(message.payload), mapping.carry)
+        try:
+            path = "image" if mapping.image == "raw" else mapping.image
+            request = parse_request(
+                message.payload,
+                None if mapping.image != "raw" else "application/octet-stream",
+                max_bytes=self.settings.mqtt_max_payload_bytes,
+                image_path=path,
+                default_top_k=mapping.top_k,
+            )
+            answer = await self.device.predict(
+                mapping.model, Photo(request.image), transport="mqtt", top_k=request.top_k
+            )
+        except DrainingError:
+            raise
+        except (AgentError, BundleError) as exc:
+            return [self._error(topic, exc, None, message_id, {}, message, source=source)]
+        body = answer.prediction.to_json()
+        body["message_id"] = message_id
+        body["source"] = source
+        return [Outgoing(topic, to_json(body), "result", message_id, {})]
+
+    # ---- shared ----------------------------------------------------------------------------
+    def _error(
+        self,
+        topic: Topic,
+        exc: Exception,
+        client_request_id: str | None,
+        message_id: str,
+        properties: dict[str, Any],
+        message: Inbound,
+        source: dict[str, Any] | None = None,
+    ) -> Outgoing:
+        code = error_code(exc)
+        text = getattr(exc, "message", None) or str(exc)
+        self.metrics.mqtt_errors.labels(code).inc()
+        extra: dict[str, Any] = {"source": source or {"topic": message.topic}}
+        payload = error_payload(
+            code, text, request_id=client_request_id, message_id=message_id, extra=extra
+        )
+        return Outgoing(topic, payload, "reply", message_id, properties)
+
+
+def _text_ask(document: dict[str, Any], limit: int) -> TextAsk:
+    """The generate request in a JSON payload, its shapes checked (the device checks the rest)."""
+    messages = document.get("messages")
+    if messages is not None and not (
+        isinstance(messages, list)
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    ):
+        raise BadRequestError("messages must be a list of {role, content} objects")
+    prompt = document.get("prompt")
+    if messages is None and (not isinstance(prompt, str) or not prompt):
+        raise BadRequestError("give a non-empty 'prompt' string (or 'messages')")
+    max_tokens = document.get("max_tokens", DEFAULT_MAX_TOKENS)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+        raise BadRequestError(f"max_tokens must be 1 to {limit}")
+    temperature = document.get("temperature", 0.0)
+    if not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
+        raise BadRequestError("temperature must be a number from 0 to 2")
+    return TextAsk(
+        prompt=prompt if messages is None else None,
+        messages=tuple(messages) if messages is not None else None,
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+    )
