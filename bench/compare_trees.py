@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--before", type=Path, required=True)
     parser.add_argument("--after", type=Path, default=Path())
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--name", default="compare_trees", help="results file name, no .json")
     args = parser.parse_args(argv)
     trees = {"before": args.before.resolve(), "after": args.after.resolve()}
     samples: dict[str, dict[str, list[float]]] = {}
@@ -92,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         print(f"{metric:45s} median after/before {statistics.median(ratios):.3f}  {ratios}")
     out = write_json(
-        "compare_trees",
+        args.name,
         {
             "trees": {side: str(path) for side, path in trees.items()},
             "rounds": args.rounds,
