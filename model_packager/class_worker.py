@@ -2,7 +2,8 @@
 
 Run in process for the native and exact-arithmetic classes, and as
 `python -m model_packager.class_worker MODEL INPUTS.npy OUTPUTS.npy --threads N [--exact]` under
-the emulator (`model_packager.class_eval`). It imports only numpy and onnxruntime, so the
+the emulator (`model_packager.class_eval`), with the packager's own pinned sessions
+(`onnx_tools.make_session`). It imports nothing heavier than numpy and onnxruntime, so the
 emulated Python starts as fast as it can.
 """
 
@@ -10,36 +11,19 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from edge_bundle.scores import to_probabilities
-
-
-def session(model: Path, threads: int, *, exact: bool) -> Any:
-    """A CPU session pinned like the box's; `exact` asks for exact int8 sums on x86."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if exact:
-        options.add_session_config_entry("session.x64quantprecision", "1")
-    return ort.InferenceSession(
-        str(model), sess_options=options, providers=["CPUExecutionProvider"]
-    )
+from model_packager.onnx_tools import make_session
 
 
 def predict_file(
     model: Path, inputs: NDArray[np.float32], threads: int, *, exact: bool = False
 ) -> NDArray[np.float32]:
     """Probabilities (N, classes), one input at a time as the device runs them."""
-    run = session(model, threads, exact=exact)
+    run = make_session(model, threads, exact=exact)
     name = run.get_inputs()[0].name
     rows = []
     for index in range(inputs.shape[0]):

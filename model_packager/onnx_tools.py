@@ -16,11 +16,12 @@ from edge_bundle.scores import looks_like_probabilities, softmax, to_probabiliti
 from model_packager.errors import SourceError
 
 
-def make_session(path: Path, threads: int, spinning: bool = False) -> Any:
+def make_session(path: Path, threads: int, spinning: bool = False, exact: bool = False) -> Any:
     """An `onnxruntime.InferenceSession` on CPU for `path` with `threads` intra-op threads.
 
     Spinning is off unless asked for: on a 2-core box a spinning pool burns the other core between
-    runs and slows everything else on the machine.
+    runs and slows everything else on the machine. `exact` asks for exact int8 sums on x86
+    (`session.x64quantprecision`), which is what VNNI and AMX kernels compute.
     """
     import onnxruntime as ort
 
@@ -36,6 +37,8 @@ def make_session(path: Path, threads: int, spinning: bool = False) -> Any:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if exact:
+        options.add_session_config_entry("session.x64quantprecision", "1")
     try:
         return ort.InferenceSession(
             str(path), sess_options=options, providers=["CPUExecutionProvider"]
