@@ -325,6 +325,9 @@ def start_agent(state: Path, bench: BenchBundle, work: Path, keep_records: bool)
                "--host", "127.0.0.1", "--port", str(port), "--max-in-flight", str(MAX_IN_FLIGHT),
                "--log-level", "warning"]  # fmt: skip
     env = {} if keep_records else {"EDGE_AGENT_KEEP_REQUESTS_COUNT": "0"}
+    # Throughput at 16 concurrent clients needs them all admitted: the queueing-delay rule (#15)
+    # would refuse most of them (bench_overload.py measures that rule).
+    env["EDGE_AGENT_MAX_QUEUE_DELAY_SERVICES"] = "1000"
     server = _start("edge-agent serve", command, env, work / "agent.log", port)
     server.wait_until("/readyz", timeout=180)
     return server

@@ -76,7 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "--trusted-key", str(key), *extra],
                 check=True, capture_output=True,
             )  # fmt: skip
-        env = {"EDGE_AGENT_ADMIN_TOKEN": TOKEN, "EDGE_AGENT_KEEP_REQUESTS_COUNT": "0"}
+        env = {
+            "EDGE_AGENT_ADMIN_TOKEN": TOKEN,
+            "EDGE_AGENT_KEEP_REQUESTS_COUNT": "0",
+            # 4 clients must all be answered; the queueing-delay rule (#15) would refuse some.
+            "EDGE_AGENT_MAX_QUEUE_DELAY_SERVICES": "1000",
+        }
         auth = {"Authorization": f"Bearer {TOKEN}"}
         with run_agent(
             state, "--trusted-key", str(DEMO_KEY), "--trusted-key", str(v2_key), env=env

@@ -32,6 +32,12 @@ class BadRequestError(AgentError):
     code = "bad_request"
 
 
+class RequestTimeoutError(AgentError):
+    """The client sent its request too slowly (a body lagging the minimum rate)."""
+
+    code = "request_timeout"
+
+
 class PayloadTooLargeError(AgentError):
     """The request body is over the configured cap."""
 
@@ -90,6 +96,12 @@ class FeedbackFullError(AgentError):
     """The feedback quota is full of records not yet forwarded to central."""
 
     code = "feedback_quota_full"
+
+
+class DiskFullError(AgentError):
+    """The state directory has no space left: what was asked cannot be made durable."""
+
+    code = "disk_full"
 
 
 class RuntimeLoadError(AgentError):

@@ -128,6 +128,22 @@ class AgentMetrics:
             "Free space where the state directory lives",
             registry=r,
         )
+        self.disk_full = Gauge(
+            "lineside_disk_full",
+            "1 while the state directory's disk is full (answers wait unacknowledged, 507s)",
+            registry=r,
+        )
+        self.mqtt_held = Gauge(
+            "lineside_mqtt_held",
+            "MQTT messages held unacknowledged: waiting for their model, or for disk space",
+            ["reason"],
+            registry=r,
+        )
+        self.mqtt_redelivered = Counter(
+            "lineside_mqtt_redelivered_total",
+            "Redelivered MQTT messages answered again from the answers already given",
+            registry=r,
+        )
         self.temperature = Gauge(
             "lineside_temperature_celsius", "Hottest temperature sensor reading", registry=r
         )

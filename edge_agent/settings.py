@@ -86,6 +86,49 @@ class AgentSettings(BaseSettings):
         min_length=16,
         description="bearer token for admin routes; without it admin routes are disabled",
     )
+    # HTTP connection limits (#15)
+    http_idle_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="a connection with no request in progress is closed after this long without "
+        "a byte (between keep-alive requests, or one that never sends)",
+    )
+    http_header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="a request's line and headers must be in this long after their first byte; "
+        "else 408 and the connection is closed",
+    )
+    http_body_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="a request body may lag http_body_min_rate by at most this long (so a small "
+        "body has this long to arrive); else 408",
+    )
+    http_body_min_rate: int = Field(
+        default=32 * 1024,
+        ge=1,
+        description="bytes per second a request body must keep up once http_body_timeout_s is over",
+    )
+    http_max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=4096,
+        le=MIB,
+        description="largest request line plus headers, never buffered beyond; else 431",
+    )
+    http_max_headers: int = Field(
+        default=100, ge=8, le=10_000, description="most header fields in a request; else 431"
+    )
+    http_max_connections: int = Field(
+        default=512,
+        ge=8,
+        le=10_000,
+        description="open HTTP connections; past it the longest-idle one is closed, or, when all "
+        "are busy, the newcomer's request gets 503 + Retry-After",
+    )
 
     # Trust.
     trusted_keys: tuple[Path, ...] = Field(
@@ -111,6 +154,38 @@ class AgentSettings(BaseSettings):
         ge=1,
         le=1024,
         description="predictions being served or waiting at once; past it, 503 + Retry-After",
+    )
+    # Admission and decode memory (#15)
+    max_queue_delay_services: float = Field(
+        default=1.0,
+        gt=0,
+        le=1000,
+        description="refuse a prediction (503 + Retry-After) when the ones ahead would keep it "
+        "waiting longer than this many measured service times",
+    )
+    max_queue_delay_ms: float | None = Field(
+        default=None,
+        gt=0,
+        description="also refuse when that expected wait is longer than this (milliseconds)",
+    )
+    decode_pixel_budget: int = Field(
+        default=64_000_000,
+        ge=1_000_000,
+        description="pixels decoded at once across requests (bounds decode memory); a photo that "
+        "does not fit waits for decode_wait_ms, then gets 503 + Retry-After",
+    )
+    decode_wait_ms: float = Field(
+        default=1000.0,
+        ge=0,
+        le=60_000,
+        description="how long a photo may wait for room in decode_pixel_budget",
+    )
+    inference_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="nice value added to the decode and inference threads, so that under "
+        "overload health checks and refusals still get the CPU at once (0: same priority)",
     )
     decode_threads: int = Field(
         default=2, ge=1, le=64, description="threads decoding and preprocessing images"
@@ -190,6 +265,32 @@ class AgentSettings(BaseSettings):
     telemetry_interval_s: float = Field(default=60.0, ge=0, description="0 turns telemetry off")
     outbox_max_bytes: int = Field(default=64 * MIB, ge=MIB)
     outbox_max_messages: int = Field(default=100_000, ge=10)
+    # No answer lost (#14).
+    mqtt_model_wait_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="how long a message waits, unacknowledged, for its model to load (start-up, "
+        "reload) before it is answered not_ready / unknown_model",
+    )
+    mqtt_overload_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="how long a taken MQTT message waits for an inference slot before it is "
+        "answered overloaded (the broker queues the rest)",
+    )
+    mqtt_dedupe_window_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="a redelivered message within this window gets the answer already given",
+    )
+    mqtt_dedupe_max: int = Field(
+        default=10_000, ge=100, description="answered messages remembered for redeliveries"
+    )
+    disk_reserve_mb: float = Field(
+        default=16.0,
+        ge=0,
+        description="free space under state_dir below which the disk counts as full",
+    )
 
     # Language models and explanations.
     max_generations: int = Field(

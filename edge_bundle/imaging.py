@@ -42,6 +42,7 @@ __all__ = [
     "DecodedImage",
     "choose_reduction",
     "decode_image",
+    "decoded_pixels",
     "read_dimensions",
     "sniff_format",
 ]
@@ -111,8 +112,24 @@ def decode_image(
     reduction = choose_reduction(info.width, info.height, target_hw) if info.format == "jpeg" else 1
     bgr = _imdecode(data, _REDUCED_FLAGS[reduction], info.format)
     width, height = _display_size(info, bgr.shape[:2], reduction)
-    rgb = np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8)
+    # In place: a second full-size buffer would double the peak memory of a large decode.
+    rgb = np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr), dtype=np.uint8)
     return DecodedImage(rgb, info.format, width, height, reduction)
+
+
+def decoded_pixels(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, target_hw: tuple[int, int] | None = None
+) -> int:
+    """How many pixels `decode_image` would allocate for `data` (after any JPEG reduction), read
+    from the header alone; 0 when it would refuse before decoding (unreadable or too large)."""
+    try:
+        info = read_header(data)
+    except ImageError:
+        return 0
+    if info.width * info.height > max_pixels:
+        return 0
+    reduction = choose_reduction(info.width, info.height, target_hw) if info.format == "jpeg" else 1
+    return math.ceil(info.width / reduction) * math.ceil(info.height / reduction)
 
 
 def _check_byte_count(data: bytes, max_bytes: int) -> None:

@@ -30,6 +30,7 @@ from pydantic import (
 
 from edge_bundle.encoding import b64, canonical_json, strict_json, unb64
 from edge_bundle.errors import (
+    BundleError,
     NoticeError,
     RevokedKeyError,
     SignatureError,
@@ -295,6 +296,33 @@ def decode_notice(data: bytes, trust: TrustStore) -> tuple[Notice, str]:
             f"a {other_kind} notice; a {notice.kind} notice must be signed by a {needed!r} key"
         )
     return notice, signer
+
+
+def peek_notice(data: bytes) -> dict[str, Any]:
+    """What can be read of a notice WITHOUT verifying it, for reporting a refusal.
+
+    Never raises and never trusts: the fields (kind, sequence, name, version, target) are
+    copied only when they have the right type, so a refused notice can be tied to the release
+    it claims to be. Nothing here may be acted on.
+    """
+    try:
+        payload, _ = _open_envelope(data)
+        document = strict_json(payload)
+    except (BundleError, ValueError, RecursionError):
+        return {}
+    if not isinstance(document, dict):
+        return {}
+    seen: dict[str, Any] = {}
+    for key, kind in (("kind", str), ("name", str), ("sequence", int), ("version", int)):
+        value = document.get(key)
+        if isinstance(value, kind) and not isinstance(value, bool):
+            seen[key] = value[:128] if isinstance(value, str) else value
+    target = document.get("target")
+    if isinstance(target, dict):
+        seen["target"] = {
+            k: v[:128] for k, v in target.items() if k in ("device", "group") and isinstance(v, str)
+        }
+    return seen
 
 
 def apply_trust(trust: TrustStore, notice: TrustNotice, *, signer_key_id: str) -> TrustStore:

@@ -56,3 +56,21 @@ def jpeg_with_orientation(image_rgb: NDArray[np.uint8], orientation: int) -> byt
     out = io.BytesIO()
     picture.save(out, "JPEG", quality=95, exif=exif.tobytes())
     return out.getvalue()
+
+
+def large_flat_png(side: int = 7000, seed: int = 0) -> bytes:
+    """A `side` x `side` PNG (49 megapixels by default, under the agent's 50 MP cap) of flat shapes
+    and lines that compresses to a few hundred KB: a small upload that decodes to ~150 MB."""
+    rng = np.random.default_rng(seed)
+    image = np.full((side, side, 3), 235, np.uint8)
+    for _ in range(60):
+        centre = (int(rng.integers(0, side)), int(rng.integers(0, side)))
+        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+        cv2.circle(image, centre, int(rng.integers(side // 40, side // 6)), colour, -1)
+    for _ in range(40):
+        start = (int(rng.integers(0, side)), int(rng.integers(0, side)))
+        end = (int(rng.integers(0, side)), int(rng.integers(0, side)))
+        cv2.line(image, start, end, (20, 20, 20), int(rng.integers(2, 12)))
+    ok, buffer = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    assert ok
+    return bytes(buffer.tobytes())

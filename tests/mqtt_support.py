@@ -79,6 +79,13 @@ class Broker:
             self.process.wait(10)
         self.process = None
 
+    def kill(self) -> None:
+        """SIGKILL: whatever the broker had not saved yet (autosave_interval 1) is lost."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
     def pause(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGSTOP)

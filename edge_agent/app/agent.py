@@ -27,6 +27,7 @@ from edge_agent.device.predictions import Predictions
 from edge_agent.device.store import BundleStore
 from edge_agent.device.telemetry import Telemetry
 from edge_agent.device.texts import Texts
+from edge_agent.disk import DiskWatch
 from edge_agent.engine.core import InferenceCore
 from edge_agent.engine.generation import GenerationService
 from edge_agent.engine.lane import InferenceLane
@@ -37,7 +38,7 @@ from edge_agent.metrics import AgentMetrics
 from edge_agent.mqtt.handlers import MqttHandlers
 from edge_agent.mqtt.routes import Routes
 from edge_agent.mqtt.service import MqttService
-from edge_agent.settings import AgentSettings
+from edge_agent.settings import MIB, AgentSettings
 from edge_agent.updater.runner import Updater
 from edge_bundle.errors import BundleError
 from edge_bundle.profiles import HardwareProfile, load_profile
@@ -85,20 +86,22 @@ def build_device(
     store: BundleStore,
     metrics: AgentMetrics,
     publisher: Publisher | None = None,
+    disk: DiskWatch | None = None,
 ) -> Device:
-    """The engine and the device over it; `publisher` carries what the device sends out."""
+    """The engine and the device over it; `publisher` carries what the device sends out, `disk`
+    watches the state directory's free space."""
     records = RequestRecords(
         settings.requests_dir,
         max_age_s=settings.keep_requests_s,
         max_bytes=settings.keep_requests_bytes,
         max_count=settings.keep_requests_count,
     )
-    lane = InferenceLane(settings.max_in_flight, metrics)
+    lane = InferenceLane.from_settings(settings, metrics)
     shadow = ShadowRunner(lane, metrics)
     core = InferenceCore(settings, metrics, records, lane, after_answer=(shadow.after_answer,))
     generation = GenerationService(settings, lane)
     explainer = Explainer(settings, generation)
-    models = Models(settings, profile, store, core, generation, metrics)
+    models = Models(settings, profile, store, core, generation, metrics, disk)
     feedback = FeedbackStore(
         settings.feedback_dir,
         max_bytes=settings.feedback_max_bytes,
@@ -111,7 +114,7 @@ def build_device(
         predictions=Predictions(settings, core, explainer, metrics, publisher),
         texts=Texts(settings, generation),
         explainer=explainer,
-        feedback=FeedbackDesk(feedback, records, core, metrics, publisher),
+        feedback=FeedbackDesk(feedback, records, core, metrics, publisher, disk),
         records=records,
         shadow=shadow,
         telemetry=Telemetry(settings, models, core, shadow, metrics, publisher),
@@ -131,9 +134,16 @@ class Agent:
         self.profile = build_profile(settings)
         self.store = build_store(settings)
         self.metrics = AgentMetrics()
+        self.disk = DiskWatch(settings.state_dir, reserve_bytes=int(settings.disk_reserve_mb * MIB))
         routes = Routes(settings)
-        self.mqtt = MqttService(settings, routes, self.metrics) if settings.mqtt_enabled else None
-        self.device = build_device(settings, self.profile, self.store, self.metrics, self.mqtt)
+        self.mqtt = (
+            MqttService(settings, routes, self.metrics, disk=self.disk)
+            if settings.mqtt_enabled
+            else None
+        )
+        self.device = build_device(
+            settings, self.profile, self.store, self.metrics, self.mqtt, self.disk
+        )
         self.updater: Updater | None = None
         if settings.release_keys:
             self.updater = Updater(
@@ -177,7 +187,7 @@ class Agent:
         """Begin loading the active bundles in the background; returns at once."""
         self.store.clear_staging()
         if self.mqtt is not None and self.handlers is not None:
-            await self.mqtt.start(self.handlers.process)
+            await self.mqtt.start(self.handlers)
             if self.settings.telemetry_interval_s > 0:
                 self._spawn(self.device.telemetry.loop(self.mqtt), "telemetry")
         self._spawn(self._load(), "load-models")
@@ -218,4 +228,4 @@ class Agent:
         finally:
             if self.updater is not None:
                 await self.updater.start()  # resume an update once the active models are loaded
-            self.models.loading = False
+            self.models.finish_loading()

@@ -22,6 +22,7 @@ from fastapi import FastAPI
 
 from edge_agent import __version__
 from edge_agent.app.agent import Agent
+from edge_agent.app.connections import ConnectionLimits, limited_protocol
 from edge_agent.app.sdnotify import SystemdNotifier, watchdog_loop
 from edge_agent.http.app import create_app
 from edge_agent.settings import AgentSettings
@@ -123,11 +124,10 @@ def http_app(agent: Agent) -> FastAPI:
     return create_app(agent.device, lifespan=agent.lifespan, updates=agent.updater)
 
 
-def serve(settings: AgentSettings) -> None:
-    """Run the agent until it is stopped; returns after a clean shutdown."""
-    agent = Agent(settings)
-    config = uvicorn.Config(
-        http_app(agent),
+def server_config(settings: AgentSettings, app: FastAPI) -> uvicorn.Config:
+    """uvicorn's configuration: h11 with the agent's connection limits (`connections`)."""
+    return uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
@@ -135,11 +135,23 @@ def serve(settings: AgentSettings) -> None:
         log_config=None,
         log_level=settings.log_level,
         access_log=settings.access_log,
-        # An outer bound on connections + tasks; admission control answers first, faster.
-        limit_concurrency=settings.max_in_flight * 4 + 32,
-        timeout_keep_alive=5,
+        # h11, pinned: it caps the request head's size (httptools buffers any header).
+        http=limited_protocol(ConnectionLimits.from_settings(settings)),
+        h11_max_incomplete_event_size=settings.http_max_header_bytes,
+        ws="none",  # no WebSocket routes: an upgrade request is an ordinary request
+        # Never uvicorn's limit_concurrency: it counts idle sockets and answers plain text.
+        # Connections are bounded by the protocol, predictions by admission control.
+        limit_concurrency=None,
+        # The protocol closes idle connections itself; uvicorn's own timer is only a backstop.
+        timeout_keep_alive=math.ceil(settings.http_idle_timeout_s),
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
         server_header=False,
         lifespan="on",
     )
+
+
+def serve(settings: AgentSettings) -> None:
+    """Run the agent until it is stopped; returns after a clean shutdown."""
+    agent = Agent(settings)
+    config = server_config(settings, http_app(agent))
     AgentServer(config, agent, SystemdNotifier()).run()

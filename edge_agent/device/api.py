@@ -19,9 +19,15 @@ from edge_agent.device.models import Models
 from edge_agent.device.predictions import Answer, PhotoSource, Predictions
 from edge_agent.device.telemetry import Telemetry
 from edge_agent.device.texts import Prepared, TextAsk, Texts
+from edge_agent.disk import is_disk_full
 from edge_agent.engine.records import RequestRecords
 from edge_agent.engine.shadow import ShadowRunner
-from edge_agent.errors import BadRequestError, UnknownModelError, UnknownRequestError
+from edge_agent.errors import (
+    BadRequestError,
+    DiskFullError,
+    UnknownModelError,
+    UnknownRequestError,
+)
 from edge_agent.metrics import AgentMetrics
 from edge_agent.runtimes.base import TextChunk
 from edge_agent.settings import AgentSettings
@@ -69,6 +75,20 @@ class Device:
 
     def readiness(self) -> tuple[bool, list[str]]:
         return self.models.readiness()
+
+    def raise_if_disk_full(self, exc: BaseException, doing: str) -> None:
+        """Raise `DiskFullError` (507) from `exc` when it says the disk is full; else return."""
+        if self.models.disk is not None:
+            self.models.disk.raise_if_full(exc, doing)
+        elif is_disk_full(exc):
+            raise DiskFullError(
+                f"could not {doing}: the disk is full; free space and retry"
+            ) from exc
+
+    async def wait_settled(self, name: str, timeout: float) -> bool:
+        """Wait up to `timeout` s until model `name` serves or is known not to (it failed, or it
+        is not installed once start-up loading is over); False when the time ran out."""
+        return await self.models.wait_settled(name, timeout)
 
     def healthy(self) -> bool:
         """False when the inference thread has been stuck on one call (feeds the watchdog)."""
@@ -120,6 +140,7 @@ class Device:
         top_k: int = 3,
         explain: bool = False,
         listener: Listener | None = None,
+        client_request_id: str | None = None,
     ) -> Answer:
         return await self.predictions.predict(
             name,
@@ -129,6 +150,7 @@ class Device:
             top_k=top_k,
             explain=explain,
             listener=listener,
+            client_request_id=client_request_id,
         )
 
     def request_record(self, request_id: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import threading
 import time
 import uuid
@@ -28,12 +29,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edge_agent.device.ports import Publisher
+from edge_agent.disk import DiskWatch, is_disk_full
 from edge_agent.engine.core import InferenceCore
 from edge_agent.engine.records import RequestRecords
-from edge_agent.errors import BadRequestError, FeedbackFullError, UnknownRequestError
+from edge_agent.errors import (
+    BadRequestError,
+    DiskFullError,
+    FeedbackFullError,
+    UnknownRequestError,
+)
 from edge_agent.metrics import AgentMetrics
 from edge_bundle.files import write_atomically
 
+log = logging.getLogger(__name__)
 Verdict = Literal["confirmed", "corrected", "rejected"]
 IMAGE_SUFFIX = {"jpeg": ".jpg", "png": ".png", "webp": ".webp", "bmp": ".bmp"}
 
@@ -85,11 +93,25 @@ class FeedbackStore:
         size = len(body) + (len(image) if image is not None else 0)
         with self._lock:
             self._make_room(size)
-            if image is not None:
-                write_atomically(self.directory / f"{feedback_id}.img", image)
-            write_atomically(self.directory / f"{feedback_id}.json", body)
+            try:
+                if image is not None:
+                    write_atomically(self.directory / f"{feedback_id}.img", image)
+                write_atomically(self.directory / f"{feedback_id}.json", body)
+            except OSError:
+                self._delete(feedback_id)  # nothing half-written stays behind
+                raise
             self._index[feedback_id] = Stored(feedback_id, size, record["created_at"], False)
         return record
+
+    def discard(self, feedback_id: str) -> None:
+        """Delete a record that could not be forwarded after all (its submit failed)."""
+        with self._lock:
+            self._delete(feedback_id)
+            self._index.pop(feedback_id, None)
+
+    def _delete(self, feedback_id: str) -> None:
+        for suffix in (".json", ".img"):
+            (self.directory / f"{feedback_id}{suffix}").unlink(missing_ok=True)
 
     def mark_forwarded(self, feedback_id: str) -> None:
         with self._lock:
@@ -156,7 +178,9 @@ class FeedbackDesk:
         core: InferenceCore,
         metrics: AgentMetrics,
         publisher: Publisher | None,
+        disk: DiskWatch | None = None,
     ) -> None:
+        self.disk = disk
         self.store = store
         self.records = records
         self.core = core
@@ -176,12 +200,35 @@ class FeedbackDesk:
         labels = state.classifier.labels if state is not None and state.classifier else ()
         record = make_record(request, submitted, labels)
         image = self.records.image(request["request_id"])
-        stored = await asyncio.to_thread(self.store.add, record, image)
+        try:
+            stored = await asyncio.to_thread(self.store.add, record, image)
+        except OSError as exc:
+            self._raise_if_full(exc)
+            raise
         if self.publisher is not None:
-            await self.publisher.publish_feedback(stored, image)
-            await asyncio.to_thread(self.store.mark_forwarded, stored["feedback_id"])
+            try:
+                await self.publisher.publish_feedback(stored, image)
+            except Exception as exc:
+                # Stored but not queued for central: take it back, so a retry is not a duplicate.
+                await asyncio.to_thread(self.store.discard, stored["feedback_id"])
+                self._raise_if_full(exc)
+                raise
+            try:
+                await asyncio.to_thread(self.store.mark_forwarded, stored["feedback_id"])
+            except OSError as exc:  # it is queued; only the mark is missing
+                log.warning(
+                    "feedback %s is queued but could not be marked: %s", stored["feedback_id"], exc
+                )
         self.metrics.feedback.labels(stored["verdict"]).inc()
         return stored
+
+    def _raise_if_full(self, exc: BaseException) -> None:
+        if self.disk is not None:
+            self.disk.raise_if_full(exc, "store the feedback")
+        elif is_disk_full(exc):
+            raise DiskFullError(
+                "could not store the feedback: the disk is full; free space and send it again"
+            ) from exc
 
     async def recent(self, limit: int) -> dict[str, Any]:
         """The latest `limit` records, newest first, and how many are stored."""

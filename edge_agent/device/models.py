@@ -11,6 +11,7 @@ self-test and the figures the updater's probation watches live here too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -29,6 +30,7 @@ from edge_agent.device.install import (
     stage_and_prepare,
 )
 from edge_agent.device.store import BundleStore
+from edge_agent.disk import DiskWatch
 from edge_agent.engine.classifier import Classifier
 from edge_agent.engine.core import InferenceCore
 from edge_agent.engine.generation import GenerationService
@@ -56,6 +58,7 @@ class Models:
         core: InferenceCore,
         generation: GenerationService,
         metrics: AgentMetrics,
+        disk: DiskWatch | None = None,
     ) -> None:
         self.settings = settings
         self.profile = profile
@@ -63,8 +66,10 @@ class Models:
         self.core = core
         self.generation = generation
         self.metrics = metrics
+        self.disk = disk
         self.loading = True  # until the active bundles have been loaded once
         self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()  # set (and replaced) whenever what serves changes
 
     # ---- state -----------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, list[str]]:
@@ -79,6 +84,11 @@ class Models:
                 "no model is installed: run `edge-agent install BUNDLE` or POST one to "
                 "/v1/admin/bundles"
             )
+        if self.disk is not None:
+            full = self.disk.full()
+            self.metrics.disk_full.set(1 if full else 0)
+            if full:
+                reasons.append(self.disk.reason())
         states = [(name, s.status, s.reason) for name, s in self.core.models.items()]
         states += [(name, s.status, s.reason) for name, s in self.generation.models.items()]
         for name, status, reason in sorted(states):
@@ -87,6 +97,36 @@ class Models:
         ready = not reasons
         self.metrics.ready.set(1 if ready else 0)
         return ready, reasons
+
+    def settled(self, name: str) -> bool:
+        """Whether `name` serves, or it is known that it will not (it failed, or it is not
+        installed) once the start-up load is over; False while it may still come."""
+        for state in (self.core.models.get(name), self.generation.models.get(name)):
+            if state is not None:
+                return state.status == "ready" or (state.status == "failed" and not self.loading)
+        return not self.loading
+
+    async def wait_settled(self, name: str, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for `settled(name)`; False when the time ran out."""
+        deadline = time.monotonic() + timeout
+        while not self.settled(name):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            changed = self._changed
+            # Woken by every change; the 1 s cap re-checks even if one is ever missed.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
+        return True
+
+    def finish_loading(self) -> None:
+        """The start-up load is over: whatever did not load now answers not_ready/unknown."""
+        self.loading = False
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def describe(self) -> list[dict[str, Any]]:
         """Every served model, classifiers first, as `GET /v1/models` lists them."""
@@ -154,8 +194,10 @@ class Models:
                     self.settings.cache_dir,
                     self.settings.memory_budget_mb,
                 )
-            except AgentError:
+            except (AgentError, OSError) as exc:
                 self.metrics.installs.labels("rejected").inc()
+                if self.disk is not None:  # a full disk is not the bundle's fault: 507, not 422
+                    self.disk.raise_if_full(exc, "install the bundle")
                 raise
             await self._swap(candidate, by="install", keep_previous=False)
         self.metrics.installs.labels("activated").inc()
@@ -206,11 +248,13 @@ class Models:
             if to_version is None:
                 await asyncio.to_thread(self.store.deactivate, name)
                 self.core.remove_model(name)
+                self._notify()
                 return
             await asyncio.to_thread(self.store.activate, name, to_version)
             kept = previous.classifier if previous is not None else None
             if previous is not None and kept is not None and kept.version == to_version:
                 self.core.set_model(name, previous)
+                self._notify()
                 return
             candidate = await self.prepare(name, to_version)
             self._serve(candidate, close_previous=True)
@@ -237,6 +281,12 @@ class Models:
         )
 
     def _serve(self, candidate: AnyCandidate, *, close_previous: bool) -> None:
+        try:
+            self._set_serving(candidate, close_previous=close_previous)
+        finally:
+            self._notify()
+
+    def _set_serving(self, candidate: AnyCandidate, *, close_previous: bool) -> None:
         name = candidate.bundle.manifest.name
         if isinstance(candidate, TextCandidate):
             self.generation.set_model(
@@ -269,6 +319,10 @@ class Models:
         """Serve every version the store marks active that is not served yet."""
         for name in self.store.active_names():
             version = self.store.active_version(name)
+            if version is not None and self.serving_version(name) is None:
+                self._show_loading(name, version)  # not_ready, not unknown_model, meanwhile
+        for name in self.store.active_names():
+            version = self.store.active_version(name)
             if version is None or self.serving_version(name) == version:
                 continue
             try:
@@ -294,14 +348,25 @@ class Models:
             return text.generator.version
         return None
 
+    def _show_loading(self, name: str, version: int) -> None:
+        if name in self.core.models or name in self.generation.models:
+            return
+        reason = f"loading version {version}"
+        if self.store.task_of(name, version) == "text-generation":
+            self.generation.set_model(name, GeneratorState("loading", reason))
+        else:
+            self.core.set_model(name, ModelState("loading", reason))
+
     def _failed(self, name: str, version: int, reason: str) -> None:
         """Show the model as failed, among the language models if that is what it was."""
         if name in self.generation.models or self.store.task_of(name, version) == "text-generation":
             self.generation.set_model(name, GeneratorState("failed", reason))
         else:
             self.core.set_model(name, ModelState("failed", reason))
+        self._notify()
 
     def _prepare_installed(self, name: str, version: int) -> AnyCandidate:
+        faults.hit(f"models.load.{name}")
         bundle = self.store.open(name, version)
         check_memory(
             self.store, bundle, self.settings.memory_budget_mb or self.profile.budgets.memory_mb

@@ -1,10 +1,12 @@
 """The one predict path, whatever transport brought the photo.
 
-A prediction takes an admission slot of the inference lane before anything else (so text
-generation yields to it and the in-flight gauge counts it), checks the model can serve before a
-byte of the photo is read, classifies, counts the outcome under its transport, and then (outside
-the slot) publishes an HTTP result to MQTT when configured and starts the explanation when asked.
-HTTP reads its upload inside the slot (`receive`), MQTT hands over the photo it already parsed.
+A prediction is admitted or refused by the inference lane before anything else (overloaded,
+draining), checks the model can serve before a byte of the photo is read, receives the photo, and
+only then takes its admission slot (so text generation yields to it and the in-flight gauge counts
+it): a slow upload holds no slot. Inside the slot it classifies; it counts the outcome under its
+transport, and then (outside the slot) publishes an HTTP result to MQTT when configured and starts
+the explanation when asked. HTTP hands over how to read its upload (`receive`), MQTT the photo it
+already parsed.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Answer:
     explanation: dict[str, Any] | None = None
 
 
-#: The photo itself, or how to receive it (an HTTP upload, read while the slot is held).
+#: The photo itself, or how to receive it (an HTTP upload, read after admission, before the slot).
 PhotoSource = Photo | Callable[[], Awaitable[Photo]]
 
 
@@ -71,6 +73,7 @@ class Predictions:
         top_k: int = 3,
         explain: bool = False,
         listener: Listener | None = None,
+        client_request_id: str | None = None,
     ) -> Answer:
         """Classify a photo with model `name`; `explain` starts the explanation (when the model
         names an explainer), `listener` hears when it ends."""
@@ -79,18 +82,21 @@ class Predictions:
         arrived = time.perf_counter()
         outcome = "error"
         try:
-            with admission.slot():
-                self.metrics.in_flight.set(admission.in_flight)
+            with admission.admit() as entry:
                 self.core.classifier(name)  # unknown or not-ready models fail before the upload
                 started = time.perf_counter()
                 received = photo if isinstance(photo, Photo) else await photo()
-                prediction = await self.core.predict(
-                    name,
-                    received.image,
-                    request_id=request_id,
-                    top_k=top_k,
-                    receive_s=time.perf_counter() - started,
-                )
+                receive_s = time.perf_counter() - started
+                with entry.slot() as slot:
+                    self.metrics.in_flight.set(admission.in_flight)
+                    prediction = await self.core.predict(
+                        name,
+                        received.image,
+                        request_id=request_id,
+                        top_k=top_k,
+                        receive_s=receive_s,
+                        deadline=slot.deadline,
+                    )
             outcome = "ok"
         except (AgentError, BundleError) as exc:
             outcome = error_code(exc)
@@ -104,7 +110,10 @@ class Predictions:
             and self.publisher is not None
             and self.settings.mqtt_publish_http_results
         ):
-            await self.publisher.publish_result(prediction, {"transport": transport})
+            source: dict[str, Any] = {"transport": transport}
+            if client_request_id is not None:  # what the HTTP answer carries, the result carries
+                source["client_request_id"] = client_request_id
+            await self.publisher.publish_result(prediction, source)
         if not explain:
             return Answer(prediction)
         explainer = self.core.classifier(name).bundle.manifest.explainer

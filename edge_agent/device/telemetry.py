@@ -75,6 +75,7 @@ class Telemetry:
             "drift": self.drift_scores(),
             "shadow": self.shadow.describe(),
             "in_flight": self.core.lane.admission.in_flight,
+            "disk_full": self.models.disk.full() if self.models.disk is not None else False,
         }
         if self.publisher is not None:
             figures["mqtt"] = self.publisher.health()

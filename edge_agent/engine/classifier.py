@@ -21,7 +21,7 @@ from edge_agent.runtimes import runtime_for
 from edge_agent.runtimes.base import TensorSession
 from edge_bundle.bundle import VerifiedBundle
 from edge_bundle.errors import BundleError
-from edge_bundle.imaging import DecodedImage, decode_image
+from edge_bundle.imaging import DecodedImage, decode_image, decoded_pixels
 from edge_bundle.knowledge import KnowledgeBase, KnowledgeEntry
 from edge_bundle.preprocess import PreprocessSpec, load_spec, preprocess
 from edge_bundle.profiles import HardwareProfile
@@ -61,6 +61,10 @@ class Classifier:
         return decode_image(
             data, max_pixels=max_pixels, max_bytes=max_bytes, target_hw=self.spec.decode_target()
         )
+
+    def decode_pixels(self, data: bytes, *, max_pixels: int) -> int:
+        """Pixels `decode` will allocate for `data` (0 when it will refuse it unread)."""
+        return decoded_pixels(data, max_pixels=max_pixels, target_hw=self.spec.decode_target())
 
     def prepare(self, image: DecodedImage) -> NDArray[Any]:
         return preprocess(image.pixels, self.spec)

@@ -3,7 +3,9 @@
 Work is split so a 2-core box stays busy without oversubscribing: decoding and preprocessing
 (OpenCV releases the GIL) run on `decode_threads` threads, while inference runs on the inference
 lane's single thread (`lane`). Whoever calls `predict` holds an admission slot of the lane (the
-device's one predict path does), which bounds everything the core can be asked to do at once.
+device's one predict path does), which bounds everything the core can be asked to do at once, and
+passes the slot's deadline on to the lane. Decoding also holds pixels of the decode memory budget
+(`memory.PixelBudget`), and memory is given back to the system after a large decode.
 Once an answer is ready the core calls its "after answer" hooks (shadow runs use one) and keeps
 the request record and drift statistics off the request path.
 """
@@ -24,7 +26,13 @@ from numpy.typing import NDArray
 
 from edge_agent.engine.classifier import Classifier
 from edge_agent.engine.drift import DriftMonitor
-from edge_agent.engine.lane import InferenceLane
+from edge_agent.engine.lane import InferenceLane, lower_priority
+from edge_agent.engine.memory import (
+    LARGE_PIXELS,
+    PixelBudget,
+    give_memory_back,
+    map_large_blocks,
+)
 from edge_agent.engine.records import RequestRecords
 from edge_agent.engine.types import ModelState, Prediction
 from edge_agent.errors import NotReadyError, UnknownModelError
@@ -58,10 +66,14 @@ class InferenceCore:
         self.metrics = metrics
         self.records = records
         self._owns_lane = lane is None
-        self.lane = lane if lane is not None else InferenceLane(settings.max_in_flight, metrics)
+        self.lane = lane if lane is not None else InferenceLane.from_settings(settings, metrics)
+        self.pixels = PixelBudget(settings.decode_pixel_budget)
+        map_large_blocks()  # so that a large decode's blocks go back to the system when freed
         self.after_answer = tuple(after_answer)
         self.models: dict[str, ModelState] = {}
-        self._decode_pool = ThreadPoolExecutor(settings.decode_threads, "decode")
+        self._decode_pool = ThreadPoolExecutor(
+            settings.decode_threads, "decode", initializer=lower_priority(settings.inference_nice)
+        )
         self._record_pool = ThreadPoolExecutor(1, "records")
         self._pending_records = 0
         self._pending_lock = threading.Lock()
@@ -148,11 +160,28 @@ class InferenceCore:
         top_k: int = 3,
         receive_s: float = 0.0,
         keep: bool = True,
+        deadline: float | None = None,
     ) -> Prediction:
-        """Classify `data` with model `name`. The caller holds an admission slot."""
+        """Classify `data` with model `name`. The caller holds an admission slot; work still
+        waiting for the inference thread at `deadline` (the slot's) is dropped."""
         classifier = self.classifier(name)
-        with self.lane.prediction():
-            return await self._predict(classifier, name, data, request_id, top_k, receive_s, keep)
+        pixels = classifier.decode_pixels(data, max_pixels=self.settings.max_image_pixels)
+        try:
+            with self.lane.prediction():
+                async with self.pixels.reserve(pixels, self._decode_wait_s(deadline)):
+                    return await self._predict(
+                        classifier, name, data, request_id, top_k, receive_s, keep, deadline
+                    )
+        finally:
+            if pixels >= LARGE_PIXELS and self.pixels.large_held == 0:
+                # After the record thread's pending work, which may still hold the pixels.
+                self._record_pool.submit(give_memory_back)
+
+    def _decode_wait_s(self, deadline: float | None) -> float:
+        wait_s = self.settings.decode_wait_ms / 1000
+        if deadline is None:
+            return wait_s
+        return min(wait_s, deadline - time.monotonic())
 
     async def _predict(
         self,
@@ -163,12 +192,13 @@ class InferenceCore:
         top_k: int,
         receive_s: float,
         keep: bool,
+        deadline: float | None,
     ) -> Prediction:
         if self.lane.alone():
             # Nothing else to overlap with: one hop to the inference thread instead of two
             # (each thread hand-off costs ~1-4 ms on a busy 2-core box).
             image, tensor, decode_s, prepare_s, probabilities, infer_s = await self.lane.run(
-                lambda: self._whole_pipeline(classifier, data)
+                lambda: self._whole_pipeline(classifier, data), deadline=deadline
             )
         else:
             loop = asyncio.get_running_loop()
@@ -176,7 +206,7 @@ class InferenceCore:
                 self._decode_pool, self._decode_and_prepare, classifier, data
             )
             started = time.perf_counter()
-            probabilities = await self.lane.run(lambda: classifier.infer(tensor))
+            probabilities = await self.lane.run(lambda: classifier.infer(tensor), deadline=deadline)
             infer_s = time.perf_counter() - started
         started = time.perf_counter()
         scored = classifier.postprocess(probabilities, top_k)

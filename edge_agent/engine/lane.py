@@ -3,8 +3,12 @@
 Classification (`core`), shadow runs (`shadow`) and the periodic and probation self-tests all run
 their model calls here, one after another, because a runtime already spreads one inference over
 the profile's intra-op threads. Every prediction, whatever transport brought it, holds an
-admission slot (`admission.slot()`) while it is in flight, which bounds what the box can be asked
-to do at once and tells text generation (`classifying`) when to yield the CPU. The busy state
+admission slot (`admission`) from the moment its photo is in until it is answered, which bounds
+what the box can be asked to do at once (in slots and in expected queueing delay) and tells text
+generation (`classifying`) when to yield the CPU. A prediction's work carries its slot's deadline
+(`run(..., deadline=)`): work still queued past it is dropped before it runs. The inference and
+decode threads run at a lower CPU priority (`lower_priority`, setting `inference_nice`), so that
+under overload the event loop still answers health checks and refusals at once. The busy state
 (`busy_since`, `last_started`, `active`) lets shadow runs wait for idle gaps and the watchdog
 notice a wedged runtime.
 """
@@ -13,14 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
-from edge_agent.engine.admission import Admission
+from edge_agent.engine.admission import Admission, DelayBudget
 from edge_agent.metrics import AgentMetrics
+from edge_agent.settings import AgentSettings
 
 _T = TypeVar("_T")
 
@@ -29,20 +36,47 @@ class Closable(Protocol):
     def close(self) -> None: ...
 
 
+def lower_priority(nice: int) -> Callable[[], None]:
+    """A thread-pool initializer that lowers its thread's CPU priority by `nice` (Linux, where
+    the nice value belongs to each thread; elsewhere, or when `nice` is 0, it does nothing)."""
+
+    def initializer() -> None:
+        if nice <= 0 or sys.platform != "linux":
+            return
+        with contextlib.suppress(OSError):
+            thread = threading.get_native_id()
+            current = os.getpriority(os.PRIO_PROCESS, thread)
+            os.setpriority(os.PRIO_PROCESS, thread, min(19, current + nice))
+
+    return initializer
+
+
 class InferenceLane:
     """The single inference thread, its admission, and its busy state."""
 
-    def __init__(self, capacity: int, metrics: AgentMetrics) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        metrics: AgentMetrics,
+        budget: DelayBudget | None = None,
+        nice: int = 0,
+    ) -> None:
         self.metrics = metrics
-        self.admission = Admission(capacity)
+        self.admission = Admission(capacity, budget)
         metrics.capacity.set(capacity)
-        self._pool = ThreadPoolExecutor(1, "infer")
+        self._pool = ThreadPoolExecutor(1, "infer", initializer=lower_priority(nice))
         self.busy_since: float | None = None  # when the running inference started (monotonic)
         self.last_started = 0.0  # when the latest prediction started (monotonic)
         self.active = 0  # predictions inside the core now (any transport)
 
-    async def run(self, function: Callable[[], _T]) -> _T:
-        """Run `function` on the inference thread, after whatever is queued there."""
+    @classmethod
+    def from_settings(cls, settings: AgentSettings, metrics: AgentMetrics) -> InferenceLane:
+        budget = DelayBudget(settings.max_queue_delay_services, settings.max_queue_delay_ms)
+        return cls(settings.max_in_flight, metrics, budget, settings.inference_nice)
+
+    async def run(self, function: Callable[[], _T], *, deadline: float | None = None) -> _T:
+        """Run `function` on the inference thread, after whatever is queued there; past
+        `deadline` (a slot's) it is not run and `OverloadedError` is raised instead."""
         loop = asyncio.get_running_loop()
         self.metrics.queued.inc()
         started = threading.Event()
@@ -50,6 +84,7 @@ class InferenceLane:
         def call() -> _T:
             started.set()
             self.metrics.queued.dec()  # running now, no longer waiting
+            self.admission.raise_if_late(deadline)
             self.busy_since = time.monotonic()
             try:
                 return function()

@@ -12,13 +12,18 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from edge_agent import errors as agent
+from edge_agent.http.redact import public_message
 from edge_bundle import errors as bundle
 
+#: Answers after which the connection is closed: the request body was not read to its end.
+CLOSES = frozenset({408, 413, 431})
 #: Most specific class first; the first match wins. Codes come from `agent.error_code`.
 STATUS: tuple[tuple[type[Exception], int], ...] = (
     (agent.BadRequestError, 400),
+    (agent.RequestTimeoutError, 408),
     (agent.UnauthorizedError, 401),
     (agent.UnknownModelError, 404),
     (agent.UnknownRequestError, 404),
@@ -26,6 +31,7 @@ STATUS: tuple[tuple[type[Exception], int], ...] = (
     (agent.UnsupportedMediaError, 415),
     (agent.BundleRejectedError, 422),
     (agent.FeedbackFullError, 507),
+    (agent.DiskFullError, 507),
     (agent.NotReadyError, 503),
     (agent.OverloadedError, 503),
     (agent.DrainingError, 503),
@@ -56,6 +62,8 @@ def error_response(
     retry_after_s: float | None = None,
 ) -> JSONResponse:
     headers = {}
+    if status in CLOSES:  # the client may still be sending: do not read on into its next request
+        headers["Connection"] = "close"
     if retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
     if request_id:
@@ -71,23 +79,45 @@ def request_id_of(request: Request) -> str | None:
 
 async def handle_known(request: Request, exc: Exception) -> JSONResponse:
     status, code = status_for(exc)
-    message = getattr(exc, "message", None) or str(exc)
+    message = public_message(getattr(exc, "message", None) or str(exc), request)
     retry = getattr(exc, "retry_after_s", None)
     return error_response(status, code, message, request_id_of(request), retry)
 
 
 async def handle_http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    codes = {404: "not_found", 405: "method_not_allowed"}
+    cause = exc.__cause__  # FastAPI wraps whatever failed while it read a body into a 400
+    if isinstance(cause, agent.AgentError | bundle.BundleError):
+        return await handle_known(request, cause)
+    codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
     message = {
+        400: _unreadable_body(cause) if cause is not None else str(exc.detail),
         404: f"there is no route {request.url.path}; see /docs for the API",
         405: f"{request.method} is not allowed on {request.url.path}; see /docs for the API",
     }.get(exc.status_code, str(exc.detail))
     response = error_response(
         exc.status_code, codes.get(exc.status_code, "http_error"), message, request_id_of(request)
     )
-    response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+    response.headers.update(exc.headers or {})
+    if exc.status_code == 405:
+        response.headers["Allow"] = ", ".join(allowed_methods(request))
     return response
+
+
+def _unreadable_body(cause: BaseException | None) -> str:
+    if isinstance(cause, RecursionError):
+        return "the JSON body is nested too deeply; send a flat JSON object as /docs describes"
+    return "the request body could not be read; send JSON as /docs describes"
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (routes are registered one per method)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 async def handle_validation(request: Request, exc: Exception) -> JSONResponse:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edge_agent.device.api import Device
 from edge_agent.device.texts import TextAsk
+from edge_agent.http.openapi import BODY, error_responses
 from edge_agent.runtimes.base import TextChunk
 
 Stop = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=4)]
@@ -77,7 +78,12 @@ class ChatBody(_Body):
 
 
 def add_generation_routes(app: FastAPI, device: Device) -> None:
-    @app.post("/v1/models/{name}/generate", tags=["language models"], summary="Generate text")
+    @app.post(
+        "/v1/models/{name}/generate",
+        tags=["language models"],
+        summary="Generate text",
+        responses=error_responses(*BODY, 404, 503),
+    )
     async def generate(name: str, body: GenerateBody) -> Any:
         prepared = device.text_request(name, body.ask(prompt=body.prompt))
         if not body.stream:
@@ -102,7 +108,12 @@ def add_generation_routes(app: FastAPI, device: Device) -> None:
 
         return _stream(events())
 
-    @app.post("/v1/completions", tags=["language models"], summary="OpenAI-compatible completions")
+    @app.post(
+        "/v1/completions",
+        tags=["language models"],
+        summary="OpenAI-compatible completions",
+        responses=error_responses(*BODY, 404, 503),
+    )
     async def completions(body: CompletionBody) -> Any:
         prepared = device.text_request(body.model, body.ask(prompt=body.prompt))
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -126,7 +137,12 @@ def add_generation_routes(app: FastAPI, device: Device) -> None:
 
         return _stream(events())
 
-    @app.post("/v1/chat/completions", tags=["language models"], summary="OpenAI-compatible chat")
+    @app.post(
+        "/v1/chat/completions",
+        tags=["language models"],
+        summary="OpenAI-compatible chat",
+        responses=error_responses(*BODY, 404, 503),
+    )
     async def chat_completions(body: ChatBody) -> Any:
         messages = [m.model_dump() for m in body.messages]
         prepared = device.text_request(body.model, body.ask(messages=messages))
@@ -162,6 +178,7 @@ def add_generation_routes(app: FastAPI, device: Device) -> None:
         "/v1/requests/{request_id}/explanation",
         tags=["requests"],
         summary="The explanation of a prediction (server-sent events, or JSON when done)",
+        responses=error_responses(404),
     )
     async def explanation(request_id: str, request: Request) -> Any:
         job = device.explanation(request_id)

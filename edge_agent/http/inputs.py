@@ -6,6 +6,10 @@
 
 The content type only picks the parser: whether the bytes are an image, and which kind, is decided
 from the bytes themselves by the decoder. Body size is capped by `BodyLimit` before any of this.
+
+`parse_json` is the one JSON reader of the routes that take JSON bodies: whatever the client sent
+(not JSON, nested 100,000 deep) it returns a document no deeper than `MAX_JSON_DEPTH`, or raises
+`BadRequestError`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,49 @@ IMAGE_FIELD = "image"
 NOTE_FIELD = "note"
 MAX_NOTE_CHARS = 500
 ACCEPTED = "image/* (raw body), multipart/form-data (field 'image') or application/json"
+#: Deeper documents are refused: no request of this API nests more than a few levels, and code
+#: that walks a document recursively later (encoders, validators) must not meet one it cannot.
+MAX_JSON_DEPTH = 32
+
+
+def parse_json(body: bytes, expected: str) -> Any:
+    """The JSON document in `body`; `BadRequestError` (saying to send `expected`) if it is not
+    JSON or is nested deeper than `MAX_JSON_DEPTH`."""
+    try:
+        document = json.loads(body)
+    except RecursionError:
+        document = _TOO_DEEP
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequestError(f"the body is not valid JSON ({exc}); send {expected}") from None
+    if document is _TOO_DEEP or _deeper_than(document, MAX_JSON_DEPTH):
+        raise BadRequestError(
+            f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep; send {expected}"
+        )
+    return document
+
+
+async def read_json(request: Request, expected: str) -> Any:
+    """The request's body as JSON (see `parse_json`)."""
+    return parse_json(await request.body(), expected)
+
+
+_TOO_DEEP = object()
+
+
+def _deeper_than(document: Any, limit: int) -> bool:
+    """Whether `document` nests containers more than `limit` deep (iterative: any depth)."""
+    level: list[Any] = [document]
+    for _ in range(limit):
+        level = [
+            child
+            for node in level
+            if isinstance(node, dict | list)
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
 
 
 async def read_image(request: Request) -> Photo:
@@ -66,12 +113,7 @@ async def _from_multipart(request: Request) -> Photo:
 
 
 def _from_json(body: bytes) -> Photo:
-    try:
-        document: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequestError(
-            f'the body is not valid JSON ({exc}); send {{"image": "<base64>"}}'
-        ) from None
+    document = parse_json(body, '{"image": "<base64>"}')
     encoded = document.get(IMAGE_FIELD) if isinstance(document, dict) else None
     if not isinstance(encoded, str) or not encoded:
         raise BadRequestError(

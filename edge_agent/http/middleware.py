@@ -1,6 +1,11 @@
-"""Pure ASGI middleware: the body-size cap and server-side request timing.
+"""Pure ASGI middleware: the header-count cap, the body's size cap and read deadline, and
+server-side request timing.
 
-`BodyLimit` refuses a declared `Content-Length` over the cap before reading a byte, and counts the
+`HeaderLimit` answers 431 to a request with more header fields than allowed (their total size is
+capped before parsing, by the server's protocol). `BodyDeadline` gives the body a deadline that
+grows with what has arrived: `timeout_s` plus the bytes received at `min_rate`, so a small body
+has `timeout_s` and a large one keeps up a minimum rate; a client lagging behind gets 408, whether
+it stalls or trickles, and never holds the request longer than that. `BodyLimit` refuses a declared `Content-Length` over the cap before reading a byte, and counts the
 bytes of bodies sent without one, failing the read as soon as the cap is passed; memory per
 request stays bounded whatever a client sends. `Timing` measures from the moment the request
 reaches the app to the moment the last response byte is handed to the server, the server-side
@@ -10,13 +15,14 @@ reports the time to the response's start in a `Server-Timing: app;dur=MS` header
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edge_agent.errors import PayloadTooLargeError
+from edge_agent.errors import PayloadTooLargeError, RequestTimeoutError
 from edge_agent.metrics import AgentMetrics
 
 
@@ -48,6 +54,72 @@ class BodyLimit:
             return message
 
         await self.app(scope, capped, send)
+
+
+class HeaderLimit:
+    """Answer 431 to requests with more than `max_headers` header fields."""
+
+    def __init__(self, app: ASGIApp, max_headers: int) -> None:
+        self.app = app
+        self.max_headers = max_headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        count = len(scope.get("headers", ())) if scope["type"] == "http" else 0
+        if count <= self.max_headers:
+            await self.app(scope, receive, send)
+            return
+        message = (
+            f"the request has {count} header fields, over the limit of {self.max_headers}; "
+            "send fewer headers"
+        )
+        await send_error(send, 431, "headers_too_large", message)
+
+
+class BodyDeadline:
+    """Fail body reads with `RequestTimeoutError` (408) once the body lags its deadline: the
+    first read starts the clock; by `timeout_s + received / min_rate` seconds the next bytes
+    must be in. Reads after the body's end pass through untouched."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float, min_rate: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+        self.min_rate = min_rate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started: float | None = None
+        received = 0
+        complete = False
+
+        async def timed() -> Message:
+            nonlocal started, received, complete
+            if complete:  # e.g. a streaming answer listening for the client going away
+                return await receive()
+            now = time.monotonic()
+            if started is None:
+                started = now
+            remaining = started + self.timeout_s + received / self.min_rate - now
+            try:
+                # A disconnect or a chunk already buffered comes back at once even when late.
+                async with asyncio.timeout(max(remaining, 0.001)):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeoutError(self._message(received, now - started)) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed, send)
+
+    def _message(self, received: int, elapsed: float) -> str:
+        return (
+            f"the request body arrived too slowly ({received:,} bytes in {elapsed:.1f} s; the "
+            f"agent waits {self.timeout_s:g} s plus {self.min_rate:,.0f} bytes/s); send it at "
+            "once, over a better link"
+        )
 
 
 class Timing:
@@ -101,23 +173,33 @@ def _message(size: int, limit: int, *, declared: bool) -> str:
 
 
 async def _too_large(send: Send, size: int, limit: int) -> None:
-    body = json.dumps(
-        {
-            "error": {
-                "code": "payload_too_large",
-                "message": _message(size, limit, declared=True),
-                "request_id": None,
-            }
-        }
-    ).encode()
+    await send_error(send, 413, "payload_too_large", _message(size, limit, declared=True))
+
+
+def error_json(code: str, message: str) -> bytes:
+    """The agent's error shape (`edge_agent.http.errors`), for answers made outside the app."""
+    return json.dumps({"error": {"code": code, "message": message, "request_id": None}}).encode()
+
+
+async def send_error(
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> None:
+    """Answer with the agent's error shape and close: for answers made before the app (and its
+    exception handlers) ran."""
+    body = error_json(code, message)
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
+                *headers,
             ],
         }
     )

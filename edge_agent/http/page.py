@@ -7,7 +7,14 @@ root causes and corrective actions, and streams the explanation when the model h
 One tap confirms; correcting picks one of the model's labels, with an optional note. Recent
 feedback at this station is listed below. When the agent has an admin token, the page asks for it
 once and keeps it in the browser's local storage.
+
+The page is served with a Content-Security-Policy that allows its own inline script and style by
+hash and nothing else from anywhere (`PAGE_HEADERS`), must not be framed, and is never sniffed.
 """
+
+import base64
+import hashlib
+import re
 
 INDEX_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -162,7 +169,7 @@ $("reject").onclick = () => send("rejected");
 $("correct-form").onsubmit = e => { e.preventDefault(); send("corrected", $("correct-label").value, $("correct-note").value.trim()); };
 
 async function loadHistory() {
-  const r = await fetch("/v1/feedback?limit=10");
+  const r = await fetch("/v1/feedback?limit=10", {headers: headers()});
   if (!r.ok) return;
   const d = await r.json();
   $("history").innerHTML = d.feedback.map(f => "<li>" + new Date(f.created_at * 1000).toLocaleTimeString() + " — " +
@@ -172,3 +179,32 @@ async function loadHistory() {
 loadHistory();
 </script></body></html>
 """
+
+
+def _inline_hashes(tag: str) -> str:
+    """CSP sources for each inline `<tag>` of the page, by the SHA-256 of its text."""
+    found = re.findall(rf"<{tag}>(.*?)</{tag}>", INDEX_HTML, flags=re.DOTALL)
+    return " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'"
+        for text in found
+    )
+
+
+CONTENT_SECURITY_POLICY = "; ".join(
+    (
+        "default-src 'none'",
+        f"script-src {_inline_hashes('script')}",
+        f"style-src {_inline_hashes('style')}",
+        "img-src 'self' blob: data:",
+        "connect-src 'self'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    )
+)
+PAGE_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}

@@ -7,23 +7,37 @@ on its result topic, or an error reply with the same code and message as over HT
 and generations take the device's one predict and generate paths, so they hold an admission slot
 and are checked against the model's context exactly as HTTP's are. No I/O of its own: the service
 puts what this returns into the outbox.
+
+Three questions the service asks before (or instead of) processing: `hold` waits, bounded by
+`mqtt_model_wait_s` from the message's arrival, until the message's model serves or is known not
+to (a backlog delivered at start-up waits for its model instead of being answered
+`unknown_model`); `identify` names a message for answering a redelivered copy (its correlation
+data or request id, else the packet itself); `refuse` shapes the error reply a message would get,
+without processing it (a shed message's `overloaded`, a reused id).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import hashlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from edge_agent.device.api import Device
 from edge_agent.device.explain import Explanation
 from edge_agent.device.predictions import Photo
 from edge_agent.device.texts import TextAsk
 from edge_agent.engine.types import new_request_id
-from edge_agent.errors import AgentError, BadRequestError, DrainingError, error_code
+from edge_agent.errors import (
+    AgentError,
+    BadRequestError,
+    DrainingError,
+    OverloadedError,
+    error_code,
+)
 from edge_agent.metrics import AgentMetrics
 from edge_agent.mqtt.link import Inbound
 from edge_agent.mqtt.messages import (
@@ -33,16 +47,20 @@ from edge_agent.mqtt.messages import (
     error_payload,
     json_or_none,
     parse_request,
+    peek_request_id,
     to_json,
 )
 from edge_agent.mqtt.routes import Routes
+from edge_agent.mqtt.service import Identity
 from edge_agent.mqtt.topics import Topic
 from edge_agent.settings import EventMapping
 from edge_bundle.errors import BundleError
 
 log = logging.getLogger(__name__)
-#: Client request ids remembered to refuse replays.
-REPLAY_WINDOW = 4096
+#: First and longest pause before a worker asks a full device again.
+OVERLOAD_PAUSE_S = 0.005
+OVERLOAD_PAUSE_MAX_S = 0.1
+_T = TypeVar("_T")
 #: max_tokens of a generate request that names none.
 DEFAULT_MAX_TOKENS = 128
 
@@ -71,7 +89,6 @@ class MqttHandlers:
         self.metrics = metrics
         self.send = send
         self.notices = notices
-        self._seen: OrderedDict[str, float] = OrderedDict()
 
     async def process(self, message: Inbound) -> list[Outgoing]:
         """What to put into the outbox for `message` (raises `DrainingError` to leave it)."""
@@ -93,6 +110,91 @@ class MqttHandlers:
         log.debug("ignoring a message on %s (no request topic, no mapping)", message.topic)
         return []
 
+    # ---- before processing ---------------------------------------------------------------
+    def model_of(self, message: Inbound) -> str | None:
+        """The model a request, generation or event message is for (None for the others)."""
+        if self.routes.is_notice(message.topic):
+            return None
+        model = self.scheme.model_of_request(message.topic) or self.scheme.model_of_generate(
+            message.topic
+        )
+        if model is not None:
+            return model
+        mapping = self.routes.mapping_for(message.topic)
+        return mapping.model if mapping is not None else None
+
+    async def hold(self, message: Inbound) -> None:
+        """Wait (bounded) until the message's model serves or is known not to."""
+        model = self.model_of(message)
+        if model is None:
+            return
+        remaining = message.received_at + self.settings.mqtt_model_wait_s - time.monotonic()
+        if remaining <= 0:
+            return
+        if not await self.device.wait_settled(model, remaining):
+            log.warning(
+                "%s did not become ready within mqtt_model_wait_s (%.0f s); answering",
+                model,
+                self.settings.mqtt_model_wait_s,
+            )
+
+    def identify(self, message: Inbound) -> Identity | None:
+        """A message's dedupe key: correlation data or request id, else the packet itself."""
+        if self.routes.is_notice(message.topic):
+            return None  # notices are idempotent by their sequence
+        digest = hashlib.sha256(message.payload).hexdigest()[:32]
+        scope = message.response_topic or message.topic
+        if message.correlation_data is not None:
+            return Identity(f"cd|{scope}|{message.correlation_data.hex()}", digest, always=True)
+        request_id = (
+            peek_request_id(message.payload)
+            if message.topic != self.routes.feedback_submit
+            else None  # a feedback's request_id names the prediction it is about
+        )
+        if request_id is not None:
+            return Identity(f"id|{scope}|{request_id}", digest, always=True)
+        return Identity(f"pkt|{message.topic}|{digest}", digest, always=False)
+
+    def refuse(self, message: Inbound, error: AgentError) -> list[Outgoing]:
+        """The error reply `message` would get for `error`, without processing it."""
+        if self.routes.is_notice(message.topic):
+            return []
+        message_id = new_request_id()
+        request_id = peek_request_id(message.payload)
+        model = self.scheme.model_of_request(message.topic) or self.scheme.model_of_generate(
+            message.topic
+        )
+        if model is not None:
+            reply_to, properties, refused = self._route(message, model, message_id)
+            if refused is not None:
+                return [refused]
+            return [self._error(reply_to, error, request_id, message_id, properties, message)]
+        if message.topic == self.routes.feedback_submit:
+            target = self.routes.reply_topic(message)
+            if not isinstance(target, Topic):
+                return []
+            properties = self._correlation(message)
+            return [self._error(target, error, None, message_id, properties, message)]
+        mapping = self.routes.mapping_for(message.topic)
+        if mapping is None:
+            return []
+        topic = self._result_topic(mapping)
+        source = {"topic": message.topic}
+        return [self._error(topic, error, request_id, message_id, {}, message, source=source)]
+
+    @staticmethod
+    def _correlation(message: Inbound) -> dict[str, Any]:
+        if message.correlation_data is None:
+            return {}
+        return {"correlation_data": message.correlation_data.hex()}
+
+    def _result_topic(self, mapping: EventMapping) -> Topic:
+        return Topic(
+            mapping.result_topic.format(
+                site=self.settings.site, device=self.settings.device, model=mapping.model
+            )
+        )
+
     # ---- requests ------------------------------------------------------------------------
     def _route(
         self, message: Inbound, model: str, message_id: str
@@ -100,12 +202,13 @@ class MqttHandlers:
         """Where a reply goes (the allowed response topic, else the results topic), the
         correlation data it carries, or the error to send instead when the topic is refused."""
         target = self.routes.reply_topic(message)
-        properties: dict[str, Any] = {}
+        properties = self._correlation(message)
         if isinstance(target, AgentError):
-            error = self._error(self.scheme.errors(), target, None, message_id, properties, message)
+            request_id = peek_request_id(message.payload)
+            error = self._error(
+                self.scheme.errors(), target, request_id, message_id, properties, message
+            )
             return self.scheme.errors(), properties, error
-        if message.correlation_data is not None:
-            properties["correlation_data"] = message.correlation_data.hex()
         return target or self.scheme.results(model), properties, None
 
     async def _request(self, message: Inbound, model: str) -> list[Outgoing]:
@@ -120,20 +223,24 @@ class MqttHandlers:
                 message.content_type,
                 max_bytes=self.settings.mqtt_max_payload_bytes,
             )
-            self._check_replay(message, request)
             note = request.document.get("note") if request.document else None
-            answer = await self.device.predict(
-                model,
-                Photo(request.image, note if isinstance(note, str) else None),
-                transport="mqtt",
-                top_k=request.top_k,
-                explain=True,
-                listener=functools.partial(self._explained, reply_to, properties),
+            photo = Photo(request.image, note if isinstance(note, str) else None)
+            answer = await self._patiently(
+                message,
+                functools.partial(
+                    self.device.predict,
+                    model,
+                    photo,
+                    transport="mqtt",
+                    top_k=request.top_k,
+                    explain=True,
+                    listener=functools.partial(self._explained, reply_to, properties),
+                ),
             )
         except DrainingError:
             raise
         except (AgentError, BundleError) as exc:
-            client_id = request.client_request_id if request else None
+            client_id = request.client_request_id if request else peek_request_id(message.payload)
             return [self._error(reply_to, exc, client_id, message_id, properties, message)]
         body = answer.prediction.to_json()
         body["message_id"] = message_id
@@ -147,9 +254,7 @@ class MqttHandlers:
         """Feedback over MQTT: the same JSON as POST /v1/feedback; a reply where one is asked."""
         message_id = new_request_id()
         target = self.routes.reply_topic(message)
-        properties: dict[str, Any] = {}
-        if message.correlation_data is not None:
-            properties["correlation_data"] = message.correlation_data.hex()
+        properties = self._correlation(message)
         reply_to = target if isinstance(target, Topic) else self.scheme.errors()
         try:
             if isinstance(target, AgentError):
@@ -179,7 +284,7 @@ class MqttHandlers:
         reply_to, properties, refused = self._route(message, model, message_id)
         if refused is not None:
             return [refused]
-        client_id: str | None = None
+        client_id = peek_request_id(message.payload)
         try:
             document = json_or_none(message.payload)
             if document is None:
@@ -190,7 +295,9 @@ class MqttHandlers:
             client_id = given_id if isinstance(given_id, str) else None
             ask = _text_ask(document, self.settings.max_generation_tokens)
             prepared = self.device.text_request(model, ask)
-            text, last = await self.device.complete_text(prepared)
+            text, last = await self._patiently(
+                message, functools.partial(self.device.complete_text, prepared)
+            )
         except (AgentError, BundleError) as exc:
             return [self._error(reply_to, exc, client_id, message_id, properties, message)]
         body = {
@@ -207,29 +314,10 @@ class MqttHandlers:
             body["client_request_id"] = client_id
         return [Outgoing(reply_to, to_json(body), "reply", message_id, properties)]
 
-    def _check_replay(self, message: Inbound, request: ImageRequest) -> None:
-        key = request.client_request_id or (
-            message.correlation_data.hex() if message.correlation_data else None
-        )
-        if key is None:
-            return
-        key = f"{message.response_topic or message.topic}|{key}"
-        if key in self._seen:
-            raise BadRequestError(
-                "this request id was already answered (a replay); give each request a new id"
-            )
-        self._seen[key] = time.monotonic()
-        while len(self._seen) > REPLAY_WINDOW:
-            self._seen.popitem(last=False)
-
     # ---- events --------------------------------------------------------------------------
     async def _event(self, message: Inbound, mapping: EventMapping) -> list[Outgoing]:
         message_id = new_request_id()
-        topic = Topic(
-            mapping.result_topic.format(
-                site=self.settings.site, device=self.settings.device, model=mapping.model
-            )
-        )
+        topic = self._result_topic(mapping)
         source: dict[str, Any] = {"topic": message.topic}
         if mapping.carry:
             source["carry"] = carry(json_or_none(message.payload), mapping.carry)
@@ -242,8 +330,15 @@ class MqttHandlers:
                 image_path=path,
                 default_top_k=mapping.top_k,
             )
-            answer = await self.device.predict(
-                mapping.model, Photo(request.image), transport="mqtt", top_k=request.top_k
+            answer = await self._patiently(
+                message,
+                functools.partial(
+                    self.device.predict,
+                    mapping.model,
+                    Photo(request.image),
+                    transport="mqtt",
+                    top_k=request.top_k,
+                ),
             )
         except DrainingError:
             raise
@@ -255,6 +350,25 @@ class MqttHandlers:
         return [Outgoing(topic, to_json(body), "result", message_id, {})]
 
     # ---- shared ----------------------------------------------------------------------------
+    async def _patiently(self, message: Inbound, call: Callable[[], Awaitable[_T]]) -> _T:
+        """`call()`, tried again while the device is momentarily full (`OverloadedError`).
+
+        The broker is the queue of an MQTT agent: a message a worker has taken waits for an
+        inference slot (the workers bound how many wait) instead of being answered `overloaded`,
+        which is for a flood beyond the inbound queue. After `mqtt_overload_wait_s` from the
+        message's arrival the refusal goes back as it is.
+        """
+        deadline = message.received_at + self.settings.mqtt_overload_wait_s
+        pause = OVERLOAD_PAUSE_S
+        while True:
+            try:
+                return await call()
+            except OverloadedError:
+                if time.monotonic() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, OVERLOAD_PAUSE_MAX_S)
+
     def _error(
         self,
         topic: Topic,

@@ -12,7 +12,9 @@ the `on_message` callback, which must only hand them on.
   the retained "online" status; the last will publishes "offline".
 - TCP_NODELAY is set on the socket: with Nagle's algorithm a QoS 1 round trip took 88 ms here.
 - Incoming QoS 1 messages are acknowledged by the application (`ack`) once their result is in the
-  outbox, so a crash before that makes the broker deliver them again.
+  outbox, so a crash before that makes the broker deliver them again. MQTT 5's Receive Maximum
+  tells the broker how many may be unacknowledged at once (the service's workers plus its
+  queue), so a backlog waits at the broker rather than being shed here.
 - The outbox is published in row order with a bounded window of unacknowledged messages; a row is
   deleted when its PUBACK arrives. After a reconnect the window starts again from the oldest row,
   so delivery is at least once and in order.
@@ -40,7 +42,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge_agent.mqtt.outbox import Outbox, OutboxMessage
+from edge_agent.mqtt.outbox import Outbox, OutboxError, OutboxMessage
 from edge_agent.mqtt.topics import Topic, TopicFilter
 from edge_agent.settings import AgentSettings
 
@@ -101,6 +103,7 @@ class MqttLink:
         self._inflight: dict[int, int] = {}  # paho mid -> outbox row id
         self._last_sent = 0
         self._v5 = settings.mqtt_protocol == "5"
+        self.receive_maximum = settings.mqtt_workers + settings.mqtt_inbound_queue
 
     # ---- thread-safe API -----------------------------------------------------------------
     def start(self) -> None:
@@ -207,6 +210,9 @@ class MqttLink:
         if self._v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = self.settings.mqtt_session_expiry_s
+            # No more unacknowledged QoS 1 messages at once than the service takes: the rest of a
+            # backlog waits at the broker instead of being shed here.
+            properties.ReceiveMaximum = min(65535, self.receive_maximum)
         client.connect(
             self.settings.mqtt_host,
             self.settings.mqtt_port,
@@ -352,8 +358,12 @@ class MqttLink:
         self, _client: paho.Client, _userdata: Any, mid: int, _reason: Any, _properties: Any
     ) -> None:
         row = self._inflight.pop(mid, None)
-        if row is not None:
+        if row is None:
+            return
+        try:
             self.outbox.ack(row)
+        except OutboxError as exc:  # e.g. a full disk: the row is sent again later, deduplicated
+            log.warning("could not delete an acknowledged outbox row: %s", exc)
 
     # ---- helpers -------------------------------------------------------------------------
     def _properties(self, message: OutboxMessage) -> Properties | None:

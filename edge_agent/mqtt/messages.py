@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,10 @@ def parse_request(
         document = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequestError(f"the payload is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise BadRequestError(
+            'the JSON payload is nested too deeply; send a flat object like {"image": "<base64>"}'
+        ) from None
     if not isinstance(document, dict):
         raise BadRequestError('the JSON payload must be an object, e.g. {"image": "<base64>"}')
     encoded = dig(document, image_path)
@@ -140,6 +145,24 @@ def json_or_none(payload: bytes) -> dict[str, Any] | None:
     """The payload as a JSON object, or None (for carrying metadata over even into errors)."""
     try:
         document = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return document if isinstance(document, dict) else None
+
+
+#: A top-level-looking "request_id": "..." in a JSON payload, found without parsing it all.
+_REQUEST_ID = re.compile(rb'"request_id"\s*:\s*"([^"\\]{1,128})"')
+
+
+def peek_request_id(payload: bytes) -> str | None:
+    """The request id of a JSON payload, read cheaply (for shed replies and dedupe keys); the
+    full parse (`parse_request`) checks it properly."""
+    if payload[:1] != b"{":
+        return None
+    found = _REQUEST_ID.search(payload)
+    if found is None:
+        return None
+    try:
+        return found.group(1).decode()
+    except UnicodeDecodeError:
+        return None

@@ -34,6 +34,16 @@ Threads. One connection (check_same_thread=False) behind one lock: SQLite admits
 time anyway, so per-thread connections would only add busy retries, and the eviction choice, the
 insert and the in-memory totals must change together in one critical section.
 
+Answered messages. Beside the rows, the file remembers which incoming messages were answered
+(`answered`: a dedupe key, a digest of the message, and copies of the answers with their
+message_ids), written in the same transaction as the answers themselves (`put_many(answered=)`).
+A redelivered message is then recognised (`recall`) and answered again with the very same
+messages instead of being computed twice, even across a restart. Entries older than the window
+or beyond its count are pruned as new ones arrive.
+
+Disk full. A write that fails because the disk is full raises `OutboxDiskFullError` (an
+`OutboxError`), so callers can keep the incoming message unacknowledged and try again later.
+
 Corruption. At open the file is checked (`PRAGMA quick_check`); a file SQLite reports as corrupt
 or not a database is moved aside to `PATH.corrupt-<UTC time>` (with its -wal/-shm), an error is
 logged, and a fresh outbox is created so the agent keeps running.
@@ -41,7 +51,9 @@ logged, and a fresh outbox is created so the agent keeps running.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import errno
 import json
 import logging
 import sqlite3
@@ -49,10 +61,12 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, get_args
+
+from edge_agent import faults
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +75,7 @@ Synchronous = Literal["FULL", "NORMAL"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 DROP_ORDER: tuple[Kind, ...] = ("telemetry", "reply", "update", "feedback", "result")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     row_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -76,6 +90,14 @@ CREATE TABLE IF NOT EXISTS outbox (
     size INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_by_kind ON outbox (kind, row_id);
+CREATE INDEX IF NOT EXISTS outbox_by_message ON outbox (message_id);
+CREATE TABLE IF NOT EXISTS answered (
+    key TEXT PRIMARY KEY,
+    digest TEXT NOT NULL,
+    answers TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS answered_by_age ON answered (created_at);
 """
 _INSERT = (
     "INSERT INTO outbox (message_id, topic, payload, qos, retain, kind, properties, created_at, size)"
@@ -96,6 +118,10 @@ class OutboxError(Exception):
 
 class OutboxFullError(OutboxError):
     """A single message is larger than the whole outbox may hold."""
+
+
+class OutboxDiskFullError(OutboxError):
+    """The disk under the outbox is full: nothing was stored; try again once there is space."""
 
 
 class _CorruptFileError(Exception):
@@ -119,6 +145,36 @@ class OutboxMessage:
 
 
 @dataclass(frozen=True)
+class Draft:
+    """A message to store: `put_many` takes these."""
+
+    topic: str
+    payload: bytes
+    kind: Kind
+    message_id: str
+    properties: dict[str, Any] = field(default_factory=dict)
+    qos: int = 1
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class Answered:
+    """An incoming message's dedupe key and the digest of what it carried."""
+
+    key: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class Recalled:
+    """What was answered to an earlier copy of a message, and whether that copy was the same."""
+
+    digest: str
+    answers: tuple[Draft, ...]
+    created_at: float
+
+
+@dataclass(frozen=True)
 class PutResult:
     """The stored message and how many older rows of each kind were dropped to make room."""
 
@@ -136,6 +192,8 @@ class Outbox:
         max_bytes: int,
         max_messages: int,
         synchronous: Synchronous = "FULL",
+        answered_window_s: float = 3600.0,
+        answered_max: int = 10_000,
     ) -> None:
         if max_bytes < 1 or max_messages < 1:
             raise ValueError(
@@ -147,14 +205,21 @@ class Outbox:
         self.max_bytes = max_bytes
         self.max_messages = max_messages
         self._synchronous = synchronous
+        self.answered_window_s = answered_window_s
+        self.answered_max = answered_max
+        self._answered_puts = 0
         self._lock = threading.Lock()
         self._count = dict.fromkeys(KINDS, 0)
         self._bytes = dict.fromkeys(KINDS, 0)
         self._dropped = dict.fromkeys(KINDS, 0)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._conn: sqlite3.Connection | None = _open_checked(path, synchronous)
+        self._answered_keys: set[str] = set()
         try:
             with self._errors("load the outbox totals"):
+                self._answered_keys = {
+                    row[0] for row in self._conn.execute("SELECT key FROM answered")
+                }
                 for kind, count, size in self._conn.execute(
                     "SELECT kind, COUNT(*), SUM(size) FROM outbox GROUP BY kind"
                 ):
@@ -182,58 +247,161 @@ class Outbox:
         a timeout and asks again, so a reply that a power cut would lose is not worth an fsync
         (~4 ms) on every round trip. A reply still survives a killed agent (it is committed).
         """
-        if fsync is None:
-            fsync = kind != "reply"
-        props_json = _check_message(topic, kind, qos, properties)
-        size = len(payload) + len(topic.encode()) + len(props_json.encode())
-        if size > self.max_bytes:
-            raise OutboxFullError(
-                f"a {kind} message of {size} bytes on {topic!r} is larger than the whole outbox ({self.max_bytes} bytes); send less (e.g. a reference instead of the image) or raise the outbox byte limit"
-            )
-        message = OutboxMessage(
-            row_id=0,
-            message_id=message_id or uuid.uuid4().hex,
-            topic=topic,
-            payload=bytes(payload),
-            qos=qos,
-            retain=retain,
-            kind=kind,
-            properties=json.loads(props_json),
-            created_at=time.time(),
-            size=size,
+        draft = Draft(
+            topic,
+            payload,
+            kind,
+            message_id or uuid.uuid4().hex,
+            properties or {},
+            qos,
+            retain,
         )
+        return self.put_many([draft], fsync=fsync)[0]
+
+    def put_many(
+        self,
+        drafts: list[Draft],
+        *,
+        answered: Answered | None = None,
+        fsync: bool | None = None,
+    ) -> list[PutResult]:
+        """Store messages in one transaction, and remember `answered` with them when given.
+
+        All or nothing: a failure stores none of them. `fsync` defaults to False only when every
+        draft is a "reply" (see `put`). A draft larger than the whole outbox raises
+        `OutboxFullError` before anything is written.
+        """
+        if fsync is None:
+            fsync = any(d.kind != "reply" for d in drafts)
+        prepared: list[tuple[OutboxMessage, str]] = []
+        now = time.time()
+        for draft in drafts:
+            props_json = _check_message(draft.topic, draft.kind, draft.qos, draft.properties)
+            size = len(draft.payload) + len(draft.topic.encode()) + len(props_json.encode())
+            if size > self.max_bytes:
+                raise OutboxFullError(
+                    f"a {draft.kind} message of {size} bytes on {draft.topic!r} is larger than the whole outbox ({self.max_bytes} bytes); send less (e.g. a reference instead of the image) or raise the outbox byte limit"
+                )
+            message = OutboxMessage(
+                row_id=0,
+                message_id=draft.message_id,
+                topic=draft.topic,
+                payload=bytes(draft.payload),
+                qos=draft.qos,
+                retain=draft.retain,
+                kind=draft.kind,
+                properties=json.loads(props_json),
+                created_at=now,
+                size=size,
+            )
+            prepared.append((message, props_json))
+        results: list[PutResult] = []
         with self._lock, self._errors("store a message"):
             conn = self._live()
+            faults.hit("outbox.put")
             if not fsync:
                 conn.execute("PRAGMA synchronous = NORMAL")
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    victims = self._choose_victims(conn, size)
-                    conn.executemany(
-                        "DELETE FROM outbox WHERE row_id = ?", [(v[0],) for v in victims]
-                    )
-                    cursor = conn.execute(_INSERT, _row_values(message, props_json))
+                    count = dict(self._count)
+                    sizes = dict(self._bytes)
+                    chosen: list[tuple[OutboxMessage, list[tuple[int, Kind, int]], int]] = []
+                    for message, props_json in prepared:
+                        victims = self._choose_victims(conn, message.size, count, sizes)
+                        conn.executemany(
+                            "DELETE FROM outbox WHERE row_id = ?", [(v[0],) for v in victims]
+                        )
+                        cursor = conn.execute(_INSERT, _row_values(message, props_json))
+                        assert cursor.lastrowid is not None
+                        for _, victim_kind, victim_size in victims:
+                            count[victim_kind] -= 1
+                            sizes[victim_kind] -= victim_size
+                        count[message.kind] += 1
+                        sizes[message.kind] += message.size
+                        chosen.append((message, victims, cursor.lastrowid))
+                    if answered is not None:
+                        self._remember(conn, answered, drafts, now)
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back itself
+                        conn.execute("ROLLBACK")
                     raise
             finally:
                 if not fsync:
                     conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             # Totals change only once the commit has succeeded.
-            dropped: dict[str, int] = {}
-            for _, victim_kind, victim_size in victims:
-                self._count[victim_kind] -= 1
-                self._bytes[victim_kind] -= victim_size
-                self._dropped[victim_kind] += 1
-                dropped[victim_kind] = dropped.get(victim_kind, 0) + 1
-            self._count[kind] += 1
-            self._bytes[kind] += size
-        if dropped:
-            log.warning("outbox full: dropped %s to store a %s message", dropped, kind)
-        assert cursor.lastrowid is not None
-        return PutResult(message=replace(message, row_id=cursor.lastrowid), dropped=dropped)
+            all_dropped: dict[str, int] = {}
+            for message, victims, row_id in chosen:
+                dropped: dict[str, int] = {}
+                for _, victim_kind, _size in victims:
+                    self._dropped[victim_kind] += 1
+                    dropped[victim_kind] = dropped.get(victim_kind, 0) + 1
+                    all_dropped[victim_kind] = all_dropped.get(victim_kind, 0) + 1
+                results.append(PutResult(replace(message, row_id=row_id), dropped))
+            self._count = count
+            self._bytes = sizes
+        if all_dropped:
+            log.warning("outbox full: dropped %s to store new messages", all_dropped)
+        return results
+
+    def fits(self, draft: Draft) -> bool:
+        """Whether a draft is small enough to be stored at all (not larger than the outbox)."""
+        props_json = _check_message(draft.topic, draft.kind, draft.qos, draft.properties)
+        size = len(draft.payload) + len(draft.topic.encode()) + len(props_json.encode())
+        return size <= self.max_bytes
+
+    def might_have(self, key: str) -> bool:
+        """False when nothing was answered under `key` (an in-memory check: no query, no lock);
+        True means `recall` may find it."""
+        return key in self._answered_keys
+
+    def recall(self, key: str) -> Recalled | None:
+        """What was answered under `key` within the window, or None."""
+        with self._lock, self._errors("look up an answered message"):
+            row = (
+                self._live()
+                .execute(
+                    "SELECT digest, answers, created_at FROM answered WHERE key = ? AND created_at >= ?",
+                    (key, time.time() - self.answered_window_s),
+                )
+                .fetchone()
+            )
+        if row is None:
+            return None
+        digest, answers, created_at = row
+        return Recalled(digest, tuple(_draft(item) for item in json.loads(answers)), created_at)
+
+    def holds(self, message_id: str) -> bool:
+        """Whether a message with this id still waits for its PUBACK."""
+        with self._lock, self._errors("look up a pending message"):
+            row = (
+                self._live()
+                .execute("SELECT 1 FROM outbox WHERE message_id = ? LIMIT 1", (message_id,))
+                .fetchone()
+            )
+        return row is not None
+
+    def _remember(
+        self, conn: sqlite3.Connection, answered: Answered, drafts: list[Draft], now: float
+    ) -> None:
+        answers = json.dumps([_draft_json(d) for d in drafts], separators=(",", ":"))
+        conn.execute(
+            "INSERT OR REPLACE INTO answered (key, digest, answers, created_at) VALUES (?, ?, ?, ?)",
+            (answered.key, answered.digest, answers, now),
+        )
+        self._answered_keys.add(answered.key)
+        self._answered_puts += 1
+        if self._answered_puts % 64 == 1:  # prune now and then, not on every put
+            conn.execute(
+                "DELETE FROM answered WHERE created_at < ?", (now - self.answered_window_s,)
+            )
+            conn.execute(
+                "DELETE FROM answered WHERE key IN (SELECT key FROM answered ORDER BY created_at"
+                " DESC LIMIT -1 OFFSET ?)",
+                (self.answered_max,),
+            )
+            self._answered_keys = {row[0] for row in conn.execute("SELECT key FROM answered")}
 
     def pending(self, after_row_id: int = 0, limit: int = 64) -> list[OutboxMessage]:
         """Up to `limit` rows with row_id > `after_row_id`, in arrival order."""
@@ -294,15 +462,22 @@ class Outbox:
     ) -> None:
         self.close()
 
-    def _choose_victims(self, conn: sqlite3.Connection, size: int) -> list[tuple[int, Kind, int]]:
-        """The oldest rows, in drop order, whose removal lets a message of `size` fit."""
-        rows_over = sum(self._count.values()) + 1 - self.max_messages
-        bytes_over = sum(self._bytes.values()) + size - self.max_bytes
+    def _choose_victims(
+        self,
+        conn: sqlite3.Connection,
+        size: int,
+        count: dict[Kind, int],
+        sizes: dict[Kind, int],
+    ) -> list[tuple[int, Kind, int]]:
+        """The oldest rows, in drop order, whose removal lets a message of `size` fit (given the
+        totals `count` and `sizes` of what the transaction holds so far)."""
+        rows_over = sum(count.values()) + 1 - self.max_messages
+        bytes_over = sum(sizes.values()) + size - self.max_bytes
         victims: list[tuple[int, Kind, int]] = []
         for kind in DROP_ORDER:
             if rows_over <= 0 and bytes_over <= 0:
                 break
-            if self._count[kind] == 0:
+            if count[kind] == 0:
                 continue
             cursor = conn.execute(
                 "SELECT row_id, size FROM outbox WHERE kind = ? ORDER BY row_id", (kind,)
@@ -326,7 +501,19 @@ class Outbox:
         """Translate SQLite failures into OutboxError, in one place."""
         try:
             yield
+        except OSError as exc:  # only the fault injection raises these here
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutboxDiskFullError(
+                    f"could not {doing} in the outbox {self.path}: the disk is full; free space "
+                    "under the agent's state directory"
+                ) from exc
+            raise OutboxError(f"could not {doing} in the outbox {self.path}: {exc}") from exc
         except sqlite3.Error as exc:
+            if _disk_full(exc):
+                raise OutboxDiskFullError(
+                    f"could not {doing} in the outbox {self.path}: the disk is full; free space "
+                    "under the agent's state directory"
+                ) from exc
             raise OutboxError(
                 f"could not {doing} in the outbox {self.path}: {exc} ({exc.sqlite_errorname}); check the disk (space, permissions, errors) and restart the agent, which checks the file at start-up"
             ) from exc
@@ -346,6 +533,38 @@ def _check_message(topic: str, kind: str, qos: int, properties: dict[str, Any] |
         raise ValueError(
             f"outbox properties must be JSON-serialisable (bytes as hex strings): {exc}"
         ) from exc
+
+
+def _disk_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code == sqlite3.SQLITE_FULL:
+        return True
+    cause = exc.__cause__ or exc.__context__
+    return isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _draft_json(draft: Draft) -> dict[str, Any]:
+    return {
+        "topic": draft.topic,
+        "payload": base64.b64encode(draft.payload).decode(),
+        "kind": draft.kind,
+        "message_id": draft.message_id,
+        "properties": draft.properties,
+        "qos": draft.qos,
+        "retain": draft.retain,
+    }
+
+
+def _draft(item: dict[str, Any]) -> Draft:
+    return Draft(
+        topic=item["topic"],
+        payload=base64.b64decode(item["payload"]),
+        kind=_as_kind(item["kind"]),
+        message_id=item["message_id"],
+        properties=item["properties"],
+        qos=item["qos"],
+        retain=item["retain"],
+    )
 
 
 def _row_values(message: OutboxMessage, props_json: str) -> tuple[Any, ...]:

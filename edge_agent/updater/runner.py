@@ -58,7 +58,13 @@ from edge_agent.updater.machine import (
 from edge_bundle.errors import BundleError
 from edge_bundle.files import write_atomically
 from edge_bundle.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from edge_bundle.release import ReleaseNotice, TrustNotice, apply_trust, decode_notice
+from edge_bundle.release import (
+    ReleaseNotice,
+    TrustNotice,
+    apply_trust,
+    decode_notice,
+    peek_notice,
+)
 from edge_bundle.signing import TrustStore
 
 log = logging.getLogger(__name__)
@@ -144,7 +150,20 @@ class Updater:
         try:
             notice, signer = decode_notice(payload, self.trust)
         except BundleError as exc:
-            await self._report(Report("idle", "refused", 0, f"notice on {topic} refused: {exc}"))
+            # Tie the refusal to the release it claims to be, marked unverified.
+            claimed = peek_notice(payload)
+            sequence = claimed.get("sequence", 0)
+            await self._report(
+                Report(
+                    "idle",
+                    "refused",
+                    sequence,
+                    f"notice on {topic} refused: {exc}",
+                    claimed.get("name"),
+                    claimed.get("version"),
+                    extra={"verified": False, "claimed": claimed},
+                )
+            )
             return
         if isinstance(notice, TrustNotice):
             await self._apply_trust(notice, signer, payload)

@@ -19,7 +19,9 @@ import time
 import zlib
 from pathlib import Path
 
+import cv2
 import httpx
+import numpy as np
 import psutil
 import pytest
 
@@ -188,29 +190,76 @@ def _hold_slot(
     result["body"] = response.text
 
 
+def _large_png(size: tuple[int, int] = (3000, 4000)) -> bytes:
+    """A 12-megapixel PNG of a few KB: PNG has no reduced decode, so it keeps a slot ~0.1 s+."""
+    image = np.full((*size, 3), 200, np.uint8)
+    cv2.circle(image, (size[1] // 2, size[0] // 2), size[0] // 3, (30, 90, 160), -1)
+    ok, data = cv2.imencode(".png", image)
+    assert ok
+    return data.tobytes()
+
+
 def test_overload_answers_503_fast_with_retry_after(state: Path, keys: Keys) -> None:
+    # A slot is held by real work now (a slow upload holds none, see the next test): a burst of
+    # large photos at one slot, where the photos beyond the first are refused without waiting.
     with run_agent(state, "--trusted-key", str(keys.public), "--max-in-flight", "1") as agent:
         agent.wait_ready()
         url = f"{agent.url}/v1/models/defects/predict"
-        started, release, result = threading.Event(), threading.Event(), {}
-        holder = threading.Thread(target=_hold_slot, args=(url, started, release, result))
-        holder.start()
-        assert started.wait(10)
-        time.sleep(0.3)  # the slow request is admitted and reading its body
-        begun = time.perf_counter()
-        refused = httpx.post(
-            url, content=jpeg(4), headers={"Content-Type": "image/jpeg"}, timeout=10
-        )
-        elapsed = time.perf_counter() - begun
-        release.set()
-        holder.join(30)
-        assert refused.status_code == 503
-        assert refused.headers["Retry-After"] == "1"
-        assert refused.json()["error"]["code"] == "overloaded"
-        assert elapsed < 1.0
-        assert result["status"] == 200
+        photo, answers, lock = _large_png(), [], threading.Lock()
+        go = threading.Barrier(6)
+
+        def post() -> None:
+            with httpx.Client(timeout=30) as client:
+                go.wait()
+                begun = time.perf_counter()
+                response = client.post(url, content=photo, headers={"Content-Type": "image/png"})
+                with lock:
+                    answers.append((response, time.perf_counter() - begun))
+
+        threads = [threading.Thread(target=post) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        refused = [(r, elapsed) for r, elapsed in answers if r.status_code == 503]
+        assert len(answers) == 6
+        assert {r.status_code for r, _ in answers} == {200, 503}, [r.text for r, _ in answers]
+        for response, elapsed in refused:
+            assert response.headers["Retry-After"] == "1"
+            assert response.json()["error"]["code"] == "overloaded"
+            assert elapsed < 1.0
         metrics = httpx.get(f"{agent.url}/metrics").text
         assert 'outcome="overloaded"' in metrics
+
+
+def test_slow_uploads_hold_no_inference_slot(state: Path, keys: Keys) -> None:
+    # #15: eight connections trickling their bodies held every slot (max_in_flight 8), and every
+    # real prediction got 503. A prediction takes its slot once its photo is in.
+    with run_agent(state, "--trusted-key", str(keys.public), "--max-in-flight", "8") as agent:
+        agent.wait_ready()
+        url = f"{agent.url}/v1/models/defects/predict"
+        release = threading.Event()
+        holders = []
+        for _ in range(8):
+            started, result = threading.Event(), {}
+            thread = threading.Thread(target=_hold_slot, args=(url, started, release, result))
+            thread.start()
+            assert started.wait(10)
+            holders.append((thread, result))
+        time.sleep(0.3)  # every slow request has arrived and is reading its body
+        with httpx.Client(timeout=10) as client:
+            statuses = [
+                client.post(url, content=jpeg(i), headers={"Content-Type": "image/jpeg"})
+                for i in range(5)
+            ]
+        release.set()
+        for thread, _ in holders:
+            thread.join(30)
+        assert [r.status_code for r in statuses] == [200] * 5, [r.text for r in statuses]
+        # Their bodies all end at once: the queueing-delay rule may refuse some at that moment.
+        finished = [(result.get("status"), str(result.get("body"))) for _, result in holders]
+        assert any(status == 200 for status, _ in finished), finished
+        assert all(s == 200 or (s == 503 and '"overloaded"' in b) for s, b in finished), finished
 
 
 def test_sigterm_drains_then_exits(state: Path, keys: Keys) -> None:

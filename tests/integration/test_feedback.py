@@ -93,7 +93,8 @@ def test_feedback_is_kept_forwarded_and_exported(tmp_path: Path) -> None:
         # Survives a restart.
         with run_agent(state, "--trusted-key", str(keys.public), env=env) as agent:
             agent.wait_ready()
-            recent = httpx.get(f"{agent.url}/v1/feedback").json()
+            assert httpx.get(f"{agent.url}/v1/feedback").status_code == 401
+            recent = httpx.get(f"{agent.url}/v1/feedback", headers=auth).json()
             assert recent["stored"] == 2
             assert {f["verdict"] for f in recent["feedback"]} == {"corrected", "confirmed"}
     out = tmp_path / "dataset"

@@ -99,3 +99,6 @@ def test_upload_see_answer_correct_and_see_history(
         for field in ("model", "file", "note", "correct-label", "station"):
             assert driver.find_elements(By.CSS_SELECTOR, f"label[for='{field}']"), field  # type: ignore[attr-defined]
         assert driver.find_element(By.ID, "result").get_attribute("aria-live") == "polite"  # type: ignore[attr-defined]
+        # The page runs whole under its own Content-Security-Policy: nothing of it was blocked.
+        logs = driver.get_log("browser")  # type: ignore[attr-defined]
+        assert not [e for e in logs if "Content Security Policy" in e["message"]], logs

@@ -221,10 +221,10 @@ class FakeLink:
     def publish_now(self, topic: Topic, payload: bytes, *, qos: int = 0) -> None:
         self.published.append((topic, payload))
 
-    def deliver(self, topic: str, payload: bytes, **properties: Any) -> Inbound:
-        """A QoS 1 message from the broker, as the owner thread hands it over."""
+    def deliver(self, topic: str, payload: bytes, qos: int = 1, **properties: Any) -> Inbound:
+        """A message from the broker (QoS 1 unless told), as the owner thread hands it over."""
         self._mid += 1
-        message = Inbound(topic, payload, qos=1, mid=self._mid, generation=1, **properties)
+        message = Inbound(topic, payload, qos=qos, mid=self._mid, generation=1, **properties)
         self.on_message(message)
         return message
 

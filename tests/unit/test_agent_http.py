@@ -137,6 +137,7 @@ def fresh(tmp_path: Path) -> Iterator[Served]:
 # ---- the error table ---------------------------------------------------------------------------
 EXPECTED_STATUS: dict[type[Exception], tuple[int, str]] = {
     agent_errors.BadRequestError: (400, "bad_request"),
+    agent_errors.RequestTimeoutError: (408, "request_timeout"),
     agent_errors.UnauthorizedError: (401, "unauthorized"),
     agent_errors.UnknownModelError: (404, "unknown_model"),
     agent_errors.UnknownRequestError: (404, "unknown_request"),
@@ -144,6 +145,7 @@ EXPECTED_STATUS: dict[type[Exception], tuple[int, str]] = {
     agent_errors.UnsupportedMediaError: (415, "unsupported_media_type"),
     agent_errors.BundleRejectedError: (422, "bundle_rejected"),
     agent_errors.FeedbackFullError: (507, "feedback_quota_full"),
+    agent_errors.DiskFullError: (507, "disk_full"),
     agent_errors.NotReadyError: (503, "not_ready"),
     agent_errors.OverloadedError: (503, "overloaded"),
     agent_errors.DrainingError: (503, "shutting_down"),

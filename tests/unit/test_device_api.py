@@ -151,12 +151,16 @@ def test_http_results_are_published_when_configured(
         await installed(device, tmp_path, keys)
         await device.predict("defects", Photo(PHOTO), transport="http")
         await device.predict("defects", Photo(PHOTO), transport="mqtt")
+        await device.predict("defects", Photo(PHOTO), transport="http", client_request_id="scan-42")
 
     try:
         asyncio.run(scenario())
     finally:
         close_device(device)
-    assert [r["source"] for r in publisher.results] == [{"transport": "http"}]
+    assert [r["source"] for r in publisher.results] == [
+        {"transport": "http"},
+        {"transport": "http", "client_request_id": "scan-42"},  # as the HTTP answer carries it
+    ]
 
 
 @pytest.mark.usefixtures("fake_runtimes")

@@ -27,6 +27,7 @@ from edge_bundle.release import (
     apply_trust,
     decode_notice,
     encode_notice,
+    peek_notice,
     release_topic,
 )
 from edge_bundle.signing import (
@@ -458,3 +459,18 @@ def test_trust_notice_field_rules(release_key: SigningKey) -> None:
         fields = {"key_id": key_id, "role": KeyRole.RELEASE, "public_key": entry.public_key}
         with pytest.raises(NoticeError, match=reason):
             PublicKeyEntry.create(**{**fields, **changes})
+
+
+def test_peek_reads_what_a_notice_claims_without_trusting_it(
+    notice: ReleaseNotice, release_key: SigningKey
+) -> None:
+    seen = peek_notice(encode_notice(notice, release_key))
+    assert seen == {
+        "kind": "release",
+        "name": "weld",
+        "sequence": notice.sequence,
+        "version": 3,
+        "target": {k: v for k, v in notice.target.model_dump().items() if v is not None},
+    }
+    for junk in (b"", b"{", b"[" * 100_000, b'{"notice": "!!", "signatures": []}'):
+        assert peek_notice(junk) == {}

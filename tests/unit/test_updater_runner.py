@@ -224,3 +224,27 @@ def test_a_notice_for_another_device_is_ignored(fleet: Fleet) -> None:
     asyncio.run(scenario())
     assert outcomes(publisher) == [("idle", "ignored")]
     assert models.calls == [] and fleet.requests == []
+
+
+def test_a_notice_refused_for_its_signature_is_reported_with_what_it_claims(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """Central IT can tie the refusal to the release: its sequence, name and version, marked
+    unverified (an untrusted key signed it)."""
+    models = FakeModels(fleet.settings, fleet.store, load_profile(fleet.settings.profile))
+    publisher = FakePublisher()
+    updater = updater_for(fleet, models, publisher)
+    stranger, _ = release_key(tmp_path / "stranger")
+    forged = signed_notice(stranger, fleet.update.path, URL, sequence=7)
+
+    async def scenario() -> None:
+        await updater.start()
+        await updater.on_notice(NOTICE_TOPIC, forged)
+        await updater.stop()
+
+    asyncio.run(scenario())
+    [report] = publisher.updates
+    assert (report["outcome"], report["sequence"]) == ("refused", 7)
+    assert (report["name"], report["version"]) == ("defects", 2)
+    assert report["verified"] is False and report["claimed"]["sequence"] == 7
+    assert models.calls == [] and fleet.requests == []
