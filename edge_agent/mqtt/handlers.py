@@ -153,7 +153,9 @@ class MqttHandlers:
         )
         if request_id is not None:
             return Identity(f"id|{scope}|{request_id}", digest, always=True)
-        return Identity(f"pkt|{message.topic}|{digest}", digest, always=False)
+        # A redelivery (DUP) keeps its packet identifier; identical photos sent as two messages
+        # have two, so they stay two events.
+        return Identity(f"pkt|{message.topic}|{message.mid}|{digest}", digest, always=False)
 
     def refuse(self, message: Inbound, error: AgentError) -> list[Outgoing]:
         """The error reply `message` would get for `error`, without processing it."""

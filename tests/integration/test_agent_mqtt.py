@@ -478,7 +478,8 @@ def test_bad_inputs_get_error_replies_and_the_agent_keeps_going(
             assert reply["error"]["code"] == code, (name, reply)
             assert reply["error"]["message"]
         # An unknown model, a response topic outside the allow-list, oversized correlation data,
-        # and a replayed request id.
+        # and correlation data reused for a different request (a genuine redelivery of the same
+        # request would get the same answer again; tests/integration/test_mqtt_no_loss.py).
         client.publish(
             f"{BASE}/infer/nope", photo, response_topic="replies/bad", correlation=b"unknown"
         )
@@ -488,19 +489,22 @@ def test_bad_inputs_get_error_replies_and_the_agent_keeps_going(
         client.publish(
             f"{BASE}/infer/defects", photo, response_topic="replies/bad", correlation=b"x" * 40
         )
-        replay = json.dumps({"image": b64, "request_id": "same"}).encode()
+        first = json.dumps({"image": b64, "request_id": "same"}).encode()
+        reused = json.dumps({"image": b64, "request_id": "same", "top_k": 2}).encode()
         client.publish(
-            f"{BASE}/infer/defects", replay, response_topic="replies/bad", correlation=b"r1"
+            f"{BASE}/infer/defects", first, response_topic="replies/bad", correlation=b"r1"
         )
         client.publish(
-            f"{BASE}/infer/defects", replay, response_topic="replies/bad", correlation=b"r2"
+            f"{BASE}/infer/defects", reused, response_topic="replies/bad", correlation=b"r1"
         )
         replies = client.wait_for(len(cases) + 3, topic="replies/bad")
         errors = client.wait_for(2, topic=f"{BASE}/errors")
         got = {m.properties.CorrelationData: body(m) for m in replies}
         assert got[b"unknown"]["error"]["code"] == "unknown_model"
-        assert "label" in got[b"r1"] and got[b"r2"]["error"]["code"] == "bad_request"
-        assert "replay" in got[b"r2"]["error"]["message"]
+        reuse = [body(m) for m in replies if m.properties.CorrelationData == b"r1"]
+        assert len(reuse) == 2 and "label" in reuse[0], reuse
+        assert reuse[1]["error"]["code"] == "bad_request"
+        assert "already used for a different request" in reuse[1]["error"]["message"]
         messages = " ".join(body(m)["error"]["message"] for m in errors)
         assert "not allowed" in messages and "correlation data" in messages
         # Still serving.

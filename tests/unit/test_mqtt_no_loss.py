@@ -198,12 +198,13 @@ def test_an_answer_still_unstored_at_stop_leaves_its_message_for_the_broker(
 
 
 def redelivered(link: FakeLink, message: Inbound) -> Inbound:
-    """The broker's second delivery of `message` (after a reconnect: DUP set, a new mid)."""
+    """The broker's second delivery of `message` (after a reconnect: DUP set, the same packet
+    identifier, as MQTT requires of a resend)."""
     copy = Inbound(
         message.topic,
         message.payload,
         qos=1,
-        mid=message.mid + 1000,
+        mid=message.mid,
         generation=2,
         dup=True,
         response_topic=message.response_topic,
@@ -305,11 +306,19 @@ def test_two_identical_photos_as_two_events_are_two_events(settings: AgentSettin
         device = SlowDevice()
         device.ready.set()
         service, link, _ = await started(settings, device)
-        link.deliver(EVENTS, b"\xff\xd8same photo")
-        link.deliver(EVENTS, b"\xff\xd8same photo")
+        first = link.deliver(EVENTS, b"\xff\xd8same photo")
+        second = link.deliver(EVENTS, b"\xff\xd8same photo")
         await wait_until(lambda: len(link.acked) == 2, "both answered")
         results = bodies(service)
         assert len(results) == 2 and results[0]["message_id"] != results[1]["message_id"]
+        for row in service.outbox.pending():
+            service.outbox.ack(row.row_id)  # the broker took both answers
+        # The first redelivered (DUP) after a reconnect gets its own answer again, not the
+        # second's, although the photos are the same.
+        assert second.mid != first.mid
+        redelivered(link, first)
+        await wait_until(lambda: len(link.acked) == 3, "the copy answered")
+        assert [b["message_id"] for b in bodies(service)] == [results[0]["message_id"]]
         assert len(device.predictions) == 2
         await service.stop(timeout=1)
 
