@@ -20,8 +20,6 @@ import argparse
 import base64
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -38,7 +36,7 @@ from paho.mqtt.properties import Properties
 
 from bench.common import flatten, interleaved, percentile, round_ratios, write_json
 from edge_agent.mqtt.outbox import Answered, Draft, Outbox
-from tests.agent_support import build_bundle, jpeg, make_keys, spawn_agent
+from tests.agent_support import build_bundle, install_bundle, jpeg, make_keys, spawn_agent
 from tests.mqtt_support import Broker
 
 SITE, DEVICE = "bench", "box"
@@ -224,11 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         keys = make_keys(work / "keys")
         bundle = build_bundle(work / "dist", keys)
         state = work / "state"
-        subprocess.run(
-            [sys.executable, "-m", "edge_agent.app.cli", "install", str(bundle.path),
-             "--state-dir", str(state), "--trusted-key", str(keys.public)],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        install_bundle(state, bundle.path, keys.public)
         broker = Broker(work / "broker").start()
         try:
             rounds = [

@@ -189,6 +189,16 @@ def build_bundle(
     return BuiltBundle(path, keys, name, version, files)
 
 
+def install_bundle(state_dir: Path, bundle: Path, trusted_key: Path) -> None:
+    """`edge-agent install` a bundle into `state_dir`, as an operator would (fails loudly)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_agent.app.cli", "install", str(bundle),
+         "--state-dir", str(state_dir), "--trusted-key", str(trusted_key)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -9,8 +9,6 @@ import contextlib
 import json
 import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +18,14 @@ import httpx
 import psutil
 import pytest
 
-from tests.agent_support import AgentProcess, build_bundle, jpeg, make_keys, run_agent
+from tests.agent_support import (
+    AgentProcess,
+    build_bundle,
+    install_bundle,
+    jpeg,
+    make_keys,
+    run_agent,
+)
 
 IDLE_S = 1.0
 HEADER_S = 1.0
@@ -45,11 +50,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     keys = make_keys(work / "keys")
     bundle = build_bundle(work / "dist", keys)
     state = work / "state"
-    subprocess.run(
-        [sys.executable, "-m", "edge_agent.app.cli", "install", str(bundle.path),
-         "--state-dir", str(state), "--trusted-key", str(keys.public)],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+    install_bundle(state, bundle.path, keys.public)
     args = ("--trusted-key", str(keys.public), "--max-in-flight", "2")
     with run_agent(state, *args, env=LIMITS) as running:
         running.wait_ready()

@@ -34,6 +34,7 @@ from paho.mqtt.properties import Properties
 from tests.agent_support import (
     Keys,
     build_bundle,
+    install_bundle,
     jpeg,
     make_keys,
     run_agent,
@@ -55,12 +56,7 @@ def keys(tmp_path: Path) -> Keys:
 
 def install(state: Path, keys: Keys, dist: Path, name: str = "defects") -> Path:
     bundle = build_bundle(dist, keys, name=name)
-    result = subprocess.run(
-        [".venv/bin/edge-agent", "install", str(bundle.path), "--state-dir", str(state),
-         "--trusted-key", str(keys.public)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    install_bundle(state, bundle.path, keys.public)
     return bundle.path
 
 

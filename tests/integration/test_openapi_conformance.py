@@ -6,8 +6,6 @@ its documented content type, headers or schema fails the test."""
 from __future__ import annotations
 
 import collections
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +25,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from tests.agent_support import build_bundle, make_keys, run_agent  # noqa: E402
+from tests.agent_support import build_bundle, install_bundle, make_keys, run_agent  # noqa: E402
 
 TOKEN = "schemathesis-admin-token-0123"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -47,11 +45,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     keys = make_keys(work / "keys")
     bundle = build_bundle(work / "dist", keys)
     state = work / "state"
-    subprocess.run(
-        [sys.executable, "-m", "edge_agent.app.cli", "install", str(bundle.path),
-         "--state-dir", str(state), "--trusted-key", str(keys.public)],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+    install_bundle(state, bundle.path, keys.public)
     env = {"EDGE_AGENT_ADMIN_TOKEN": TOKEN}
     with run_agent(state, "--trusted-key", str(keys.public), env=env) as agent:
         agent.wait_ready()
