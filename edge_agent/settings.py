@@ -10,10 +10,19 @@ are errors, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,6 +38,9 @@ MIB = 1024 * 1024
 
 
 SEGMENT = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# Fleet identity (#16)
+MAX_LABELS = 32
+MAX_LABEL_CHARS = 128
 
 
 class EventMapping(BaseModel):
@@ -223,6 +235,38 @@ class AgentSettings(BaseSettings):
     # Identity (MQTT topics and telemetry).
     site: str = Field(default="site", pattern=SEGMENT, description="plant or site id")
     device: str = Field(default="box", pattern=SEGMENT, description="this box's id")
+    # Fleet identity (#16): what a fleet controller selects boxes by, sent in telemetry.
+    line: str | None = Field(
+        default=None, pattern=SEGMENT, description="the production line this box serves"
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description=f"free-form NAME = VALUE pairs for fleet cohorts (at most {MAX_LABELS}; "
+        f"names like site ids, values up to {MAX_LABEL_CHARS} printable characters)",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        if len(labels) > MAX_LABELS:
+            raise ValueError(f"{len(labels)} labels given; at most {MAX_LABELS} are allowed")
+        for name, value in labels.items():
+            if re.fullmatch(SEGMENT, name) is None:
+                raise ValueError(
+                    f"label name {name!r} must be 1-64 letters, digits, '_', '.' or '-', "
+                    "starting with a letter or digit"
+                )
+            if len(value) > MAX_LABEL_CHARS:
+                raise ValueError(
+                    f"label {name!r} is {len(value)} characters long; at most "
+                    f"{MAX_LABEL_CHARS} are allowed"
+                )
+            if not value.isprintable():
+                raise ValueError(
+                    f"label {name!r} holds a newline, tab or other control character; "
+                    "give a value of printable characters only"
+                )
+        return labels
 
     # MQTT.
     mqtt_enabled: bool = Field(default=False, description="connect to an MQTT broker")

@@ -2,6 +2,11 @@
 
 A release notice tells one group of devices, or one device, that a bundle is available at a URL,
 pinned by sha256 and size. A trust notice adds or revokes public keys and is signed by a root key.
+Release notices come in two schema versions: version 1 (what `model-packager publish` writes, and
+all that agents before 0.2.0 accept) and version 2, which adds the optional signed fields
+`rollout` (which fleet rollout and wave sent it, echoed in the device's update reports) and
+`extensions` (further signed fields; a reader keeps the keys it does not know and ignores them,
+so later additions need no version 3). Trust notices stay version 1.
 Both travel as one envelope, `{"notice": "<base64 of the notice bytes>", "signatures": [...]}`:
 the signatures cover the exact notice bytes, and `decode_notice` verifies them before it parses a
 single field, so a stolen broker password is never enough to steer a device. Whether a notice has
@@ -12,15 +17,17 @@ state machine); this module checks only that a notice is well formed and properl
 from __future__ import annotations
 
 import json
+import math
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Final, Literal, Self, TypeAlias
+from typing import Annotated, Any, ClassVar, Final, Literal, Self, TypeAlias
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    JsonValue,
     StrictBool,
     StrictInt,
     StringConstraints,
@@ -53,7 +60,11 @@ from edge_bundle.signing import (
     key_id_for,
 )
 
+#: The schema version new notices get unless told otherwise: every agent reads it.
 SCHEMA_VERSION: Final = 1
+#: The newest release notice schema this code reads (agents from 0.2.0); trust notices stay 1.
+NEWEST_SCHEMA_VERSION: Final = 2
+MAX_WAVE = 100_000
 MAX_NOTICE_BYTES = 64 * 1024
 # "At most a year": 366 days, so a notice issued on 29 February may still run a full year.
 MAX_VALIDITY = timedelta(days=366)
@@ -110,6 +121,20 @@ def _public_key(value: str) -> str:
     return value
 
 
+def _finite(value: JsonValue) -> JsonValue:
+    """Refuse NaN and infinities anywhere in a JSON value: JSON has no spelling for them."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("must hold only finite numbers (JSON has no NaN or Infinity)")
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return value
+
+
 Segment = Annotated[str, StringConstraints(max_length=64), AfterValidator(_segment)]
 DeviceRef = Annotated[str, StringConstraints(max_length=129), AfterValidator(_device)]
 UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
@@ -118,6 +143,7 @@ Notes = Annotated[str, StringConstraints(max_length=MAX_NOTES_CHARS)]
 SequenceNumber = Annotated[StrictInt, Field(ge=1, le=MAX_SEQUENCE)]
 KeyId = Annotated[str, StringConstraints(pattern=rf"^[0-9a-f]{{{KEY_ID_CHARS}}}$")]
 Base64Key = Annotated[str, StringConstraints(max_length=64), AfterValidator(_public_key)]
+FiniteJson = Annotated[JsonValue, AfterValidator(_finite)]
 
 
 class _Strict(BaseModel):
@@ -145,10 +171,20 @@ class Target(_Strict):
         return self
 
 
+class Rollout(_Strict):
+    """Which fleet rollout, and which of its waves, a release notice belongs to."""
+
+    id: Segment
+    wave: Annotated[StrictInt, Field(ge=1, le=MAX_WAVE)]
+
+
 class _Notice(_Strict):
     """What every notice carries: schema version, sequence and its window of validity."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    #: Fields left out of the signed bytes while they are None, so that a notice without them
+    #: is byte for byte what a reader that never heard of them expects.
+    _OMITTED_WHEN_NONE: ClassVar[tuple[str, ...]] = ()
+
     sequence: SequenceNumber
     issued_at: UtcDatetime
     expires_at: UtcDatetime
@@ -163,12 +199,22 @@ class _Notice(_Strict):
 
     def to_bytes(self) -> bytes:
         """The canonical JSON of this notice (sorted keys, UTF-8, indent 2, final newline)."""
-        return canonical_json(self.model_dump(mode="json"))
+        document = self.model_dump(mode="json")
+        for field in self._OMITTED_WHEN_NONE:
+            if document.get(field) is None:
+                document.pop(field, None)
+        return canonical_json(document)
 
 
 class ReleaseNotice(_Notice):
-    """A signed statement that bundle `name@version` (this sha256, this size) is at `url`."""
+    """A signed statement that bundle `name@version` (this sha256, this size) is at `url`.
 
+    Schema version 2 may also carry `rollout` and `extensions`; version 1 may carry neither.
+    """
+
+    _OMITTED_WHEN_NONE: ClassVar[tuple[str, ...]] = ("rollout", "extensions")
+
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     kind: Literal["release"] = "release"
     name: Name
     version: Annotated[StrictInt, Field(ge=1)]
@@ -179,6 +225,20 @@ class ReleaseNotice(_Notice):
     # A signed permission to install an older version than the one running.
     rollback: StrictBool = False
     notes: Notes | None = None
+    # Schema version 2.
+    rollout: Rollout | None = None
+    extensions: dict[Segment, FiniteJson] | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_the_version(self) -> Self:
+        if self.schema_version == 1:
+            given = [f for f in self._OMITTED_WHEN_NONE if getattr(self, f) is not None]
+            if given:
+                raise ValueError(
+                    f"{' and '.join(given)} needs schema_version 2 (this notice says "
+                    f"{self.schema_version}); publish it as version 2, which agents from 0.2.0 read"
+                )
+        return self
 
     @property
     def bundle_id(self) -> BundleId:
@@ -209,6 +269,7 @@ class PublicKeyEntry(_Strict):
 class TrustNotice(_Notice):
     """A root-signed change to the trusted keys: keys to add, then key ids to revoke."""
 
+    schema_version: Literal[1] = SCHEMA_VERSION
     kind: Literal["trust"] = "trust"
     add: tuple[PublicKeyEntry, ...] = ()
     revoke: tuple[KeyId, ...] = ()
@@ -301,9 +362,9 @@ def decode_notice(data: bytes, trust: TrustStore) -> tuple[Notice, str]:
 def peek_notice(data: bytes) -> dict[str, Any]:
     """What can be read of a notice WITHOUT verifying it, for reporting a refusal.
 
-    Never raises and never trusts: the fields (kind, sequence, name, version, target) are
-    copied only when they have the right type, so a refused notice can be tied to the release
-    it claims to be. Nothing here may be acted on.
+    Never raises and never trusts: the fields (kind, sequence, name, version, target, rollout)
+    are copied only when they have the right type, so a refused notice can be tied to the
+    release it claims to be. Nothing here may be acted on.
     """
     try:
         payload, _ = _open_envelope(data)
@@ -322,6 +383,11 @@ def peek_notice(data: bytes) -> dict[str, Any]:
         seen["target"] = {
             k: v[:128] for k, v in target.items() if k in ("device", "group") and isinstance(v, str)
         }
+    rollout = document.get("rollout")
+    if isinstance(rollout, dict):
+        rollout_id, wave = rollout.get("id"), rollout.get("wave")
+        if isinstance(rollout_id, str) and isinstance(wave, int) and not isinstance(wave, bool):
+            seen["rollout"] = {"id": rollout_id[:128], "wave": wave}
     return seen
 
 
@@ -398,10 +464,11 @@ def _parse_notice(payload: bytes) -> Notice:
     if not isinstance(document, dict):
         raise NoticeError("the signed notice must be a JSON object; re-issue it")
     version = document.get("schema_version")
-    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+    newest = NEWEST_SCHEMA_VERSION
+    if isinstance(version, int) and not isinstance(version, bool) and version > newest:
         raise NoticeError(
             f"notice schema_version {version} is newer than this code understands "
-            f"({SCHEMA_VERSION}); upgrade the agent"
+            f"({newest}); upgrade the agent"
         )
     kind = document.get("kind")
     model = _MODELS.get(kind) if isinstance(kind, str) else None

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_bundle.release import ReleaseNotice, Target, encode_notice
+from edge_bundle.release import ReleaseNotice, Rollout, Target, encode_notice
 from edge_bundle.signing import KeyRole, SigningKey, write_key_files
 from tests.agent_support import LABELS, SIDE
 
@@ -100,7 +100,9 @@ def signed_notice(
     rollback: bool = False,
     sha256: str | None = None,
     size: int | None = None,
+    rollout: Rollout | None = None,
 ) -> bytes:
+    """A signed release notice for `bundle`; with a `rollout`, a schema version 2 notice."""
     data = bundle.read_bytes()
     issued = issued_at or datetime.now(UTC) - timedelta(seconds=5)
     notice = ReleaseNotice(
@@ -114,6 +116,8 @@ def signed_notice(
         issued_at=issued,
         expires_at=issued + expires_in,
         rollback=rollback,
+        schema_version=1 if rollout is None else 2,
+        rollout=rollout,
     )
     return encode_notice(notice, key)
 

@@ -153,6 +153,7 @@ class Agent:
                 self.metrics,
                 _keys(settings.release_keys),
                 _keys(settings.root_keys),
+                after_outcome=self.device.telemetry.publish_soon,
             )
         self.handlers: MqttHandlers | None = None
         if self.mqtt is not None:
@@ -187,6 +188,7 @@ class Agent:
         """Begin loading the active bundles in the background; returns at once."""
         self.store.clear_staging()
         if self.mqtt is not None and self.handlers is not None:
+            self.mqtt.on_connected.append(self.device.telemetry.publish_soon)
             await self.mqtt.start(self.handlers)
             if self.settings.telemetry_interval_s > 0:
                 self._spawn(self.device.telemetry.loop(self.mqtt), "telemetry")
@@ -229,3 +231,4 @@ class Agent:
             if self.updater is not None:
                 await self.updater.start()  # resume an update once the active models are loaded
             self.models.finish_loading()
+            self.device.telemetry.publish_soon()  # central learns the loaded versions at once

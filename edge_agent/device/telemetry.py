@@ -3,16 +3,22 @@
 Latency percentiles over the recent answered predictions per transport, counts by outcome, the
 active model versions and their last self-test, process and system figures (CPU, memory, disk
 where the state lives, the hottest temperature sensor where the platform exposes one), drift and
-shadow comparisons, and what the publisher reports of its connection, queue and outbox. The same
+shadow comparisons, and what the publisher reports of its connection, queue and outbox. For a
+fleet controller it also says who the box is (site, device, line, labels, update groups) and, per
+model, the latency and outcomes of its active version since that version became active. The same
 figures are set on the Prometheus gauges. `loop` publishes a snapshot every
-`telemetry_interval_s` through the publisher.
+`telemetry_interval_s` through the publisher, and at once when `publish_soon` asks for one (the
+MQTT link connected, an update was committed or rolled back), so central learns of a change
+without waiting a whole period.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -46,6 +52,14 @@ class Telemetry:
         self.metrics = metrics
         self.publisher = publisher
         self.started_at = time.time()
+        self._wanted = asyncio.Event()
+
+    def publish_soon(self) -> None:
+        """Ask `loop` for a snapshot now, besides the periodic ones (call on the event loop).
+
+        Requests made before the snapshot goes out share it; with telemetry off it does nothing.
+        """
+        self._wanted.set()
 
     def snapshot(self) -> dict[str, Any]:
         """Gather the figures (blocking calls: run it off the event loop)."""
@@ -55,22 +69,16 @@ class Telemetry:
             "agent_version": __version__,
             "site": self.settings.site,
             "device": self.settings.device,
+            "line": self.settings.line,
+            "labels": dict(self.settings.labels),
+            "groups": list(self.settings.update_groups),
             "profile": self.models.profile.name,
             "ready": ready,
             "reasons": reasons,
             "uptime_s": round(time.time() - self.started_at, 1),
             "latency_ms": self._percentiles(),
             "outcomes": self._outcomes(),
-            "models": [
-                {
-                    "name": m["name"],
-                    "version": m.get("version"),
-                    "status": m["status"],
-                    "bundle_sha256": m.get("bundle_sha256"),
-                    "selftest": m.get("selftest"),
-                }
-                for m in self.models.describe()
-            ],
+            "models": [self._model(m) for m in self.models.describe()],
             "system": self._system(),
             "drift": self.drift_scores(),
             "shadow": self.shadow.describe(),
@@ -107,11 +115,31 @@ class Telemetry:
         return result
 
     async def loop(self, publisher: Publisher) -> None:
-        """Publish a snapshot every `telemetry_interval_s`."""
+        """Publish a snapshot every `telemetry_interval_s`, and whenever `publish_soon` asks."""
         while True:
-            await asyncio.sleep(self.settings.telemetry_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._wanted.wait(), timeout=self.settings.telemetry_interval_s
+                )
+            self._wanted.clear()
             figures = await asyncio.to_thread(self.snapshot)
             await publisher.publish_telemetry(figures)
+
+    def _model(self, described: dict[str, Any]) -> dict[str, Any]:
+        """One entry of `models`: what serves, and how its active version has done so far."""
+        name, version = described["name"], described.get("version")
+        key = (name, version) if isinstance(version, int) else None
+        latencies = self.core.model_latencies.get(key) if key else None
+        outcomes = self.core.version_outcomes.get(key) if key else None
+        return {
+            "name": name,
+            "version": version,
+            "status": described["status"],
+            "bundle_sha256": described.get("bundle_sha256"),
+            "selftest": described.get("selftest"),
+            "latency_ms": _latency(latencies),
+            "outcomes": dict(outcomes) if outcomes else {},
+        }
 
     def _percentiles(self) -> dict[str, dict[str, float]]:
         result = {}
@@ -150,6 +178,16 @@ class Telemetry:
             system["temperature_c"] = temperature
             self.metrics.temperature.set(temperature)
         return system
+
+
+def _latency(samples: Iterable[float] | None) -> dict[str, Any]:
+    """p50 and p95 (ms) of recent samples, and how many; the percentiles are None without any."""
+    # One C-level copy first: the event loop appends to the window while this thread reads it.
+    values = np.array(list(samples or ()), dtype=np.float64)
+    if not values.size:
+        return {"p50": None, "p95": None, "samples": 0}
+    p50, p95 = np.percentile(values, [50, 95])
+    return {"p50": round(float(p50), 2), "p95": round(float(p95), 2), "samples": int(values.size)}
 
 
 def _hottest() -> float | None:

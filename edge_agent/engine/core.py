@@ -84,6 +84,9 @@ class InferenceCore:
         self.model_outcomes: Counter[tuple[str, str]] = Counter()  # (model, outcome) -> count
         #: Recent pipeline times (ms, decode to postprocess) per model version, for probation.
         self.model_latencies: dict[tuple[str, int], deque[float]] = {}
+        #: Outcomes of the active version of each model since it became active, for telemetry
+        #: (a fleet controller compares versions); only the active version of a model is kept.
+        self.version_outcomes: dict[tuple[str, int], Counter[str]] = {}
 
     def record(
         self, model: str, transport: str, outcome: str, total_s: float | None = None
@@ -93,6 +96,11 @@ class InferenceCore:
         self.metrics.requests.labels(known, transport, outcome).inc()
         self.outcomes[(transport, outcome)] += 1
         self.model_outcomes[(known, outcome)] += 1
+        state = self.models.get(model)
+        if state is not None and state.classifier is not None:
+            counts = self.version_outcomes.get((model, state.classifier.version))
+            if counts is not None:
+                counts[outcome] += 1
         if total_s is not None:
             self.latencies.setdefault(transport, deque(maxlen=LATENCY_WINDOW)).append(
                 total_s * 1000
@@ -108,6 +116,7 @@ class InferenceCore:
         previous = self.models.get(name)
         self.models[name] = state
         if state.classifier is not None:
+            self._track_version(name, state.classifier.version)
             info = state.classifier.describe()
             self.metrics.set_model(
                 name,
@@ -125,8 +134,25 @@ class InferenceCore:
             assert old is not None
             self.lane.close_later(old)
 
+    def _track_version(self, name: str, version: int) -> None:
+        """Count from zero for a version that becomes active; forget the model's other versions.
+
+        The same version coming back (a reload after a failure) keeps counting.
+        """
+        if (name, version) in self.version_outcomes:
+            return
+        self._forget_versions(name)
+        self.version_outcomes[(name, version)] = Counter()
+
+    def _forget_versions(self, name: str) -> None:
+        """Drop the per-version figures of `name` (only the active version's are kept)."""
+        for figures in (self.version_outcomes, self.model_latencies):
+            for key in [key for key in figures if key[0] == name]:
+                del figures[key]
+
     def remove_model(self, name: str) -> ModelState | None:
         """Stop serving `name`; its classifier is closed after what is queued for it."""
+        self._forget_versions(name)
         state = self.models.pop(name, None)
         if state is not None and state.classifier is not None:
             self.lane.close_later(state.classifier)

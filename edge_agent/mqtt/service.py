@@ -206,6 +206,8 @@ class MqttService:
         self._shedder: asyncio.Task[None] | None = None
         self._accepting = True
         self._stopping = False
+        #: Called on the event loop each time the link (re)connects.
+        self.on_connected: list[Callable[[], None]] = []
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self, handling: Handling | Handler) -> None:
@@ -246,6 +248,10 @@ class MqttService:
 
     def _connection_changed(self, connected: bool) -> None:
         self.metrics.mqtt_connected.set(1 if connected else 0)
+        loop = self._loop
+        if connected and loop is not None:
+            for callback in self.on_connected:
+                loop.call_soon_threadsafe(callback)
 
     def _take(self, message: Inbound) -> None:
         if not self._accepting:

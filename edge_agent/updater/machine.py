@@ -14,6 +14,9 @@ sequence seen, not expired (judged against the later of the local clock and the 
 issue time seen, so a clock set back cannot revive an expired notice and a box without a clock is
 not frozen), for a version strictly newer than the active one unless the notice is a signed
 rollback, and not a version that already failed here.
+
+A release that came with a fleet rollout (schema version 2 notices) remembers it, and every report
+about that release names it, so the controller can tie each outcome to its rollout and wave.
 """
 
 from __future__ import annotations
@@ -30,6 +33,21 @@ BUSY: frozenset[str] = frozenset({"downloading", "verifying", "staging", "activa
 
 
 @dataclass(frozen=True)
+class RolloutRef:
+    """The fleet rollout and wave a release notice was sent in (echoed in every report)."""
+
+    id: str
+    wave: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "wave": self.wave}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RolloutRef:
+        return cls(id=str(data["id"]), wave=int(data["wave"]))
+
+
+@dataclass(frozen=True)
 class Release:
     """What the machine needs from a verified release notice."""
 
@@ -42,11 +60,13 @@ class Release:
     issued_at: datetime
     expires_at: datetime
     rollback: bool = False
+    rollout: RolloutRef | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = dict(self.__dict__)
         data["issued_at"] = self.issued_at.isoformat()
         data["expires_at"] = self.expires_at.isoformat()
+        data["rollout"] = self.rollout.to_json() if self.rollout else None
         return data
 
     @classmethod
@@ -54,7 +74,9 @@ class Release:
         values = dict(data)
         values["issued_at"] = datetime.fromisoformat(values["issued_at"])
         values["expires_at"] = datetime.fromisoformat(values["expires_at"])
-        return cls(**values)
+        # A state.json written before rollouts existed has no "rollout" key.
+        rollout = values.pop("rollout", None)
+        return cls(**values, rollout=RolloutRef.from_json(rollout) if rollout else None)
 
 
 @dataclass(frozen=True)
@@ -181,15 +203,34 @@ class Discard:
     release: Release
 
 
+Outcome = Literal["progress", "refused", "committed", "rolled_back", "ignored"]
+
+
 @dataclass(frozen=True)
 class Report:
     phase: str
-    outcome: Literal["progress", "refused", "committed", "rolled_back", "ignored"]
+    outcome: Outcome
     sequence: int
     reason: str | None = None
     name: str | None = None
     version: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    rollout: RolloutRef | None = None
+
+    @classmethod
+    def about(
+        cls, release: Release, phase: str, outcome: Outcome, reason: str | None = None
+    ) -> Report:
+        """A report on `release`: its sequence, name, version and rollout."""
+        return cls(
+            phase,
+            outcome,
+            release.sequence,
+            reason,
+            release.name,
+            release.version,
+            rollout=release.rollout,
+        )
 
 
 @dataclass(frozen=True)
@@ -278,38 +319,24 @@ def _on_notice(state: UpdateState, event: NoticeReceived) -> tuple[UpdateState, 
         # A stale notice must not move last_sequence backwards; a newer refused one moves it on.
         sequence = max(state.last_sequence, release.sequence)
         ignored = release.sequence <= state.last_sequence
-        report = Report(
+        report = Report.about(
+            release,
             "idle" if not state.busy else state.phase,
             "ignored" if ignored else "refused",
-            release.sequence,
             reason,
-            release.name,
-            release.version,
         )
         return replace(state, last_sequence=sequence), [report]
     if state.phase in ("activating", "probation"):
         # Never interrupt a swap or a probation: the newer release waits for the outcome.
         return replace(state, pending=release), [
-            Report(
-                state.phase,
-                "progress",
-                release.sequence,
-                "queued behind the current update",
-                release.name,
-                release.version,
-            )
+            Report.about(release, state.phase, "progress", "queued behind the current update")
         ]
     actions: list[Action] = []
     if state.busy and state.release is not None:
         actions += [
             Discard(state.release),
-            Report(
-                state.phase,
-                "refused",
-                state.release.sequence,
-                f"superseded by sequence {release.sequence}",
-                state.release.name,
-                state.release.version,
+            Report.about(
+                state.release, state.phase, "refused", f"superseded by sequence {release.sequence}"
             ),
         ]
     new = replace(
@@ -322,7 +349,7 @@ def _on_notice(state: UpdateState, event: NoticeReceived) -> tuple[UpdateState, 
         pending=None,
     )
     actions += [
-        Report("downloading", "progress", release.sequence, None, release.name, release.version),
+        Report.about(release, "downloading", "progress"),
         Download(release),
     ]
     return new, actions
@@ -334,14 +361,7 @@ def _on_restart(state: UpdateState) -> tuple[UpdateState, list[Action]]:
         return state, []
     action = _STEP_ACTION[state.phase](release)
     return state, [
-        Report(
-            state.phase,
-            "progress",
-            release.sequence,
-            "resumed after a restart",
-            release.name,
-            release.version,
-        ),
+        Report.about(release, state.phase, "progress", "resumed after a restart"),
         action,
     ]
 
@@ -351,12 +371,12 @@ def _on_done(state: UpdateState, release: Release) -> tuple[UpdateState, list[Ac
         done = replace(state, phase="committed", reason=None)
         actions: list[Action] = [
             Commit(release),
-            Report("committed", "committed", release.sequence, None, release.name, release.version),
+            Report.about(release, "committed", "committed"),
         ]
         return _then_pending(done, actions)
     next_phase, action = _NEXT[state.phase]
     return replace(state, phase=next_phase), [
-        Report(next_phase, "progress", release.sequence, None, release.name, release.version),
+        Report.about(release, next_phase, "progress"),
         action(release),
     ]
 
@@ -366,14 +386,7 @@ def _on_failed(
 ) -> tuple[UpdateState, list[Action]]:
     if event.retry and state.phase == "downloading":
         return state, [
-            Report(
-                "downloading",
-                "progress",
-                release.sequence,
-                f"retrying: {event.reason}",
-                release.name,
-                release.version,
-            ),
+            Report.about(release, "downloading", "progress", f"retrying: {event.reason}"),
             Download(release),
         ]
     # A version that failed to load, test or serve is bad and not retried; a failed download or
@@ -385,22 +398,13 @@ def _on_failed(
         done = replace(state, phase="rolled_back", reason=event.reason, bad_versions=bad)
         actions: list[Action] = [
             RollBack(release, state.previous_version, event.reason),
-            Report(
-                "rolled_back",
-                "rolled_back",
-                release.sequence,
-                event.reason,
-                release.name,
-                release.version,
-            ),
+            Report.about(release, "rolled_back", "rolled_back", event.reason),
         ]
         return _then_pending(done, actions)
     refused = replace(state, phase="refused", reason=event.reason, bad_versions=bad)
     return refused, [
         Discard(release),
-        Report(
-            state.phase, "refused", release.sequence, event.reason, release.name, release.version
-        ),
+        Report.about(release, state.phase, "refused", event.reason),
     ]
 
 

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -49,6 +50,7 @@ from edge_agent.updater.machine import (
     Restarted,
     Resubmit,
     RollBack,
+    RolloutRef,
     Stage,
     StepDone,
     StepFailed,
@@ -96,6 +98,7 @@ class Updater:
         root_trust: TrustStore,
         *,
         transport: httpx.BaseTransport | None = None,
+        after_outcome: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.models = models
@@ -103,6 +106,8 @@ class Updater:
         self.publisher = publisher
         self.metrics = metrics
         self.transport = transport  # None: the network (tests hand in an httpx.MockTransport)
+        # Called once an update is committed or rolled back (the agent sends telemetry then).
+        self.after_outcome = after_outcome
         self.directory = settings.updater_dir
         self.state_path = self.directory / "state.json"
         self.downloads = self.directory / "downloads"
@@ -168,29 +173,11 @@ class Updater:
         if isinstance(notice, TrustNotice):
             await self._apply_trust(notice, signer, payload)
             return
+        release = _release_of(notice)
         if not self._targets_me(notice):
-            await self._report(
-                Report(
-                    "idle",
-                    "ignored",
-                    notice.sequence,
-                    f"for another target ({notice.target})",
-                    notice.name,
-                    notice.version,
-                )
-            )
+            reason = f"for another target ({notice.target})"
+            await self._report(Report.about(release, "idle", "ignored", reason))
             return
-        release = Release(
-            name=notice.name,
-            version=notice.version,
-            sha256=notice.bundle_sha256,
-            size=notice.bundle_size,
-            url=notice.url,
-            sequence=notice.sequence,
-            issued_at=notice.issued_at,
-            expires_at=notice.expires_at,
-            rollback=notice.rollback,
-        )
         await self.handle(
             NoticeReceived(release, datetime.now(UTC), self.store.active_version(release.name))
         )
@@ -244,12 +231,14 @@ class Updater:
                 except OSError as exc:
                     # Not persisted, so not acted on: the old state stays true on disk and here.
                     log.error("cannot persist the updater state (%s); the update step waits", exc)
+                    about = event.release if isinstance(event, NoticeReceived) else new.release
                     await self._report(
                         Report(
                             self.state.phase,
                             "progress",
                             new.last_sequence,
                             f"state not saved: {exc}",
+                            rollout=about.rollout if about is not None else None,
                         )
                     )
                     self._later(event, 5.0)
@@ -482,6 +471,8 @@ class Updater:
             "at": time.time(),
             **report.extra,
         }
+        if report.rollout is not None:
+            message["rollout"] = report.rollout.to_json()
         self.reports.append(message)
         del self.reports[:-50]
         level = logging.WARNING if report.outcome in ("refused", "rolled_back") else logging.INFO
@@ -489,6 +480,25 @@ class Updater:
         self.metrics.updates.labels(report.outcome).inc()
         if self.publisher is not None:
             await self.publisher.publish_update(message)
+        if report.outcome in ("committed", "rolled_back") and self.after_outcome is not None:
+            self.after_outcome()
+
+
+def _release_of(notice: ReleaseNotice) -> Release:
+    """What the state machine keeps of a verified release notice."""
+    rollout = notice.rollout
+    return Release(
+        name=notice.name,
+        version=notice.version,
+        sha256=notice.bundle_sha256,
+        size=notice.bundle_size,
+        url=notice.url,
+        sequence=notice.sequence,
+        issued_at=notice.issued_at,
+        expires_at=notice.expires_at,
+        rollback=notice.rollback,
+        rollout=RolloutRef(rollout.id, rollout.wave) if rollout is not None else None,
+    )
 
 
 def _p95(samples: Any) -> float | None:

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from edge_bundle.release import Rollout
 from tests.agent_support import AgentProcess, Keys, build_bundle, jpeg, make_keys, run_agent
 from tests.mqtt_support import Broker, TestClient, body, running_broker
 from tests.unit.agent_fixtures import with_references
@@ -92,7 +93,7 @@ class Watcher:
         self.client.subscribe(f"{BASE}/update")
 
     def reports(self) -> list[dict[str, Any]]:
-        return [body(m) for m in self.client.messages]
+        return [body(m) for m in self.client.messages if m.topic.endswith("/update")]
 
     def wait(
         self, outcome: str, *, sequence: int | None = None, timeout: float = 60
@@ -152,6 +153,56 @@ def test_happy_path(tmp_path: Path, state: Path, keys: Keys, broker: Broker, fil
         assert checked["status"] == "passed"  # checked at staging
         assert checked["figures"]["top1_agreement"]["value"] == 1.0
     assert log.ranges == [None]  # one plain download
+
+
+def test_a_rollout_is_echoed_and_telemetry_follows_the_outcome(
+    tmp_path: Path, state: Path, keys: Keys, broker: Broker, files: Any
+) -> None:
+    """A schema version 2 notice's rollout comes back in the reports, and a telemetry snapshot
+    with the new version follows the commit at once (the period here is an hour)."""
+    directory, url, _ = files
+    signing, public = release_key(tmp_path / "release")
+    v2 = build_bundle(tmp_path / "v2", keys, version=2, seed=9)
+    (directory / "defects-2.bundle").write_bytes(v2.path.read_bytes())
+    env = update_env(
+        broker,
+        public,
+        EDGE_AGENT_PROBATION_S="1",
+        EDGE_AGENT_TELEMETRY_INTERVAL_S="3600",
+        EDGE_AGENT_LINE="line3",
+        EDGE_AGENT_LABELS=json.dumps({"camera": "v2"}),
+    )
+    rollout = Rollout(id="defects-2", wave=1)
+    notice = signed_notice(
+        signing, v2.path, f"{url}/defects-2.bundle", sequence=200, rollout=rollout
+    )
+    with run_agent(state, "--trusted-key", str(keys.public), env=env) as agent:
+        agent.wait_ready()
+        watcher = Watcher(broker.port)
+        watcher.client.subscribe(f"{BASE}/telemetry")
+        publish(broker, notice)
+        committed = watcher.wait("committed", sequence=200)
+        versions = _telemetry_versions(watcher, timeout=60)
+        watcher.close()
+    assert committed["rollout"] == {"id": "defects-2", "wave": 1}
+    assert all(r["rollout"] == committed["rollout"] for r in watcher.reports())
+    assert versions == [2]
+
+
+def _telemetry_versions(watcher: Watcher, *, timeout: float) -> list[int | None]:
+    """The model versions in the first telemetry snapshot that shows version 2 (else the last)."""
+    deadline = time.monotonic() + timeout
+    snapshots: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        messages = watcher.client.messages
+        snapshots = [body(m) for m in messages if m.topic.endswith("/telemetry")]
+        for snapshot in snapshots:
+            assert (snapshot["line"], snapshot["labels"]) == ("line3", {"camera": "v2"})
+            versions = [m["version"] for m in snapshot["models"]]
+            if versions == [2]:
+                return versions
+        time.sleep(0.05)
+    return [m["version"] for m in snapshots[-1]["models"]] if snapshots else []
 
 
 def test_refusals(tmp_path: Path, state: Path, keys: Keys, broker: Broker, files: Any) -> None:

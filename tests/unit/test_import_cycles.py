@@ -9,7 +9,7 @@ import pytest
 grimp = pytest.importorskip("grimp")
 
 #: Packages that must be free of cycles.
-ACYCLIC = ("edge_bundle", "model_packager", "edge_agent")
+ACYCLIC = ("edge_bundle", "model_packager", "edge_agent", "fleet_controller")
 
 
 @pytest.mark.parametrize("package", ACYCLIC)

@@ -17,11 +17,13 @@ from edge_bundle.errors import (
     UntrustedKeyError,
     WrongRoleError,
 )
+from edge_bundle.manifest import BundleId
 from edge_bundle.release import (
     MAX_NOTICE_BYTES,
     TRUST_TOPIC,
     PublicKeyEntry,
     ReleaseNotice,
+    Rollout,
     Target,
     TrustNotice,
     apply_trust,
@@ -259,7 +261,7 @@ def test_duplicate_keys_are_refused(
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
-        ({"schema_version": 2}, "newer than this code understands"),
+        ({"schema_version": 3}, "newer than this code understands"),
         ({"kind": "firmware"}, "kind 'firmware'"),
         ({"version": "3"}, "version"),
         ({"surprise": True}, "surprise"),
@@ -302,7 +304,8 @@ def test_signed_but_invalid_notices_are_refused(
         ({"expires_at": ISSUED + timedelta(days=367)}, "at most 366 days"),
         ({"notes": "n" * 2001}, "notes"),
         ({"rollback": "yes"}, "rollback"),
-        ({"schema_version": 2}, "schema_version"),
+        ({"schema_version": 3}, "schema_version"),
+        ({"schema_version": 0}, "schema_version"),
         ({"signed_by": "me"}, "signed_by"),
     ],
 )
@@ -474,3 +477,124 @@ def test_peek_reads_what_a_notice_claims_without_trusting_it(
     }
     for junk in (b"", b"{", b"[" * 100_000, b'{"notice": "!!", "signatures": []}'):
         assert peek_notice(junk) == {}
+
+
+# --- schema version 2: rollout and extensions ----------------------------------------------
+
+
+def v2_fields(**changes: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "schema_version": 2,
+        "target": Target(device="plant-a/box1"),
+        "rollout": Rollout(id="defects-4", wave=2),
+        "extensions": {"canary": True, "hold": {"minutes": 15, "why": ["soak", 1.5, None]}},
+    }
+    return release_fields(**{**fields, **changes})
+
+
+def test_v2_round_trip_keeps_rollout_and_extensions(
+    release_key: SigningKey, trust: TrustStore
+) -> None:
+    notice = ReleaseNotice.create(**v2_fields())
+    data = encode_notice(notice, release_key)
+    decoded, _ = decode_notice(data, trust)
+    assert decoded == notice
+    assert isinstance(decoded, ReleaseNotice)
+    assert decoded.schema_version == 2
+    assert decoded.rollout == Rollout(id="defects-4", wave=2)
+    assert decoded.extensions == {
+        "canary": True,
+        "hold": {"minutes": 15, "why": ["soak", 1.5, None]},
+    }
+    # Ed25519 is deterministic: the same notice and key give byte-identical envelopes, which is
+    # what lets a controller re-publish a stored notice after a crash and a box tell it is the same.
+    again = ReleaseNotice.create(**v2_fields())
+    assert encode_notice(again, release_key) == data
+    assert json.loads(decoded.to_bytes())["rollout"] == {"id": "defects-4", "wave": 2}
+
+
+def test_v1_bytes_never_mention_the_v2_fields(notice: ReleaseNotice) -> None:
+    # Agents before 0.2.0 refuse unknown fields, even null ones.
+    document = json.loads(notice.to_bytes())
+    assert document["schema_version"] == 1
+    assert "rollout" not in document
+    assert "extensions" not in document
+    plain_v2 = ReleaseNotice.create(**release_fields(schema_version=2))
+    assert set(json.loads(plain_v2.to_bytes())) == set(document)
+
+
+@pytest.mark.parametrize("field", ["rollout", "extensions"])
+def test_a_v1_notice_may_carry_no_v2_field(field: str) -> None:
+    fields = v2_fields(schema_version=1)
+    del fields["rollout" if field == "extensions" else "extensions"]
+    with pytest.raises(NoticeError, match=f"{field} needs schema_version 2"):
+        ReleaseNotice.create(**fields)
+
+
+def test_a_signed_v1_notice_with_a_rollout_is_refused(
+    notice: ReleaseNotice, release_key: SigningKey, trust: TrustStore
+) -> None:
+    payload = json.dumps(
+        {**json.loads(notice.to_bytes()), "rollout": {"id": "r1", "wave": 1}}
+    ).encode()
+    with pytest.raises(NoticeError, match="rollout needs schema_version 2"):
+        decode_notice(envelope(payload, release_key.sign(payload, RELEASE_NOTICE)), trust)
+
+
+def test_unknown_extension_keys_are_kept_and_ignored(
+    release_key: SigningKey, trust: TrustStore
+) -> None:
+    # What a later controller might send: fields this agent has never heard of, still signed.
+    document = json.loads(ReleaseNotice.create(**v2_fields()).to_bytes())
+    document["extensions"] = {"future.field": {"deep": [1, 2, {"x": "y"}]}, "n": 7}
+    payload = json.dumps(document).encode()
+    decoded, _ = decode_notice(envelope(payload, release_key.sign(payload, RELEASE_NOTICE)), trust)
+    assert isinstance(decoded, ReleaseNotice)
+    assert decoded.extensions == {"future.field": {"deep": [1, 2, {"x": "y"}]}, "n": 7}
+    assert decoded.bundle_id == BundleId("weld", 3)
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"rollout": {"id": "bad id", "wave": 1}}, "rollout.id"),
+        ({"rollout": {"id": "r1", "wave": 0}}, "rollout.wave"),
+        ({"rollout": {"id": "r1", "wave": 100_001}}, "rollout.wave"),
+        ({"rollout": {"id": "r1", "wave": 1, "extra": 1}}, "rollout.extra"),
+        ({"extensions": {"has space": 1}}, "has space"),
+        ({"extensions": {"k" * 65: 1}}, "extensions"),
+        ({"extensions": ["not", "an", "object"]}, "extensions"),
+        ({"extensions": {"x": float("inf")}}, "finite"),
+    ],
+)
+def test_v2_field_rules(changes: dict[str, Any], reason: str) -> None:
+    with pytest.raises(NoticeError, match=reason):
+        ReleaseNotice.create(**v2_fields(**changes))
+
+
+def test_a_non_finite_number_in_signed_extensions_is_refused(
+    release_key: SigningKey, trust: TrustStore
+) -> None:
+    document = json.loads(ReleaseNotice.create(**v2_fields()).to_bytes())
+    payload = json.dumps(document).encode().replace(b'"minutes": 15', b'"minutes": NaN')
+    with pytest.raises(NoticeError, match="finite"):
+        decode_notice(envelope(payload, release_key.sign(payload, RELEASE_NOTICE)), trust)
+
+
+def test_schema_version_3_asks_for_an_upgrade(
+    notice: ReleaseNotice, release_key: SigningKey, trust: TrustStore
+) -> None:
+    payload = json.dumps({**json.loads(notice.to_bytes()), "schema_version": 3}).encode()
+    with pytest.raises(NoticeError, match=r"schema_version 3 is newer .*\(2\); upgrade the agent"):
+        decode_notice(envelope(payload, release_key.sign(payload, RELEASE_NOTICE)), trust)
+
+
+def test_trust_notices_stay_version_1(root_key: SigningKey, release_key: SigningKey) -> None:
+    entry = PublicKeyEntry.of(release_key.public)
+    with pytest.raises(NoticeError, match="schema_version"):
+        TrustNotice.create(**trust_fields(add=(entry,), schema_version=2))
+
+
+def test_peek_reads_a_claimed_rollout(release_key: SigningKey) -> None:
+    seen = peek_notice(encode_notice(ReleaseNotice.create(**v2_fields()), release_key))
+    assert seen["rollout"] == {"id": "defects-4", "wave": 2}

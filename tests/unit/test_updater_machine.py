@@ -19,6 +19,7 @@ from edge_agent.updater.machine import (
     Restarted,
     Resubmit,
     RollBack,
+    RolloutRef,
     Stage,
     StepDone,
     StepFailed,
@@ -192,3 +193,68 @@ def test_state_round_trips_through_json() -> None:
         clock_floor=NOW, bad_versions=(("defects", 7),), pending=release(version=3, sequence=11),
     )  # fmt: skip
     assert UpdateState.from_json(state.to_json()) == state
+
+
+# --- the fleet rollout a release came with ------------------------------------------------
+WAVE = RolloutRef("defects-4", 2)
+
+
+def reports(actions: list[object]) -> list[Report]:
+    return [a for a in actions if isinstance(a, Report)]
+
+
+def test_every_report_on_a_rollout_release_names_the_rollout() -> None:
+    state, actions = transition(UpdateState(), notice(release(rollout=WAVE)))
+    seen = reports(actions)
+    for phase in ("downloading", "verifying", "staging", "activating"):
+        state, actions = transition(state, StepDone(phase))  # type: ignore[arg-type]
+        seen += reports(actions)
+    probation = state
+    _, actions = transition(probation, StepDone("probation"))
+    seen += reports(actions)
+    _, actions = transition(probation, StepFailed("probation", "self-test failed"))
+    seen += reports(actions)
+    _, actions = transition(probation, Restarted())
+    seen += reports(actions)
+    assert {r.outcome for r in seen} == {"progress", "committed", "rolled_back"}
+    assert all(r.rollout == WAVE for r in seen)
+
+
+@pytest.mark.parametrize(
+    ("state", "event"),
+    [
+        (UpdateState(last_sequence=10), notice(release(sequence=10, rollout=WAVE))),
+        (UpdateState(), notice(release(rollout=WAVE, expires_at=NOW - timedelta(seconds=1)))),
+        (UpdateState(), notice(release(version=1, rollout=WAVE), active=3)),
+    ],
+)
+def test_refusals_of_a_verified_notice_name_its_rollout(
+    state: UpdateState, event: NoticeReceived
+) -> None:
+    _, actions = transition(state, event)
+    [report] = reports(actions)
+    assert report.outcome in ("refused", "ignored") and report.rollout == WAVE
+
+
+def test_a_superseded_release_is_reported_with_its_own_rollout() -> None:
+    state, _ = transition(UpdateState(), notice(release(rollout=WAVE)))
+    other = RolloutRef("defects-5", 1)
+    _, actions = transition(state, notice(release(version=3, sequence=11, rollout=other)))
+    superseded, started = reports(actions)
+    assert (superseded.outcome, superseded.rollout) == ("refused", WAVE)
+    assert (started.outcome, started.rollout) == ("progress", other)
+
+
+def test_a_release_without_a_rollout_reports_none() -> None:
+    _, actions = transition(UpdateState(), notice(release()))
+    assert [r.rollout for r in reports(actions)] == [None]
+
+
+def test_the_rollout_is_persisted_and_old_state_files_still_load() -> None:
+    state = UpdateState(phase="probation", release=release(rollout=WAVE), last_sequence=10)
+    saved = state.to_json()
+    assert saved["release"]["rollout"] == {"id": "defects-4", "wave": 2}
+    assert UpdateState.from_json(saved) == state
+    # A state.json from an agent before 0.2.0: no "rollout" key at all.
+    del saved["release"]["rollout"]
+    assert UpdateState.from_json(saved).release == release()

@@ -22,6 +22,7 @@ from edge_agent.metrics import AgentMetrics
 from edge_agent.settings import AgentSettings
 from edge_agent.updater.runner import Updater
 from edge_bundle.profiles import HardwareProfile, load_profile
+from edge_bundle.release import Rollout
 from edge_bundle.signing import TrustStore
 from tests.agent_support import BuiltBundle, Keys, build_bundle, make_keys
 from tests.unit.agent_fixtures import agent_settings, clean_environment, store_for
@@ -248,3 +249,41 @@ def test_a_notice_refused_for_its_signature_is_reported_with_what_it_claims(
     assert (report["name"], report["version"]) == ("defects", 2)
     assert report["verified"] is False and report["claimed"]["sequence"] == 7
     assert models.calls == [] and fleet.requests == []
+
+
+def test_reports_on_a_rollout_release_echo_the_rollout(fleet: Fleet) -> None:
+    """A schema version 2 notice's rollout comes back in every report, the replayed one too."""
+    models = FakeModels(fleet.settings, fleet.store, load_profile(fleet.settings.profile))
+    publisher = FakePublisher()
+    updater = updater_for(fleet, models, publisher)
+    notice = signed_notice(
+        fleet.key, fleet.update.path, URL, sequence=5, rollout=Rollout(id="defects-4", wave=3)
+    )
+
+    async def scenario() -> None:
+        await run_until(updater, publisher, "committed", notice)
+        await updater.on_notice(NOTICE_TOPIC, notice)  # the retained notice, after a reconnect
+
+    asyncio.run(scenario())
+    assert outcomes(publisher)[-2:] == [("committed", "committed"), ("idle", "ignored")]
+    assert all(r["rollout"] == {"id": "defects-4", "wave": 3} for r in publisher.updates)
+    assert updater.describe()["state"]["release"]["rollout"] == {"id": "defects-4", "wave": 3}
+
+
+def test_reports_without_a_rollout_have_no_rollout_field(fleet: Fleet) -> None:
+    models = FakeModels(fleet.settings, fleet.store, load_profile(fleet.settings.profile))
+    publisher = FakePublisher()
+    updater = updater_for(fleet, models, publisher)
+    asyncio.run(run_until(updater, publisher, "committed", fleet.notice()))
+    assert not any("rollout" in r for r in publisher.updates)
+
+
+def test_the_outcome_hook_runs_once_per_committed_or_rolled_back_update(fleet: Fleet) -> None:
+    """The agent sends telemetry through this hook, so central sees the new version at once."""
+    models = FakeModels(fleet.settings, fleet.store, load_profile(fleet.settings.profile))
+    publisher = FakePublisher()
+    updater = updater_for(fleet, models, publisher)
+    seen: list[str] = []
+    updater.after_outcome = lambda: seen.append(publisher.updates[-1]["outcome"])
+    asyncio.run(run_until(updater, publisher, "committed", fleet.notice()))
+    assert seen == ["committed"]

@@ -1,0 +1,68 @@
+"""The controller's database: one SQLAlchemy `MetaData`, the engine, and transactions.
+
+Every table is declared on `METADATA` by the module that owns it (the registry its device
+tables, the rollouts theirs); `create_tables` creates what is missing. SQLite (the embedded default,
+`sqlite:///PATH`) runs in WAL mode with foreign keys on and a busy timeout, so the API's
+threads and the controller's loop can share it; PostgreSQL (`postgresql+psycopg://...`) is
+the multi-process choice (#17).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+METADATA = sa.MetaData()
+BUSY_TIMEOUT_MS = 30_000
+
+
+def connect(url: str) -> Engine:
+    """An engine for `url` (`sqlite:///path`, or a PostgreSQL URL). Tables are created by
+    `create_tables`, called by whoever has imported the modules that declare them."""
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(
+            url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
+        )
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = sa.create_engine(url, pool_pre_ping=True)
+    return engine
+
+
+def create_tables(engine: Engine) -> None:
+    """Create every table declared on METADATA that does not exist yet."""
+    METADATA.create_all(engine)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    cursor.close()
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    """One transaction: committed when the block ends, rolled back when it raises."""
+    with engine.begin() as connection:
+        yield connection
+
+
+def dumps(value: Any) -> str:
+    """JSON for a TEXT column (sorted keys, so equal values store equal text)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def loads(text: str | None) -> Any:
+    return json.loads(text) if text else None

@@ -1,0 +1,944 @@
+"""The registry: what the controller knows of every box, learnt only from what boxes publish.
+
+It owns the device tables on `db.METADATA` (`devices`, `device_updates`, `model_samples`,
+`rejections`), the parsing of the three messages a box publishes (`parse`: pure, no storage;
+docs/fleet.md "What boxes publish"), recording what was parsed (`Registry.record`), counting
+what was refused (`Registry.reject`), and the queries the rollouts, gates, API and metrics ask.
+
+Parsing is strict about the types of the fields it reads and lenient about fields it does not
+know (newer agents add some); fields that agents before 0.2.0 do not send (`line`, `labels`,
+`groups`, per-model `latency_ms` and `outcomes`, a report's `rollout`) are simply absent.
+
+Times are UTC. A telemetry sample and a box's `last_seen` are stamped with the controller's
+clock when the message arrives (gates compare them with when the controller sent a notice); an
+update report keeps the box's own `at` as well as when it arrived.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from edge_bundle.encoding import strict_json
+from edge_bundle.release import SEGMENT_PATTERN
+from fleet_controller import db
+from fleet_controller.errors import BadMessageError, FleetError
+
+TOPIC_PREFIX = "lineside/v1"
+KINDS = ("status", "telemetry", "update")
+OUTCOMES = frozenset({"progress", "refused", "committed", "rolled_back", "ignored"})
+MAX_PAYLOAD_BYTES = 256 * 1024
+#: Sequences, versions and counts are stored as signed 64-bit integers.
+MAX_INT = 2**63 - 1
+REJECTIONS_KEPT = 1000
+MAX_TOPIC_CHARS = 200
+MAX_REJECTION_CHARS = 1000
+_SEGMENT = re.compile(SEGMENT_PATTERN)
+
+
+# ---- messages -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StatusMessage:
+    """A box's retained status: online, or offline (its last will, or a cleared status)."""
+
+    site: str
+    device: str
+    online: bool
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Latency of one model version since it became active (agent ≥ 0.2.0); the percentiles
+    are None before it has answered anything."""
+
+    p50: float | None
+    p95: float | None
+    samples: int
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """One model as a telemetry message reports it."""
+
+    name: str
+    version: int | None
+    status: str
+    selftest: Mapping[str, Any] | None
+    latency: Latency | None = None
+    outcomes: Mapping[str, int] | None = None
+    drift_alert: bool | None = None
+
+    @property
+    def selftest_ok(self) -> bool | None:
+        """Whether its last self-test passed; None when none ran or it says nothing."""
+        passed = self.selftest.get("passed") if self.selftest is not None else None
+        return passed if isinstance(passed, bool) else None
+
+
+@dataclass(frozen=True)
+class TelemetryMessage:
+    """A telemetry snapshot; `at` is the box's own clock (None when it sent none)."""
+
+    site: str
+    device: str
+    at: datetime | None
+    agent_version: str | None
+    profile: str | None
+    ready: bool | None
+    reasons: tuple[str, ...]
+    models: tuple[ModelReport, ...]
+    line: str | None = None
+    labels: Mapping[str, str] | None = None
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class UpdateReport:
+    """An updater report; `rollout_id`/`wave` only when the notice carried a rollout (v2)."""
+
+    site: str
+    device: str
+    sequence: int
+    phase: str
+    outcome: str
+    reason: str | None
+    name: str | None
+    version: int | None
+    at: datetime | None
+    rollout_id: str | None = None
+    wave: int | None = None
+
+
+Message = StatusMessage | TelemetryMessage | UpdateReport
+
+
+# ---- parsing ------------------------------------------------------------------------------
+def parse(topic: str, payload: bytes) -> Message:
+    """The message a box published on `topic`; raises `BadMessageError` when it is not one."""
+    kind, site, device = _parse_topic(topic)
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise BadMessageError(
+            kind,
+            "too_large",
+            f"{kind} on {_short(topic)}: {len(payload)} bytes is more than the "
+            f"{MAX_PAYLOAD_BYTES} a box message may have; publish a smaller one",
+        )
+    if kind == "status" and not payload:
+        return StatusMessage(site, device, online=False)  # a cleared retained status
+    fields = _Fields(kind, topic, _decode(kind, topic, payload))
+    if kind == "status":
+        return _status(fields, site, device)
+    if kind == "telemetry":
+        return _telemetry(fields, site, device)
+    return _report(fields, site, device)
+
+
+def _parse_topic(topic: str) -> tuple[str, str, str]:
+    levels = topic.split("/")
+    kind = levels[-1] if levels[-1] in KINDS else "unknown"
+    if (
+        len(levels) != 5
+        or "/".join(levels[:2]) != TOPIC_PREFIX
+        or kind == "unknown"
+        or not all(_SEGMENT.fullmatch(level) for level in levels[2:4])
+    ):
+        raise BadMessageError(
+            kind,
+            "bad_topic",
+            f"topic {_short(topic)!r} is not {TOPIC_PREFIX}/SITE/DEVICE/(status|telemetry|update) "
+            "with SITE and DEVICE of 1-64 letters, digits, '_', '.' or '-'; subscribe to those only",
+        )
+    return kind, levels[2], levels[3]
+
+
+def _decode(kind: str, topic: str, payload: bytes) -> dict[str, Any]:
+    try:
+        body = strict_json(payload)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        raise BadMessageError(
+            kind,
+            "not_json",
+            f"{kind} on {_short(topic)} is not UTF-8 JSON ({_short(str(exc), 120)}); "
+            "publish one JSON object",
+        ) from exc
+    if not isinstance(body, dict):
+        raise BadMessageError(
+            kind,
+            "not_object",
+            f"{kind} on {_short(topic)} is JSON {_describe(body)}, not an object; "
+            "publish one JSON object",
+        )
+    return body
+
+
+class _Fields:
+    """Typed reads of one JSON object; a field of the wrong type is a `bad_field` rejection
+    naming it. A missing or null optional field reads as absent."""
+
+    def __init__(self, kind: str, topic: str, body: Mapping[str, Any], where: str = "") -> None:
+        self.kind = kind
+        self.topic = topic
+        self.body = body
+        self.where = where
+
+    def fail(self, key: str, expected: str, reason: str = "bad_field") -> BadMessageError:
+        value = self.body.get(key)
+        got = "missing" if key not in self.body else f"got {_describe(value)}"
+        return BadMessageError(
+            self.kind,
+            reason,
+            f"{self.kind} on {_short(self.topic)}: {self.where + key!r} must be {expected} "
+            f"({got}); the publisher does not follow docs/fleet.md: fix or upgrade it",
+        )
+
+    def _get(self, key: str, required: bool, expected: str) -> Any:
+        value = self.body.get(key)
+        if value is None and required:
+            raise self.fail(key, expected)
+        return value
+
+    def text(self, key: str, *, required: bool = False) -> str | None:
+        value = self._get(key, required, "a string")
+        if value is not None and not isinstance(value, str):
+            raise self.fail(key, "a string")
+        return value
+
+    def flag(self, key: str) -> bool | None:
+        value = self.body.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise self.fail(key, "true or false")
+        return value
+
+    def integer(self, key: str, *, required: bool = False, minimum: int = 0) -> int | None:
+        expected = f"an integer from {minimum} to {MAX_INT}"
+        value = self._get(key, required, expected)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_INT:
+            raise self.fail(key, expected)
+        return value
+
+    def number(self, key: str, *, required: bool = False) -> float | None:
+        expected = "a finite number ≥ 0"
+        value = self._get(key, required, expected)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(key, expected)
+        if not math.isfinite(value) or value < 0:
+            raise self.fail(key, expected)
+        return float(value)
+
+    def time(self, key: str) -> datetime | None:
+        seconds = self.number(key)
+        if seconds is None:
+            return None
+        try:
+            return datetime.fromtimestamp(seconds, UTC)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise self.fail(key, "seconds since 1970 (UTC)") from exc
+
+    def obj(self, key: str) -> _Fields | None:
+        value = self.body.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self.fail(key, "an object")
+        return _Fields(self.kind, self.topic, value, f"{self.where}{key}.")
+
+    def raw(self, key: str) -> dict[str, Any] | None:
+        nested = self.obj(key)
+        return dict(nested.body) if nested is not None else None
+
+    def texts(self, key: str) -> tuple[str, ...]:
+        value = self.body.get(key)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise self.fail(key, "a list of strings")
+        return tuple(value)
+
+    def text_map(self, key: str) -> dict[str, str] | None:
+        nested = self.obj(key)
+        if nested is None:
+            return None
+        if not all(isinstance(value, str) for value in nested.body.values()):
+            raise self.fail(key, "an object of strings")
+        return dict(nested.body)
+
+    def count_map(self, key: str) -> dict[str, int] | None:
+        nested = self.obj(key)
+        if nested is None:
+            return None
+        return {name: nested.integer(name, required=True) or 0 for name in nested.body}
+
+    def objects(self, key: str) -> list[_Fields]:
+        value = self.body.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            raise self.fail(key, "a list of objects")
+        return [
+            _Fields(self.kind, self.topic, item, f"{self.where}{key}[{index}].")
+            for index, item in enumerate(value)
+        ]
+
+    def same(self, key: str, expected: str) -> None:
+        """The field must equal what the topic says (a box speaks only for itself)."""
+        value = self.text(key, required=True)
+        if value != expected:
+            raise BadMessageError(
+                self.kind,
+                "device_mismatch",
+                f"{self.kind} on {_short(self.topic)}: {self.where + key!r} is "
+                f"{_short(value or '', 140)!r} "
+                f"but the topic says {expected!r}; a box publishes only about itself "
+                "(a forged message, or a box configured with another site or device id)",
+            )
+
+
+def _status(fields: _Fields, site: str, device: str) -> StatusMessage:
+    status = fields.text("status", required=True)
+    if status not in ("online", "offline"):
+        raise fields.fail("status", "'online' or 'offline'")
+    return StatusMessage(site, device, status == "online")
+
+
+def _telemetry(fields: _Fields, site: str, device: str) -> TelemetryMessage:
+    fields.same("site", site)
+    fields.same("device", device)
+    drift = fields.obj("drift")
+    models = tuple(_model(entry, drift) for entry in fields.objects("models"))
+    names = [model.name for model in models]
+    if len(set(names)) != len(names):
+        raise fields.fail("models", "a list naming each model once")
+    return TelemetryMessage(
+        site=site,
+        device=device,
+        at=fields.time("at"),
+        agent_version=fields.text("agent_version"),
+        profile=fields.text("profile"),
+        ready=fields.flag("ready"),
+        reasons=fields.texts("reasons"),
+        models=models,
+        line=fields.text("line"),
+        labels=fields.text_map("labels"),
+        groups=fields.texts("groups"),
+    )
+
+
+def _model(entry: _Fields, drift: _Fields | None) -> ModelReport:
+    name = entry.text("name", required=True) or ""
+    latency = entry.obj("latency_ms")
+    alert = drift.obj(name) if drift is not None else None
+    return ModelReport(
+        name=name,
+        version=entry.integer("version"),
+        status=entry.text("status") or "unknown",
+        selftest=entry.raw("selftest"),
+        latency=_latency(latency) if latency is not None else None,
+        outcomes=entry.count_map("outcomes"),
+        drift_alert=alert.flag("alert") if alert is not None else None,
+    )
+
+
+def _latency(fields: _Fields) -> Latency:
+    return Latency(
+        p50=fields.number("p50"),
+        p95=fields.number("p95"),
+        samples=fields.integer("samples", required=True) or 0,
+    )
+
+
+def _report(fields: _Fields, site: str, device: str) -> UpdateReport:
+    fields.same("device", f"{site}/{device}")
+    outcome = fields.text("outcome", required=True)
+    if outcome not in OUTCOMES:
+        raise fields.fail("outcome", f"one of {', '.join(sorted(OUTCOMES))}", "unknown_outcome")
+    rollout = fields.obj("rollout")
+    rollout_id = rollout.text("id", required=True) if rollout is not None else None
+    if rollout is not None and not _SEGMENT.fullmatch(rollout_id or ""):
+        raise rollout.fail("id", "a rollout id (1-64 letters, digits, '_', '.' or '-')")
+    return UpdateReport(
+        site=site,
+        device=device,
+        sequence=fields.integer("sequence", required=True) or 0,
+        phase=fields.text("phase", required=True) or "",
+        outcome=outcome,
+        reason=fields.text("reason"),
+        name=fields.text("name"),
+        version=fields.integer("version"),
+        at=fields.time("at"),
+        rollout_id=rollout_id,
+        wave=rollout.integer("wave", required=True, minimum=1) if rollout is not None else None,
+    )
+
+
+def _describe(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _short(text: str, limit: int = MAX_TOPIC_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---- records ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelState:
+    """A model on a box, as its latest telemetry said."""
+
+    version: int | None
+    status: str
+    selftest: Mapping[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "status": self.status, "selftest": self.selftest}
+
+
+@dataclass(frozen=True)
+class Device:
+    """A box as the registry knows it (docs/fleet.md "Device record")."""
+
+    site: str
+    device: str
+    line: str | None
+    labels: Mapping[str, str]
+    groups: tuple[str, ...]
+    profile: str | None
+    agent_version: str | None
+    models: Mapping[str, ModelState]
+    ready: bool | None
+    reasons: tuple[str, ...]
+    online: bool
+    last_seen: datetime | None
+    first_seen: datetime
+    last_telemetry_at: datetime | None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.site}/{self.device}"
+
+    def stale(self, now: datetime, stale_after: timedelta) -> bool:
+        """Online by its status, but not heard from for `stale_after`."""
+        return self.online and (self.last_seen is None or self.last_seen < now - stale_after)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref,
+            "site": self.site,
+            "device": self.device,
+            "line": self.line,
+            "labels": dict(self.labels),
+            "groups": list(self.groups),
+            "profile": self.profile,
+            "agent_version": self.agent_version,
+            "models": {name: state.to_json() for name, state in sorted(self.models.items())},
+            "ready": self.ready,
+            "reasons": list(self.reasons),
+            "online": self.online,
+            "last_seen": _iso(self.last_seen),
+            "first_seen": _iso(self.first_seen),
+            "last_telemetry_at": _iso(self.last_telemetry_at),
+        }
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    """One update report in a box's history; `at` is the box's clock, `received_at` ours."""
+
+    id: int
+    site: str
+    device: str
+    at: datetime
+    received_at: datetime
+    sequence: int
+    rollout_id: str | None
+    wave: int | None
+    phase: str
+    outcome: str
+    reason: str | None
+    name: str | None
+    version: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        data = {key: getattr(self, key) for key in self.__dataclass_fields__}
+        data["at"] = _iso(self.at)
+        data["received_at"] = _iso(self.received_at)
+        return data
+
+
+@dataclass(frozen=True)
+class ModelSample:
+    """One model's figures from one telemetry message (`at`: when it arrived)."""
+
+    site: str
+    device: str
+    at: datetime
+    model: str
+    version: int
+    p50: float | None
+    p95: float | None
+    samples: int
+    outcomes: Mapping[str, int]
+    selftest_ok: bool | None
+    drift_alert: bool | None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A refused message, as the `rejections` table keeps the last ones."""
+
+    id: int
+    at: datetime
+    topic: str
+    kind: str
+    reason: str
+    message: str
+
+
+class DeviceFilter(Protocol):
+    """What `Registry.devices` filters by (`cohorts.Selector`; not imported here, as cohorts
+    builds on the registry)."""
+
+    def matches(self, device: Device) -> bool: ...
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+# ---- tables -------------------------------------------------------------------------------
+_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite: a rowid alias
+_TIME = sa.DateTime(timezone=True)
+
+
+def _device_key() -> sa.ForeignKeyConstraint:
+    """Rows of a box go with its device row."""
+    return sa.ForeignKeyConstraint(
+        ["site", "device"], ["devices.site", "devices.device"], ondelete="CASCADE"
+    )
+
+
+DEVICES = sa.Table(
+    "devices",
+    db.METADATA,
+    sa.Column("site", sa.String(64), primary_key=True),
+    sa.Column("device", sa.String(64), primary_key=True),
+    sa.Column("line", sa.Text),
+    sa.Column("labels", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("groups", sa.Text, nullable=False, server_default="[]"),
+    sa.Column("profile", sa.Text),
+    sa.Column("agent_version", sa.Text),
+    sa.Column("models", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("ready", sa.Boolean),
+    sa.Column("reasons", sa.Text, nullable=False, server_default="[]"),
+    sa.Column("online", sa.Boolean, nullable=False),
+    sa.Column("last_seen", _TIME),
+    sa.Column("first_seen", _TIME, nullable=False),
+    sa.Column("last_telemetry_at", _TIME),
+)
+
+DEVICE_UPDATES = sa.Table(
+    "device_updates",
+    db.METADATA,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("site", sa.String(64), nullable=False),
+    sa.Column("device", sa.String(64), nullable=False),
+    sa.Column("at", _TIME, nullable=False),
+    sa.Column("received_at", _TIME, nullable=False),
+    sa.Column("sequence", sa.BigInteger, nullable=False),
+    sa.Column("rollout_id", sa.String(64)),
+    sa.Column("wave", sa.BigInteger),
+    sa.Column("phase", sa.Text, nullable=False),
+    sa.Column("outcome", sa.String(32), nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("name", sa.Text),
+    sa.Column("version", sa.BigInteger),
+    _device_key(),
+    sa.Index("device_updates_by_device", "site", "device", "id"),
+)
+
+MODEL_SAMPLES = sa.Table(
+    "model_samples",
+    db.METADATA,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("site", sa.String(64), nullable=False),
+    sa.Column("device", sa.String(64), nullable=False),
+    sa.Column("at", _TIME, nullable=False),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("p50", sa.Float),
+    sa.Column("p95", sa.Float),
+    sa.Column("samples", sa.BigInteger, nullable=False),
+    sa.Column("outcomes", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("selftest_ok", sa.Boolean),
+    sa.Column("drift_alert", sa.Boolean),
+    _device_key(),
+    sa.Index("model_samples_by_model", "site", "device", "model", "id"),
+)
+
+REJECTIONS = sa.Table(
+    "rejections",
+    db.METADATA,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("at", _TIME, nullable=False),
+    sa.Column("topic", sa.Text, nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("reason", sa.String(64), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+)
+
+#: The dialect's INSERT ... ON CONFLICT, chosen by the engine's dialect name.
+_INSERTS: dict[str, Callable[[sa.Table], Any]] = {
+    "sqlite": sqlite.insert,
+    "postgresql": postgresql.insert,
+}
+
+
+# ---- the registry -------------------------------------------------------------------------
+class Registry:
+    """The device tables behind a synchronous API; every call is one transaction, so the API's
+    threads and the controller's loop may share one instance."""
+
+    def __init__(
+        self, engine: Engine, *, samples_per_model: int = 50, history_per_device: int = 1000
+    ) -> None:
+        if engine.dialect.name not in _INSERTS:
+            raise FleetError(
+                f"the registry cannot use a {engine.dialect.name} database; use "
+                "sqlite:///PATH or postgresql+psycopg://..."
+            )
+        if samples_per_model < 1 or history_per_device < 1:
+            raise FleetError("samples_per_model and history_per_device must be at least 1")
+        self.engine = engine
+        self.samples_per_model = samples_per_model
+        self.history_per_device = history_per_device
+        self._insert = _INSERTS[engine.dialect.name]
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._lock = threading.Lock()
+
+    # ---- ingesting ----
+    def record(
+        self,
+        message: Message,
+        *,
+        rollout_id: str | None = None,
+        wave: int | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        """Store a parsed message. For a report, `rollout_id`/`wave` (when given) are the
+        caller's attribution (a v1 report tied to a rollout by its sequence); otherwise the
+        report's own are kept."""
+        now = _utc(now or datetime.now(UTC))
+        with db.transaction(self.engine) as conn:
+            if isinstance(message, StatusMessage):
+                self._record_status(conn, message, now)
+            elif isinstance(message, TelemetryMessage):
+                self._record_telemetry(conn, message, now)
+            else:
+                self._record_report(conn, message, rollout_id, wave, now)
+
+    def _upsert_device(
+        self, conn: Connection, site: str, device: str, now: datetime, changes: dict[str, Any]
+    ) -> None:
+        statement = self._insert(DEVICES).values(
+            site=site, device=device, first_seen=now, **changes
+        )
+        conn.execute(
+            statement.on_conflict_do_update(
+                index_elements=[DEVICES.c.site, DEVICES.c.device], set_=changes
+            )
+        )
+
+    def _record_status(self, conn: Connection, message: StatusMessage, now: datetime) -> None:
+        # An offline status (often the last will, stamped when the box connected) says nothing
+        # about when the box was last heard from.
+        changes: dict[str, Any] = {"online": message.online}
+        if message.online:
+            changes["last_seen"] = now
+        self._upsert_device(conn, message.site, message.device, now, changes)
+
+    def _record_telemetry(self, conn: Connection, message: TelemetryMessage, now: datetime) -> None:
+        models = {
+            model.name: ModelState(model.version, model.status, model.selftest).to_json()
+            for model in message.models
+        }
+        changes = {
+            "line": message.line,
+            "labels": db.dumps(dict(message.labels or {})),
+            "groups": db.dumps(list(message.groups)),
+            "profile": message.profile,
+            "agent_version": message.agent_version,
+            "models": db.dumps(models),
+            "ready": message.ready,
+            "reasons": db.dumps(list(message.reasons)),
+            "online": True,
+            "last_seen": now,
+            "last_telemetry_at": now,
+        }
+        self._upsert_device(conn, message.site, message.device, now, changes)
+        for model in message.models:
+            if model.version is not None:  # a model that never loaded has no figures to keep
+                self._add_sample(conn, message, model, now)
+
+    def _add_sample(
+        self, conn: Connection, message: TelemetryMessage, model: ModelReport, now: datetime
+    ) -> None:
+        latency = model.latency
+        conn.execute(
+            MODEL_SAMPLES.insert().values(
+                site=message.site,
+                device=message.device,
+                at=now,
+                model=model.name,
+                version=model.version,
+                p50=latency.p50 if latency else None,
+                p95=latency.p95 if latency else None,
+                samples=latency.samples if latency else 0,
+                outcomes=db.dumps(dict(model.outcomes or {})),
+                selftest_ok=model.selftest_ok,
+                drift_alert=model.drift_alert,
+            )
+        )
+        c = MODEL_SAMPLES.c
+        where = (c.site == message.site, c.device == message.device, c.model == model.name)
+        _keep_newest(conn, MODEL_SAMPLES, where, self.samples_per_model)
+
+    def _record_report(
+        self,
+        conn: Connection,
+        report: UpdateReport,
+        rollout_id: str | None,
+        wave: int | None,
+        now: datetime,
+    ) -> None:
+        self._upsert_device(
+            conn, report.site, report.device, now, {"online": True, "last_seen": now}
+        )
+        conn.execute(
+            DEVICE_UPDATES.insert().values(
+                site=report.site,
+                device=report.device,
+                at=report.at or now,
+                received_at=now,
+                sequence=report.sequence,
+                rollout_id=rollout_id if rollout_id is not None else report.rollout_id,
+                wave=wave if wave is not None else report.wave,
+                phase=report.phase,
+                outcome=report.outcome,
+                reason=report.reason,
+                name=report.name,
+                version=report.version,
+            )
+        )
+        c = DEVICE_UPDATES.c
+        where = (c.site == report.site, c.device == report.device)
+        _keep_newest(conn, DEVICE_UPDATES, where, self.history_per_device)
+
+    # ---- rejections ----
+    def reject(self, topic: str, exc: BadMessageError, *, now: datetime | None = None) -> None:
+        """Count a refused message and keep it among the last `REJECTIONS_KEPT`."""
+        with self._lock:
+            self._counts[(exc.kind, exc.reason)] += 1
+        with db.transaction(self.engine) as conn:
+            conn.execute(
+                REJECTIONS.insert().values(
+                    at=_utc(now or datetime.now(UTC)),
+                    topic=_short(topic),
+                    kind=exc.kind,
+                    reason=exc.reason,
+                    message=_short(exc.message, MAX_REJECTION_CHARS),
+                )
+            )
+            _keep_newest(conn, REJECTIONS, (), REJECTIONS_KEPT)
+
+    def rejection_counts(self) -> dict[tuple[str, str], int]:
+        """(kind, reason) -> refused since this process started."""
+        with self._lock:
+            return dict(self._counts)
+
+    def rejections(self, limit: int = 100) -> list[Rejection]:
+        """The last refused messages, newest first."""
+        query = sa.select(REJECTIONS).order_by(REJECTIONS.c.id.desc()).limit(limit)
+        with db.transaction(self.engine) as conn:
+            return [
+                Rejection(row.id, _utc(row.at), row.topic, row.kind, row.reason, row.message)
+                for row in conn.execute(query)
+            ]
+
+    # ---- queries ----
+    def device(self, site: str, device: str) -> Device | None:
+        query = sa.select(DEVICES).where(DEVICES.c.site == site, DEVICES.c.device == device)
+        with db.transaction(self.engine) as conn:
+            row = conn.execute(query).first()
+        return _device(row) if row is not None else None
+
+    def devices(self, selector: DeviceFilter | None = None) -> list[Device]:
+        """Every known box (those `selector` picks, when given), sorted by ref."""
+        query = sa.select(DEVICES).order_by(DEVICES.c.site, DEVICES.c.device)
+        with db.transaction(self.engine) as conn:
+            found = [_device(row) for row in conn.execute(query)]
+        return [d for d in found if selector is None or selector.matches(d)]
+
+    def history(self, site: str, device: str, limit: int = 50) -> list[UpdateRecord]:
+        """A box's update reports, newest first."""
+        c = DEVICE_UPDATES.c
+        query = (
+            sa.select(DEVICE_UPDATES)
+            .where(c.site == site, c.device == device)
+            .order_by(c.id.desc())
+            .limit(limit)
+        )
+        with db.transaction(self.engine) as conn:
+            return [_update(row) for row in conn.execute(query)]
+
+    def samples(
+        self,
+        site: str,
+        device: str,
+        model: str,
+        *,
+        version: int | None = None,
+        since: datetime | None = None,
+    ) -> list[ModelSample]:
+        """A model's kept samples on a box, newest first (`since` inclusive)."""
+        c = MODEL_SAMPLES.c
+        query = sa.select(MODEL_SAMPLES).where(c.site == site, c.device == device, c.model == model)
+        if version is not None:
+            query = query.where(c.version == version)
+        if since is not None:
+            query = query.where(c.at >= _utc(since))
+        with db.transaction(self.engine) as conn:
+            return [_sample(row) for row in conn.execute(query.order_by(c.at.desc(), c.id.desc()))]
+
+    def latest_sample(
+        self,
+        site: str,
+        device: str,
+        model: str,
+        version: int,
+        *,
+        before: datetime | None = None,
+        min_samples: int = 0,
+    ) -> ModelSample | None:
+        """The newest sample of `model@version` with at least `min_samples` answered requests,
+        received strictly before `before` when given."""
+        c = MODEL_SAMPLES.c
+        query = sa.select(MODEL_SAMPLES).where(
+            c.site == site,
+            c.device == device,
+            c.model == model,
+            c.version == version,
+            c.samples >= min_samples,
+        )
+        if before is not None:
+            query = query.where(c.at < _utc(before))
+        with db.transaction(self.engine) as conn:
+            row = conn.execute(query.order_by(c.at.desc(), c.id.desc()).limit(1)).first()
+        return _sample(row) if row is not None else None
+
+    def counts_by_version(self) -> dict[tuple[str, int], int]:
+        """(model, version) -> boxes whose latest telemetry reports it."""
+        counts: Counter[tuple[str, int]] = Counter()
+        with db.transaction(self.engine) as conn:
+            for (models,) in conn.execute(sa.select(DEVICES.c.models)):
+                for name, state in (db.loads(models) or {}).items():
+                    if state.get("version") is not None:
+                        counts[(name, int(state["version"]))] += 1
+        return dict(counts)
+
+    def counts_by_state(
+        self, *, stale_after: timedelta, now: datetime | None = None
+    ) -> dict[str, int]:
+        """{"online", "offline", "stale"}: stale boxes say online but were not heard from for
+        `stale_after`; each box counts in exactly one state."""
+        cutoff = _utc(now or datetime.now(UTC)) - stale_after
+        counts = {"online": 0, "offline": 0, "stale": 0}
+        query = sa.select(DEVICES.c.online, DEVICES.c.last_seen)
+        with db.transaction(self.engine) as conn:
+            for online, last_seen in conn.execute(query):
+                if not online:
+                    counts["offline"] += 1
+                elif last_seen is None or _utc(last_seen) < cutoff:
+                    counts["stale"] += 1
+                else:
+                    counts["online"] += 1
+        return counts
+
+
+def _keep_newest(
+    conn: Connection, table: sa.Table, where: tuple[sa.ColumnElement[bool], ...], keep: int
+) -> None:
+    """Delete the rows matching `where` older than the newest `keep` (by id)."""
+    oldest_dropped = conn.execute(
+        sa.select(table.c.id).where(*where).order_by(table.c.id.desc()).offset(keep).limit(1)
+    ).scalar()
+    if oldest_dropped is not None:
+        conn.execute(sa.delete(table).where(*where, table.c.id <= oldest_dropped))
+
+
+def _utc(value: datetime) -> datetime:
+    """Aware UTC (SQLite hands back naive datetimes, which are stored as UTC)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _maybe_utc(value: datetime | None) -> datetime | None:
+    return _utc(value) if value is not None else None
+
+
+def _device(row: sa.Row[Any]) -> Device:
+    models = {
+        name: ModelState(
+            state.get("version"), state.get("status", "unknown"), state.get("selftest")
+        )
+        for name, state in (db.loads(row.models) or {}).items()
+    }
+    return Device(
+        site=row.site,
+        device=row.device,
+        line=row.line,
+        labels=db.loads(row.labels) or {},
+        groups=tuple(db.loads(row.groups) or ()),
+        profile=row.profile,
+        agent_version=row.agent_version,
+        models=models,
+        ready=row.ready,
+        reasons=tuple(db.loads(row.reasons) or ()),
+        online=bool(row.online),
+        last_seen=_maybe_utc(row.last_seen),
+        first_seen=_utc(row.first_seen),
+        last_telemetry_at=_maybe_utc(row.last_telemetry_at),
+    )
+
+
+def _update(row: sa.Row[Any]) -> UpdateRecord:
+    values = dict(row._mapping)
+    values["at"] = _utc(row.at)
+    values["received_at"] = _utc(row.received_at)
+    return UpdateRecord(**values)
+
+
+def _sample(row: sa.Row[Any]) -> ModelSample:
+    return ModelSample(
+        site=row.site,
+        device=row.device,
+        at=_utc(row.at),
+        model=row.model,
+        version=row.version,
+        p50=row.p50,
+        p95=row.p95,
+        samples=row.samples,
+        outcomes=db.loads(row.outcomes) or {},
+        selftest_ok=row.selftest_ok,
+        drift_alert=row.drift_alert,
+    )
