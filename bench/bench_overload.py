@@ -5,24 +5,36 @@ installed once and served by two `edge-agent serve` processes with the same stat
 under load, in alternating rounds:
 
   delay   the defaults: admission refuses a prediction when the ones ahead would keep it waiting
-          longer than one measured service time (`max_queue_delay_services` 1.0), and the decode
-          and inference threads run at nice +10 (`inference_nice`);
+          longer than half a measured service time (`max_queue_delay_services` 0.5: admitted
+          only when none holds a slot), and the decode and inference threads, ONNX Runtime's
+          own included, run at nice +10 (`inference_nice`);
   count   the rule shipped before #15: up to `max_in_flight` (8) admitted however long they wait
           (`max_queue_delay_services` 1000, so it never decides) and no thread priority
-          (`inference_nice` 0). Slow uploads hold no slot in either (not exercised here).
+          (`inference_nice` 0). Slow uploads hold no slot in either (not exercised here), and
+          both refuse at the HTTP edge, before routing, what admission would refuse (no setting
+          turns that off).
 
-Each round, per agent: unloaded latency (one closed-loop client, `--unloaded` requests), the
-sustainable rate (two closed-loop clients; all must be answered 200), then open-loop Poisson
-arrivals at `--factor` (10) x that rate for `--seconds`. The load generator runs in its own
-process (asyncio, raw HTTP/1.1 keep-alive connections, one per request in flight), so the client
-never shares the agent's interpreter; latency is client side, from the first byte sent to the last
-byte received; the agent's own `Server-Timing` (app start to response start) is kept beside it. The photo is a demo photo (1280x960 JPEG), the same bytes every time. Request
-records are off (EDGE_AGENT_KEEP_REQUESTS_COUNT=0).
+Each round: the sustainable rate, answers per second to two closed-loop clients from an agent
+that admits both (the `count` settings: the box's rate, whatever rule is measured; or
+`--sustainable-rate`); then per agent, unloaded latency (one closed-loop client, `--unloaded`
+requests) and open-loop Poisson arrivals at `--factor` (10) x that rate for `--seconds`. The
+load generator runs in its own process (asyncio, raw HTTP/1.1 keep-alive connections, one per
+request in flight), so the client never shares the agent's interpreter; latency is client side,
+from the first byte sent to the last byte received; the agent's own `Server-Timing` (app start
+to response start) is kept beside it, and so is the CPU the agent and its event loop (main
+thread) used under overload, from /proc. The photo is a demo photo (1280x960 JPEG), the same
+bytes every time. Request records are off (EDGE_AGENT_KEEP_REQUESTS_COUNT=0).
 
 Targets (#15): accepted p99 under overload <= 2x the unloaded p99; a shed answer in <= 0.1x the
 unloaded p50.
 
-    python -m bench.bench_overload [--rounds 3] [--seconds 6] [--factor 10]
+The floor (`--floor`): what a refusal costs at the least on this box. A bare ASGI app that answers
+every request with a fixed JSON 503 (no framework, no agent) under the same uvicorn h11 server,
+offered the delay agent's overload rate with the same photo, measured by the same client: once on
+an otherwise idle box, once next to two busy-looping processes at nice +10 (what the inference
+threads are under overload). No agent can refuse faster than that.
+
+    python -m bench.bench_overload [--rounds 3] [--seconds 6] [--factor 10] [--floor]
 
 Writes bench/results/overload.json and prints a table.
 """
@@ -31,8 +43,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -41,10 +56,10 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench.common import format_table, library_versions, percentile, write_json
-from tests.agent_support import AgentProcess, run_agent
+from tests.agent_support import AgentProcess, free_port, run_agent
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BUNDLE = ROOT / "demo" / "bundle" / "defects-1.bundle"
@@ -169,7 +184,91 @@ def client_main(url: str, photo: Path) -> int:
     return 0
 
 
+# ---- the floor: the cheapest refusal this box can serve ---------------------------------------
+FLOOR_BODY = json.dumps(
+    {"error": {"code": "overloaded", "message": "busy; retry after a second", "request_id": None}}
+).encode()
+
+
+async def bare_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Refuse every request with a fixed JSON 503 + Retry-After, the body unread (as the agent)."""
+    if scope["type"] != "http":
+        return
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(FLOOR_BODY)).encode()),
+        (b"retry-after", b"1"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": FLOOR_BODY})
+
+
+@contextlib.contextmanager
+def busy_loops(count: int, nice: int) -> Any:
+    """`count` processes spinning at `nice`, standing in for the inference threads."""
+    spin = f"import os; os.nice({nice})\nwhile True: pass"
+    loops = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+
+
+@contextlib.contextmanager
+def bare_server() -> Any:
+    """uvicorn (h11, as the agent) serving `bare_app` on a free port; yields its URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "bench.bench_overload:bare_app", "--http", "h11",
+               "--port", str(port), "--log-level", "warning", "--no-access-log", "--lifespan", "off"]  # fmt: skip
+    server = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the bare uvicorn server did not start")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def floor(rate: float, seconds: float, unloaded_p50_ms: float) -> dict[str, Any]:
+    """Time to a bare 503 at `rate`, idle and next to nice +10 busy loops, against the agent."""
+    measured: dict[str, Any] = {"offered_rate_per_s": round(rate, 1)}
+    with bare_server() as url:
+        client = Client(url)
+        try:
+            client.ask(op="open", rate=rate, seconds=1.0)  # warm up
+            for name, loops in (("idle", 0), ("busy", 2)):
+                with busy_loops(loops, nice=10):
+                    results = client.ask(op="open", rate=rate, seconds=seconds)["results"]
+                shed = [t for status, t, _ in results if status == "503"]
+                p50 = ms(shed, 50)
+                measured[name] = {
+                    "answered": len(shed),
+                    "sent": len(results),
+                    "shed_p50_ms": p50,
+                    "shed_p99_ms": ms(shed, 99),
+                    "shed_p50_over_agent_unloaded_p50": round(p50 / unloaded_p50_ms, 3),
+                }
+        finally:
+            client.close()
+    return measured
+
+
 # ---- the benchmark ----------------------------------------------------------------------------
+class Sustained(NamedTuple):
+    """The sustainable rate a round offers `--factor` times, and how it was answered."""
+
+    per_s: float
+    statuses: dict[str, int]
+
+
 class Client:
     """The load generator process, spoken to over pipes."""
 
@@ -192,17 +291,48 @@ class Client:
         self.process.wait(30)
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) of process `pid`'s main thread (the agent's event loop) and of
+    the whole process, from /proc (zeros where there is none)."""
+
+    def read(path: str) -> float:
+        try:
+            fields = Path(path).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    return read(f"/proc/{pid}/task/{pid}/stat"), read(f"/proc/{pid}/stat")
+
+
 def ms(values: Sequence[float], q: float) -> float:
     return round(percentile(values, q) * 1000, 2) if values else float("nan")
 
 
-def one_round(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+def sustainable_rate(state: Path, env: dict[str, str], args: argparse.Namespace) -> Sustained:
+    """Answers per second to two closed-loop clients, from an agent that admits both (the
+    `count` agent's settings): the box's rate, the same whatever admission rule is measured."""
+    with run_agent(state, "--trusted-key", str(DEMO_KEY), env={**env, **AGENTS["count"]}) as agent:
+        agent.wait_ready(120)
+        client = Client(agent.url)
+        try:
+            client.ask(op="closed", count=50, clients=2)  # warm up
+            capacity = client.ask(op="closed", count=args.unloaded, clients=2)
+        finally:
+            client.close()
+    statuses = Counter(status for status, *_ in capacity["results"])
+    return Sustained(statuses["200"] / capacity["wall_s"], dict(statuses))
+
+
+def one_round(
+    client: Client, args: argparse.Namespace, pid: int, sustained: Sustained
+) -> dict[str, Any]:
     unloaded = client.ask(op="closed", count=args.unloaded, clients=1)["results"]
     assert all(status == "200" for status, *_ in unloaded), Counter(s for s, *_ in unloaded)
-    capacity = client.ask(op="closed", count=args.unloaded, clients=2)
-    statuses = Counter(status for status, *_ in capacity["results"])
-    rate = len(capacity["results"]) / capacity["wall_s"]
+    rate, statuses = sustained
+    loop_before, agent_before = cpu_seconds(pid)
     overload = client.ask(op="open", rate=args.factor * rate, seconds=args.seconds)
+    loop_after, agent_after = cpu_seconds(pid)
     results = overload["results"]
     accepted = [t for status, t, _ in results if status == "200"]
     accepted_server = [s for status, _, s in results if status == "200" and s is not None]
@@ -214,7 +344,7 @@ def one_round(client: Client, args: argparse.Namespace) -> dict[str, Any]:
         "unloaded_p99_ms": ms(latencies, 99),
         "unloaded_server_p99_ms": ms(unloaded_server, 99),
         "sustainable_rate_per_s": round(rate, 1),
-        "sustainable_status": dict(statuses),
+        "sustainable_status": statuses,
         "offered_rate_per_s": round(args.factor * rate, 1),
         "sent": len(results),
         "status": dict(Counter(status for status, *_ in results)),
@@ -227,6 +357,9 @@ def one_round(client: Client, args: argparse.Namespace) -> dict[str, Any]:
         "shed_p99_ms": ms(shed, 99),
         "client_median_lag_ms": round(overload["median_lag_s"] * 1000, 2),
         "client_cpu_share": round(overload["cpu_s"] / overload["wall_s"], 2),
+        "agent_cpu_share": round((agent_after - agent_before) / overload["wall_s"], 2),
+        "event_loop_cpu_share": round((loop_after - loop_before) / overload["wall_s"], 2),
+        "event_loop_cpu_ms_per_request": round((loop_after - loop_before) * 1000 / len(results), 3),
         "accepted_p99_over_unloaded_p99": round(percentile(accepted, 99) / percentile(latencies, 99), 3) if accepted else None,
         "shed_p50_over_unloaded_p50": round(percentile(shed, 50) / percentile(latencies, 50), 3) if shed else None,
     }  # fmt: skip
@@ -236,7 +369,8 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("accepted_p99_over_unloaded_p99", "shed_p50_over_unloaded_p50", "shed_fraction",
             "unloaded_p50_ms", "unloaded_p99_ms", "accepted_p99_ms", "shed_p50_ms", "shed_p99_ms",
             "unloaded_server_p99_ms", "accepted_server_p99_ms", "accepted_p50_ms",
-            "goodput_per_s", "sustainable_rate_per_s")  # fmt: skip
+            "goodput_per_s", "sustainable_rate_per_s", "event_loop_cpu_share",
+            "event_loop_cpu_ms_per_request", "agent_cpu_share")  # fmt: skip
     summary: dict[str, Any] = {}
     for key in keys:
         values = [r[key] for r in rounds if r[key] is not None]
@@ -258,10 +392,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--factor", type=float, default=10.0, help="offered / sustainable")
     parser.add_argument("--unloaded", type=int, default=200, help="requests, unloaded")
     parser.add_argument("--agents", nargs="+", choices=list(AGENTS), default=list(AGENTS))
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="agent setting for every agent (repeatable), e.g. EDGE_AGENT_INFERENCE_NICE=0",
+    )
+    parser.add_argument(
+        "--sustainable-rate",
+        type=float,
+        metavar="PER_S",
+        help="take this as the sustainable rate instead of measuring it (one offered load for "
+        "agents whose admission refuses a second closed-loop client)",
+    )
+    parser.add_argument(
+        "--floor", action="store_true", help="also time a bare uvicorn 503 at the same rate"
+    )
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:
         return client_main(args.client, PHOTO)
+    extra = dict(item.split("=", 1) for item in args.env)
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in args.agents}
     with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
         state = Path(tmp) / "state"
@@ -270,12 +422,18 @@ def main(argv: Sequence[str] | None = None) -> int:
              "--state-dir", str(state), "--trusted-key", str(DEMO_KEY)],
             check=True, capture_output=True,
         )  # fmt: skip
+        base = {"EDGE_AGENT_KEEP_REQUESTS_COUNT": "0", **extra}
         for index in range(args.rounds):
+            if args.sustainable_rate is not None:
+                sustained = Sustained(args.sustainable_rate, {})
+            else:
+                sustained = sustainable_rate(state, base, args)
+            print(f"round {index + 1} sustainable: {sustained.per_s:.1f}/s", flush=True)
             order = args.agents if index % 2 == 0 else list(reversed(args.agents))
             for name in order:
-                env = {"EDGE_AGENT_KEEP_REQUESTS_COUNT": "0", **AGENTS[name]}
+                env = {**base, **AGENTS[name]}
                 with run_agent(state, "--trusted-key", str(DEMO_KEY), env=env) as agent:
-                    rounds[name].append(measure(agent, args))
+                    rounds[name].append(measure(agent, args, sustained))
                 result = rounds[name][-1]
                 print(f"round {index + 1} {name}: {json.dumps(result)}", flush=True)
     summary = {name: summarize(r) for name, r in rounds.items()}
@@ -286,16 +444,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "shed_p50_over_unloaded_p50": delay.get("shed_p50_over_unloaded_p50", {}).get("median", 0)
         <= TARGETS["shed_p50_over_unloaded_p50_max"],
     }
+    if args.floor and "delay" in rounds:
+        rate = statistics.median(r["offered_rate_per_s"] for r in rounds["delay"])
+        payload_floor = floor(rate, args.seconds, delay["unloaded_p50_ms"]["median"])
+        print(f"floor: {json.dumps(payload_floor)}", flush=True)
+    else:
+        payload_floor = None
     payload = {
         "photo": PHOTO.name,
         "factor": args.factor,
         "seconds": args.seconds,
-        "agents": {name: {"env": AGENTS[name]} for name in args.agents},
+        "agents": {name: {"env": {**extra, **AGENTS[name]}} for name in args.agents},
         "pinned": "demo bundle (int8, profile generic-x86-64-avx2: 2 intra-op threads, spinning "
         "off), same photo bytes, request records off, client in its own process",
         "targets": TARGETS,
         "summary": summary,
         "verdicts": verdicts,
+        "floor": payload_floor,
         "rounds": rounds,
         "libraries": library_versions(["onnxruntime", "fastapi", "starlette", "uvicorn"]),
     }
@@ -312,12 +477,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def measure(agent: AgentProcess, args: argparse.Namespace) -> dict[str, Any]:
+def measure(agent: AgentProcess, args: argparse.Namespace, sustained: Sustained) -> dict[str, Any]:
     agent.wait_ready(120)
     client = Client(agent.url)
     try:
         client.ask(op="closed", count=50, clients=1)  # warm up
-        return one_round(client, args)
+        return one_round(client, args, agent.process.pid, sustained)
     finally:
         client.close()
 

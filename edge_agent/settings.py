@@ -169,11 +169,13 @@ class AgentSettings(BaseSettings):
     )
     # Admission and decode memory (#15)
     max_queue_delay_services: float = Field(
-        default=1.0,
+        default=0.5,
         gt=0,
         le=1000,
         description="refuse a prediction (503 + Retry-After) when the ones ahead would keep it "
-        "waiting longer than this many measured service times",
+        "waiting longer than this many measured service times; under 1, it is admitted only "
+        "when no prediction holds a slot (the default: where one inference takes every core, "
+        "a second one in flight only waits)",
     )
     max_queue_delay_ms: float | None = Field(
         default=None,

@@ -6,7 +6,11 @@ Release notices come in two schema versions: version 1 (what `model-packager pub
 all that agents before 0.2.0 accept) and version 2, which adds the optional signed fields
 `rollout` (which fleet rollout and wave sent it, echoed in the device's update reports) and
 `extensions` (further signed fields; a reader keeps the keys it does not know and ignores them,
-so later additions need no version 3). Trust notices stay version 1.
+so later additions need no version 3). Because a reader ignores what it does not know, an
+extension a reader must understand is named in `extensions.critical`: a reader refuses a notice
+whose critical list names an extension it does not know (`unknown_critical`). The one such
+extension so far is `shadow` (`{"max_s": N}`: install the version without activating it and shadow
+the active model with it for at most N seconds; agents from 0.3.0). Trust notices stay version 1.
 Both travel as one envelope, `{"notice": "<base64 of the notice bytes>", "signatures": [...]}`:
 the signatures cover the exact notice bytes, and `decode_notice` verifies them before it parses a
 single field, so a stolen broker password is never enough to steer a device. Whether a notice has
@@ -71,6 +75,11 @@ MAX_VALIDITY = timedelta(days=366)
 MAX_URL_CHARS = 2048
 MAX_NOTES_CHARS = 2000
 MAX_KEY_CHANGES = 64
+#: `extensions.critical`: the extensions a reader must understand to act on the notice.
+CRITICAL_EXTENSIONS: Final = "critical"
+#: `extensions.shadow`: install without activating and shadow the active model (agent >= 0.3.0).
+SHADOW_EXTENSION: Final = "shadow"
+MAX_SHADOW_S = 7 * 24 * 3600
 # Devices keep sequences in SQLite, whose integers are signed 64-bit.
 MAX_SEQUENCE = 2**63 - 1
 SEGMENT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -178,6 +187,25 @@ class Rollout(_Strict):
     wave: Annotated[StrictInt, Field(ge=1, le=MAX_WAVE)]
 
 
+class ShadowExtension(_Strict):
+    """`extensions.shadow`: shadow the active model with this version for at most `max_s`."""
+
+    max_s: Annotated[float, Field(gt=0, le=MAX_SHADOW_S)]
+
+    @classmethod
+    def parse(cls, value: Any) -> ShadowExtension:
+        if not isinstance(value, dict):
+            raise ValueError(
+                f'extensions.shadow must be an object like {{"max_s": 600}}, not {value!r}'
+            )
+        try:
+            # Strict types, but an integer number of seconds is a number too.
+            fields = {k: float(v) if type(v) is int else v for k, v in value.items()}
+            return cls.model_validate(fields)
+        except ValidationError as exc:
+            raise ValueError(f"extensions.shadow: {_describe(exc)}") from exc
+
+
 class _Notice(_Strict):
     """What every notice carries: schema version, sequence and its window of validity."""
 
@@ -238,7 +266,47 @@ class ReleaseNotice(_Notice):
                     f"{' and '.join(given)} needs schema_version 2 (this notice says "
                     f"{self.schema_version}); publish it as version 2, which agents from 0.2.0 read"
                 )
+        extensions = self.extensions or {}
+        critical = extensions.get(CRITICAL_EXTENSIONS)
+        if critical is not None:
+            if (
+                not isinstance(critical, list)
+                or not all(isinstance(n, str) and _SEGMENT.fullmatch(n) for n in critical)
+                or len(set(critical)) != len(critical)
+            ):
+                raise ValueError(
+                    "extensions.critical must be a list of distinct extension names, "
+                    f'e.g. ["shadow"] ({critical!r} is not)'
+                )
+            absent = [n for n in critical if n not in extensions or n == CRITICAL_EXTENSIONS]
+            if absent:
+                raise ValueError(
+                    f"extensions.critical names {absent[0]!r}, which this notice's extensions "
+                    "do not carry; add it or leave it out of the critical list"
+                )
+        if SHADOW_EXTENSION in extensions:
+            ShadowExtension.parse(extensions[SHADOW_EXTENSION])
+            if self.rollback:
+                raise ValueError(
+                    "a shadow notice cannot be a rollback: a rollback is activated at once"
+                )
         return self
+
+    @property
+    def critical(self) -> tuple[str, ...]:
+        """The extensions a reader must understand to act on this notice."""
+        names = (self.extensions or {}).get(CRITICAL_EXTENSIONS)
+        return tuple(str(n) for n in names) if isinstance(names, list) else ()
+
+    @property
+    def shadow(self) -> ShadowExtension | None:
+        """The shadow extension, when the notice asks to shadow rather than activate."""
+        value = (self.extensions or {}).get(SHADOW_EXTENSION)
+        return ShadowExtension.parse(value) if value is not None else None
+
+    def unknown_critical(self, understood: frozenset[str]) -> tuple[str, ...]:
+        """The critical extensions a reader that understands `understood` does not know."""
+        return tuple(name for name in self.critical if name not in understood)
 
     @property
     def bundle_id(self) -> BundleId:

@@ -4,7 +4,8 @@ Every route under `/v1` needs `Authorization: Bearer TOKEN`; the token's operato
 the audit trail records. `/healthz` and `/metrics` are open (read-only figures, no box data
 beyond counts). Errors are `{"error": CODE, "detail": MESSAGE}` with the status of the
 `FleetError` that caused them: 400 bad input, 401 no or wrong token, 404 unknown, 409 the state
-forbids it.
+forbids it. The fleet page (`/fleet`, `fleet_controller.page`) is static and open; it reads
+`/v1/overview` (boxes per version, one page of boxes) and the rollout routes with its token.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +23,7 @@ from fleet_controller import __version__
 from fleet_controller.cohorts import Selector, preview
 from fleet_controller.config import ApiTokens
 from fleet_controller.errors import FleetError, NotFoundError
+from fleet_controller.page import BoxState, add_fleet_page, overview
 from fleet_controller.plan import RolloutPlan
 from fleet_controller.registry import Registry
 from fleet_controller.rollouts import Rollouts
@@ -59,6 +61,7 @@ def create_app(
     """The API over one registry and one rollouts runner."""
     app = FastAPI(title="Lineside fleet controller", version=__version__)
     app.state.tokens = tokens
+    add_fleet_page(app)
 
     @app.exception_handler(FleetError)
     async def fleet_error(_request: Request, exc: FleetError) -> JSONResponse:
@@ -105,6 +108,25 @@ def create_app(
         found = registry.devices(selector)
         return {"count": len(found), "devices": [d.to_json() for d in found]}
 
+    @app.get("/v1/overview")
+    def fleet_overview(
+        _who: Operator,
+        site: str | None = None,
+        line: str | None = None,
+        group: str | None = None,
+        profile: str | None = None,
+        state: BoxState = "all",
+        q: Annotated[str, Query(max_length=256)] = "",
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    ) -> dict[str, Any]:
+        criteria = {"site": site, "line": line, "group": group, "profile": profile}
+        given = {k: v for k, v in criteria.items() if v}
+        selector = _selector(given) if given else None
+        return overview(
+            registry.devices(), selector, state=state, query=q, offset=offset, limit=limit
+        )
+
     @app.get("/v1/devices/{site}/{device}")
     def device(site: str, device: str, _who: Operator) -> dict[str, Any]:
         found = registry.device(site, device)
@@ -131,8 +153,9 @@ def create_app(
         return rollouts.create(plan, actor=who)
 
     @app.get("/v1/rollouts/{rollout_id}")
-    def rollout_status(rollout_id: str, _who: Operator) -> dict[str, Any]:
-        return rollouts.status(rollout_id)
+    def rollout_status(rollout_id: str, _who: Operator, boxes: bool = True) -> dict[str, Any]:
+        found = rollouts.status(rollout_id)
+        return found if boxes else {k: v for k, v in found.items() if k != "boxes"}
 
     @app.get("/v1/rollouts/{rollout_id}/audit")
     def rollout_audit(rollout_id: str, _who: Operator) -> dict[str, Any]:

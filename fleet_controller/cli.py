@@ -37,8 +37,11 @@ COMMANDS = ("pause", "resume", "cancel", "halt", "rollback")
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    # The service logs what it does; a client command prints its answer and nothing else.
+    service = args.run in (_serve, _simulate)
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO if service else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         return int(args.run(args))

@@ -1,7 +1,9 @@
 """The controller's database: one SQLAlchemy `MetaData`, the engine, and transactions.
 
 Every table is declared on `METADATA` by the module that owns it (the registry its device
-tables, the rollouts theirs); `create_tables` creates what is missing. SQLite (the embedded default,
+tables, the rollouts theirs, the leader its own) for its queries; the schema itself is made by
+the versioned steps of `migrations`, which `migrate` runs (and then checks that every declared
+table and column exists). SQLite (the embedded default,
 `sqlite:///PATH`) runs in WAL mode with foreign keys on and a busy timeout, so the API's
 threads and the controller's loop can share it; PostgreSQL (`postgresql+psycopg://...`) is
 the multi-process choice (#17).
@@ -18,13 +20,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from fleet_controller import migrations
+
 METADATA = sa.MetaData()
 BUSY_TIMEOUT_MS = 30_000
 
 
 def connect(url: str) -> Engine:
-    """An engine for `url` (`sqlite:///path`, or a PostgreSQL URL). Tables are created by
-    `create_tables`, called by whoever has imported the modules that declare them."""
+    """An engine for `url` (`sqlite:///path`, or a PostgreSQL URL). The schema is made by
+    `migrate`."""
     if url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///")
         if path and path != ":memory:":
@@ -38,9 +42,14 @@ def connect(url: str) -> Engine:
     return engine
 
 
-def create_tables(engine: Engine) -> None:
-    """Create every table declared on METADATA that does not exist yet."""
-    METADATA.create_all(engine)
+def migrate(engine: Engine) -> int:
+    """Run the schema migrations that are missing (`migrations.migrate`), then check that every
+    table and column declared on METADATA exists; return the schema version."""
+    return migrations.migrate(engine, declared=METADATA)
+
+
+#: The name of `migrate` before the schema was versioned (issue #16).
+create_tables = migrate
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

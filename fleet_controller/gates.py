@@ -5,18 +5,24 @@ over the boxes' outcomes, and the quality gates (p95, errors, self-test, drift) 
 telemetry samples per box, the old version's last one before its notice and the new version's
 latest. It is pure: the runner gathers the figures, this module only judges them. A gate with less
 than its minimum sample says `insufficient` and does not halt.
+
+The shadow gates (docs/fleet.md "Shadow phase") judge a wave before anything is activated: the
+candidate's agreement with the active model over every photo the wave's boxes compared (weighted
+by photos), with the per-class disagreements in its figures, and optionally the candidate's p95.
+Too few compared photos fail the shadow gate: without evidence nothing is activated.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
-from fleet_controller.plan import GatesSpec
+from fleet_controller.plan import GatesSpec, ShadowSpec
 
-GateName = Literal["install", "p95", "errors", "selftest", "drift"]
+GateName = Literal["install", "p95", "errors", "selftest", "drift", "shadow", "shadow_p95"]
 GateStatus = Literal["pass", "fail", "insufficient"]
 # Box outcomes that count as a finished install, and those of them that count as a failure.
 FAILED_OUTCOMES = ("refused", "rolled_back")
@@ -58,9 +64,15 @@ class GateResult:
     sample: int
     needed: int
     detail: str
+    figures: Mapping[str, Any] | None = None  # further figures (the shadow gate's per class)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.figures is None:
+            del data["figures"]
+        else:
+            data["figures"] = dict(self.figures)
+        return data
 
 
 @dataclass(frozen=True)
@@ -222,3 +234,92 @@ def _count_gate(
         f"at most {limit} allowed"
     )
     return GateResult(name, status, float(len(refs)), float(limit), reported, 0, detail)
+
+
+# ---- shadow gates -------------------------------------------------------------------------
+SHOWN_DISAGREEMENTS = 20
+
+
+@dataclass(frozen=True)
+class BoxShadow:
+    """One box's latest shadow figures for the candidate, and its active version's p95."""
+
+    ref: str
+    compared: int
+    agreement: float | None
+    disagreements: tuple[tuple[str, str, int], ...]  # (active label, candidate label, photos)
+    candidate_p95: float | None = None
+    active_p95: float | None = None
+
+
+def shadow_gates(boxes: Sequence[BoxShadow], spec: ShadowSpec) -> list[GateResult]:
+    """The shadow gate, and the candidate p95 gate when the plan sets its limit."""
+    results = [shadow_gate(boxes, spec)]
+    if spec.max_candidate_p95_ratio is not None:
+        results.append(shadow_p95_gate(boxes, spec.max_candidate_p95_ratio))
+    return results
+
+
+def shadow_gate(boxes: Sequence[BoxShadow], spec: ShadowSpec) -> GateResult:
+    """Agreement over every compared photo of the boxes (weighted by photos), failing below
+    `min_agreement` or with fewer than `min_compared` photos; per-class disagreements shown."""
+    counted = [box for box in boxes if box.agreement is not None and box.compared > 0]
+    compared = sum(box.compared for box in counted)
+    agreed = sum(round((box.agreement or 0.0) * box.compared) for box in counted)
+    classes: Counter[tuple[str, str]] = Counter()
+    for box in counted:
+        for active, candidate, count in box.disagreements:
+            classes[(active, candidate)] += count
+    ranked = classes.most_common(SHOWN_DISAGREEMENTS)
+    figures = {
+        "boxes": len(counted),
+        "compared": compared,
+        "agreed": agreed,
+        "disagreements": [{"active": a, "candidate": c, "count": n} for (a, c), n in ranked],
+        "per_box": [
+            {"ref": box.ref, "compared": box.compared, "agreement": box.agreement}
+            for box in sorted(counted, key=lambda box: box.ref)
+        ],
+    }
+    agreement = agreed / compared if compared else None
+    limit = spec.min_agreement
+    shown = ", ".join(f"{a}->{c} {n}" for (a, c), n in ranked[:5]) or "none"
+    if agreement is None or compared < spec.min_compared:
+        detail = (
+            f"only {compared} photos were compared on {len(counted)} boxes while shadowing; "
+            f"at least {spec.min_compared} are needed before activating: lengthen [shadow] "
+            "soak_s or send the boxes more traffic"
+        )
+        return GateResult(
+            "shadow", "fail", agreement, limit, compared, spec.min_compared, detail, figures
+        )
+    status: GateStatus = "fail" if agreement < limit else "pass"
+    verdict = "under" if status == "fail" else "at or above"
+    detail = (
+        f"the candidate agreed with the active model on {agreed} of {compared} photos "
+        f"({agreement:.1%}) over {len(counted)} boxes, {verdict} the {limit:.1%} needed; "
+        f"disagreements (active->candidate): {shown}"
+    )
+    return GateResult(
+        "shadow", status, agreement, limit, compared, spec.min_compared, detail, figures
+    )
+
+
+def shadow_p95_gate(boxes: Sequence[BoxShadow], limit: float) -> GateResult:
+    """Median over boxes of the candidate's shadow p95 over the active version's p95."""
+    ratios = [
+        box.candidate_p95 / box.active_p95
+        for box in boxes
+        if box.candidate_p95 is not None and box.active_p95 is not None and box.active_p95 > 0
+    ]
+    if not ratios:
+        detail = "no box reported both the candidate's and the active version's p95 yet"
+        return GateResult("shadow_p95", "insufficient", None, limit, 0, 1, detail)
+    median = statistics.median(ratios)
+    status: GateStatus = "fail" if median > limit else "pass"
+    verdict = "over" if status == "fail" else "within"
+    detail = (
+        f"the median candidate p95 over the active version's p95 on {len(ratios)} boxes is "
+        f"{median:.2f}x, {verdict} the limit of {limit:.2f}x"
+    )
+    return GateResult("shadow_p95", status, median, limit, len(ratios), 1, detail)

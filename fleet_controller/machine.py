@@ -11,6 +11,13 @@ byte-identical; marking boxes timed out twice changes nothing; gates are a read)
        ▼  │                                                                              ▼
       paused          cancel (running, paused, halted) ─► cancelled               rolled_back
 
+With a shadow phase in the plan, every wave starts with it: *shadow_sending* sends shadow notices
+(install the candidate without activating it, shadow the active model) and lasts until every box
+of the wave shadows, is final (refused, ignored) or timed out; then *shadow_soaking* for the
+plan's shadow soak, then *shadow_gating*: the runner's shadow gate is fed back as
+`GatesEvaluated`; a failed one halts the rollout (nothing of this wave was activated), a passed
+one goes on to *sending* the activating notices of the same wave.
+
 A wave is *sending* while some of its boxes wait for their site's maintenance window, and
 *installing* until every box of it is final (committed, refused, rolled back, ignored) or timed out
 (`deadline_s` after its notice was published; an offline box never blocks). Then it *soaks* for
@@ -29,7 +36,9 @@ from fleet_controller.errors import ConflictError, FleetError
 Status = Literal[
     "running", "paused", "halted", "rolling_back", "rolled_back", "completed", "cancelled"
 ]  # fmt: skip
-WavePhase = Literal["sending", "installing", "soaking", "gating"]
+WavePhase = Literal[
+    "shadow_sending", "shadow_soaking", "shadow_gating", "sending", "installing", "soaking", "gating",
+]  # fmt: skip
 CommandName = Literal["pause", "resume", "cancel", "halt", "rollback"]
 COMMANDS: tuple[str, ...] = get_args(CommandName)
 #: Statuses whose boxes are held by the rollout (another rollout may not pick them).
@@ -45,17 +54,24 @@ class Policy:
     soak_s: float
     deadline_s: float
     rollback_on_halt: bool
+    shadow_soak_s: float | None = None  # None: no shadow phase
+
+    @property
+    def first_phase(self) -> WavePhase:
+        return "shadow_sending" if self.shadow_soak_s is not None else "sending"
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Policy:
+        shadow = data.get("shadow_soak_s")  # absent in rollouts stored before shadow phases
         return cls(
             waves=int(data["waves"]),
             soak_s=float(data["soak_s"]),
             deadline_s=float(data["deadline_s"]),
             rollback_on_halt=bool(data["rollback_on_halt"]),
+            shadow_soak_s=float(shadow) if shadow is not None else None,
         )
 
 
@@ -73,6 +89,7 @@ class RolloutState:
     halt_reason: str | None = None
     gate_results: tuple[dict[str, Any], ...] = ()
     finished_at: datetime | None = None
+    shadow_results: tuple[dict[str, Any], ...] = ()  # the current wave's shadow gate
 
     @property
     def active(self) -> bool:
@@ -90,6 +107,7 @@ class RolloutState:
             "halt_reason": self.halt_reason,
             "gate_results": [dict(result) for result in self.gate_results],
             "finished_at": _iso(self.finished_at),
+            "shadow_results": [dict(result) for result in self.shadow_results],
         }
 
     @classmethod
@@ -105,6 +123,7 @@ class RolloutState:
             halt_reason=data.get("halt_reason"),
             gate_results=tuple(dict(result) for result in data.get("gate_results", ())),
             finished_at=_time(data.get("finished_at")),
+            shadow_results=tuple(dict(result) for result in data.get("shadow_results", ())),
         )
 
 
@@ -112,7 +131,7 @@ def start(policy: Policy, now: datetime) -> RolloutState:
     """The state of a rollout just created: running, its first wave sending."""
     if policy.waves < 1:
         raise FleetError("a rollout needs at least one wave")
-    return RolloutState(policy=policy, phase_since=now)
+    return RolloutState(policy=policy, phase=policy.first_phase, phase_since=now)
 
 
 # ---- events -------------------------------------------------------------------------------
@@ -121,7 +140,8 @@ class View:
     """What the runner's tables say now: the current wave's boxes and the rollback's progress.
 
     `in_flight` are boxes whose notice is stored but not final, with the time it was published
-    (None until the broker acknowledged it, so no deadline runs before that)."""
+    (None until the broker acknowledged it, so no deadline runs before that). The `shadow_`
+    fields are the same for the current wave's shadow notices; a box that shadows is final."""
 
     sendable: tuple[str, ...] = ()  # pending, their site's window open
     waiting: int = 0  # pending, their site's window closed
@@ -130,6 +150,10 @@ class View:
     rollback_sendable: tuple[str, ...] = ()  # to be rolled back, no rollback notice stored yet
     rollback_in_flight: tuple[tuple[str, datetime | None], ...] = ()
     rollback_final: int = 0
+    shadow_sendable: tuple[str, ...] = ()
+    shadow_waiting: int = 0
+    shadow_in_flight: tuple[tuple[str, datetime | None], ...] = ()
+    shadow_final: int = 0
 
 
 @dataclass(frozen=True)
@@ -168,15 +192,32 @@ class SendNotices:
 
 
 @dataclass(frozen=True)
+class SendShadowNotices:
+    """Build, sign, store and publish shadow notices to these boxes of `wave`."""
+
+    wave: int
+    refs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class MarkTimedOut:
-    """These boxes stayed silent past the deadline (of their rollback notice when `rollback`)."""
+    """These boxes stayed silent past the deadline (of their rollback notice when `rollback`,
+    of their shadow notice when `shadow`)."""
 
     refs: tuple[str, ...]
     rollback: bool = False
+    shadow: bool = False
 
 
 @dataclass(frozen=True)
 class EvaluateGates:
+    wave: int
+
+
+@dataclass(frozen=True)
+class EvaluateShadowGate:
+    """Judge the current wave's shadow figures; the result comes back as `GatesEvaluated`."""
+
     wave: int
 
 
@@ -195,7 +236,15 @@ class Audit:
     figures: dict[str, Any] = field(default_factory=dict)
 
 
-Action = SendNotices | MarkTimedOut | EvaluateGates | SendRollbacks | Audit
+Action = (
+    SendNotices
+    | SendShadowNotices
+    | MarkTimedOut
+    | EvaluateGates
+    | EvaluateShadowGate
+    | SendRollbacks
+    | Audit
+)
 
 
 def transition(state: RolloutState, event: Event) -> tuple[RolloutState, list[Action]]:
@@ -237,6 +286,8 @@ def _advance_wave(
     state: RolloutState, tick: Tick, late: tuple[str, ...]
 ) -> tuple[RolloutState, list[Action]]:
     view, now, actions = tick.view, tick.now, list[Action]()
+    if state.phase.startswith("shadow_"):
+        return _advance_shadow(state, tick, actions)
     if state.phase in ("sending", "installing"):
         if view.sendable:
             actions.append(SendNotices(state.wave, view.sendable))
@@ -258,6 +309,37 @@ def _advance_wave(
         state = _phase(state, "gating", now)
     if state.phase == "gating":
         actions.append(EvaluateGates(state.wave))  # again after a restart: gates are a read
+    return state, actions
+
+
+def _advance_shadow(
+    state: RolloutState, tick: Tick, actions: list[Action]
+) -> tuple[RolloutState, list[Action]]:
+    """The shadow phase of the current wave: send, wait until every box shadows, soak, gate."""
+    view, now = tick.view, tick.now
+    if state.phase == "shadow_sending":
+        late = _overdue(view.shadow_in_flight, now, timedelta(seconds=state.policy.deadline_s))
+        if late:
+            actions.append(MarkTimedOut(late, shadow=True))
+        if view.shadow_sendable:
+            actions.append(SendShadowNotices(state.wave, view.shadow_sendable))
+        still_out = len(view.shadow_in_flight) - len(late) + len(view.shadow_sendable)
+        if view.shadow_waiting == 0 and still_out == 0:
+            soak_s = state.policy.shadow_soak_s or 0.0
+            soak_until = now + timedelta(seconds=soak_s)
+            state = replace(_phase(state, "shadow_soaking", now), soak_until=soak_until)
+            actions.append(
+                Audit(
+                    "wave-shadowing",
+                    f"wave {state.wave}: every box shadows the candidate, is final or timed "
+                    f"out; shadow soak until {soak_until.isoformat()}",
+                    figures={"final": view.shadow_final + len(late), "timed_out_now": len(late)},
+                )
+            )
+    if state.phase == "shadow_soaking" and state.soak_until is not None and now >= state.soak_until:
+        state = _phase(state, "shadow_gating", now)
+    if state.phase == "shadow_gating":
+        actions.append(EvaluateShadowGate(state.wave))  # again after a restart: a read
     return state, actions
 
 
@@ -288,8 +370,12 @@ def _phase(state: RolloutState, phase: WavePhase, now: datetime) -> RolloutState
 
 # ---- gates --------------------------------------------------------------------------------
 def _on_gates(state: RolloutState, event: GatesEvaluated) -> tuple[RolloutState, list[Action]]:
-    if state.status != "running" or state.phase != "gating" or event.wave != state.wave:
+    if state.status != "running" or event.wave != state.wave:
         return state, []  # a late evaluation that no longer matters
+    if state.phase == "shadow_gating":
+        return _on_shadow_gate(state, event)
+    if state.phase != "gating":
+        return state, []
     state = replace(state, gate_results=event.results)
     figures = {"wave": state.wave, "gates": [dict(result) for result in event.results]}
     failed = [result for result in event.results if result.get("status") == "fail"]
@@ -300,13 +386,36 @@ def _on_gates(state: RolloutState, event: GatesEvaluated) -> tuple[RolloutState,
         )
         return _halt(state, reason, f"rule:{names[0]}", figures, event.now)
     if state.wave < state.policy.waves:
-        state = replace(_phase(state, "sending", event.now), wave=state.wave + 1, soak_until=None)
+        state = replace(
+            _phase(state, state.policy.first_phase, event.now),
+            wave=state.wave + 1,
+            soak_until=None,
+        )
         why = f"wave {state.wave - 1} passed its gates; wave {state.wave} starts"
         return state, [Audit("wave-passed", why, figures=figures)]
     state = replace(state, status="completed", finished_at=event.now)
     return state, [
         Audit("completed", f"the last wave ({state.wave}) passed its gates", figures=figures)
     ]
+
+
+def _on_shadow_gate(
+    state: RolloutState, event: GatesEvaluated
+) -> tuple[RolloutState, list[Action]]:
+    state = replace(state, shadow_results=event.results)
+    figures = {"wave": state.wave, "shadow_gates": [dict(result) for result in event.results]}
+    failed = [result for result in event.results if result.get("status") == "fail"]
+    if failed:
+        names = [str(result.get("name")) for result in failed]
+        reason = (
+            f"wave {state.wave} failed the {', '.join(names)} gate(s) while shadowing, so the "
+            "candidate was not activated on its boxes: "
+            + "; ".join(_describe(result) for result in failed)
+        )
+        return _halt(state, reason, f"rule:{names[0]}", figures, event.now)
+    state = replace(_phase(state, "sending", event.now), soak_until=None)
+    why = f"wave {state.wave} passed its shadow gate; its boxes are sent the activating notices"
+    return state, [Audit("shadow-passed", why, figures=figures)]
 
 
 def _describe(result: dict[str, Any]) -> str:

@@ -12,14 +12,15 @@ stale and a restarted controller shows them at once; message counters live in th
     fleet_gate_failed{rollout,gate}            1 when the gate's last verdict was fail
     fleet_messages_total{kind}                 messages stored, by kind
     fleet_rejected_total{kind,reason}          messages rejected, by why
+    fleet_leader                               1 while this process leads, 0 on a standby
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -34,8 +35,19 @@ ACTIVE = ("running", "paused", "halted", "rolling_back")
 class FleetMetrics:
     """One per controller: its own Prometheus registry, rendered by the API's /metrics."""
 
-    def __init__(self, registry: Registry, rollouts: Rollouts, *, stale_after_s: float) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        rollouts: Rollouts,
+        *,
+        stale_after_s: float,
+        leading: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.prometheus = CollectorRegistry()
+        self.leader = Gauge(
+            "fleet_leader", "1 while this process leads, 0 on a standby", registry=self.prometheus
+        )
+        self.leader.set_function(lambda: 1.0 if leading() else 0.0)
         self.messages = Counter(
             "fleet_messages", "Messages stored, by kind", ["kind"], registry=self.prometheus
         )

@@ -3,7 +3,9 @@
 This module owns what the controller signs for one box (docs/fleet.md "Notices for waves"): it
 verifies the rollout's bundle with `edge_bundle` exactly as `model-packager publish` does and
 keeps its name, version, sha256 and size; it picks schema version 2 (with the rollout id and
-wave) for agents from 0.2.0 and version 1 for older or unknown ones; it allocates sequences that
+wave) for agents from 0.2.0 and version 1 for older or unknown ones; it builds the shadow notices
+of a plan's shadow phase (version 2 with the critical `shadow` extension) for agents from 0.3.0,
+the first that understand it; it allocates sequences that
 grow with `model-packager publish`'s; and it signs. The same arguments always give the same bytes,
 so a notice stored before publishing can be published again after a crash, byte for byte.
 """
@@ -21,7 +23,9 @@ from edge_bundle.bundle import open_bundle
 from edge_bundle.errors import BundleError, SignatureError, UntrustedKeyError
 from edge_bundle.hashing import sha256_and_size
 from edge_bundle.release import (
+    CRITICAL_EXTENSIONS,
     MAX_SEQUENCE,
+    SHADOW_EXTENSION,
     ReleaseNotice,
     Rollout,
     Target,
@@ -32,6 +36,9 @@ from edge_bundle.signing import KeyRole, SigningKey, TrustStore, read_signing_ke
 from fleet_controller.errors import FleetError
 
 V2_MIN_AGENT: Final = "0.2.0"
+#: The first agent that understands the critical `shadow` extension (older ones ignore it and
+#: would activate the version at once, so they are never sent a shadow notice).
+SHADOW_MIN_AGENT: Final = "0.3.0"
 _VERSION = re.compile(r"^v?(?P<release>\d+(?:\.\d+)*)(?P<rest>[a-z0-9._-]*)(?:\+[a-z0-9.]+)?$")
 _FINAL_SUFFIX = re.compile(r"^(?:[-_.]?post[-_.]?\d*)?$")
 _PRE_SUFFIX = re.compile(r"^(?:[-_.]?(?:a|b|c|rc|alpha|beta|pre|preview|dev)[-_.]?\d*)+$")
@@ -43,10 +50,20 @@ def speaks_v2(agent_version: str | None) -> bool:
     Versions compare numerically (0.10.0 is after 0.9.0); a pre-release of 0.2.0 is before it;
     a missing or unparsable version is treated as an old agent, which gets version 1.
     """
+    return _at_least(agent_version, V2_MIN_AGENT)
+
+
+def understands_shadow(agent_version: str | None) -> bool:
+    """Whether an agent of this version acts on shadow notices (0.3.0 and later); compared as
+    `speaks_v2` compares."""
+    return _at_least(agent_version, SHADOW_MIN_AGENT)
+
+
+def _at_least(agent_version: str | None, minimum_text: str) -> bool:
     if agent_version is None:
         return False
     parsed = _parse_version(agent_version)
-    minimum = _parse_version(V2_MIN_AGENT)
+    minimum = _parse_version(minimum_text)
     assert minimum is not None
     return parsed is not None and parsed >= minimum
 
@@ -136,12 +153,19 @@ def build_notice(
     rollback: bool,
     v2: bool,
     key: SigningKey,
+    shadow_max_s: float | None = None,
 ) -> bytes:
     """The signed envelope of one box's release notice (target `SITE/DEVICE`).
 
     Version 2 carries `rollout: {id, wave}`; version 1 (for agents before 0.2.0) carries
-    neither, and its update reports are tied to the rollout by (device, sequence).
+    neither, and its update reports are tied to the rollout by (device, sequence). With
+    `shadow_max_s` it is a shadow notice (version 2 only): `extensions` names `shadow` critical
+    and asks the box to shadow the active model with the version for at most that long.
     """
+    if shadow_max_s is not None and (not v2 or rollback):
+        raise FleetError(
+            f"a shadow notice for {site}/{device} must be schema version 2 and not a rollback"
+        )
     fields: dict[str, Any] = {
         "name": facts.name,
         "version": facts.version,
@@ -158,6 +182,11 @@ def build_notice(
         if v2:
             fields["schema_version"] = 2
             fields["rollout"] = Rollout.create(id=rollout_id, wave=wave)
+        if shadow_max_s is not None:
+            fields["extensions"] = {
+                CRITICAL_EXTENSIONS: [SHADOW_EXTENSION],
+                SHADOW_EXTENSION: {"max_s": shadow_max_s},
+            }
         return encode_notice(ReleaseNotice.create(**fields), key)
     except BundleError as exc:
         raise FleetError(f"cannot sign the release notice for {site}/{device}: {exc}") from exc

@@ -1,7 +1,8 @@
 """The rollout plan: which bundle goes to which cohort, in which waves, when, and when to stop.
 
 This module owns the plan's schema (the TOML of docs/fleet.md "Rollouts": waves, soak, deadline,
-per-site maintenance windows, gates, rollback policy), its validation, and the pure arithmetic
+per-site maintenance windows, gates, rollback policy, and the optional shadow phase of docs/fleet.md
+"Shadow phase"), its validation, and the pure arithmetic
 the runner needs: how many boxes each wave gets (`wave_sizes`) and which boxes those are
 (`assign_waves`, deterministic, so a restarted controller computes the same waves). Every problem
 with a plan is a `FleetError` in one line that names the field and says what to write instead.
@@ -36,7 +37,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from edge_bundle.release import Notes, Segment, Url
+from edge_bundle.release import MAX_SHADOW_S, Notes, Segment, Url
 from fleet_controller.errors import FleetError
 
 MAX_WAVES: Final = 1000
@@ -52,7 +53,7 @@ _RANGE = re.compile(
     r"^(?P<sh>[01]\d|2[0-3]):(?P<sm>[0-5]\d)-(?P<eh>[01]\d|2[0-4]):(?P<em>[0-5]\d)$"
 )
 _TOML_KEYS: Final = frozenset(
-    {"name", "bundle", "url", "cohort", "notes", "waves", "windows", "gates", "on_halt"}
+    {"name", "bundle", "url", "cohort", "notes", "waves", "windows", "gates", "on_halt", "shadow"}
 )
 _MOVABLE = ("soak_s", "deadline_s")  # documented under [waves]; accepted at the top level too
 _EXAMPLE_WAVES = (
@@ -120,6 +121,30 @@ class GatesSpec(_Model):
     max_drift_alerts: Count = 0
     min_boxes: PositiveCount = 2
     min_samples: PositiveCount = 50
+
+
+class ShadowSpec(_Model):
+    """The shadow phase of every wave (docs/fleet.md "Shadow phase"): the wave's boxes install
+    the candidate without activating it and shadow the active model with it for `soak_s`; the
+    wave activates only when the candidate agreed on at least `min_agreement` of at least
+    `min_compared` photos (and, when given, its p95 is within `max_candidate_p95_ratio` of the
+    active version's)."""
+
+    soak_s: Annotated[float, Field(ge=0, le=MAX_SOAK_S)] = 900.0
+    min_compared: PositiveCount = 100
+    min_agreement: Fraction01 = 0.95
+    max_candidate_p95_ratio: Annotated[float, Field(ge=1, le=1000)] | None = None
+    # How long a box shadows at most (the notice's max_s); default soak_s + the plan's deadline_s.
+    max_s: Annotated[float, Field(gt=0, le=MAX_SHADOW_S)] | None = None
+
+    @model_validator(mode="after")
+    def _long_enough(self) -> Self:
+        if self.max_s is not None and self.max_s < self.soak_s:
+            raise ValueError(
+                f"max_s {self.max_s:g} is shorter than soak_s {self.soak_s:g}: boxes would stop "
+                "shadowing before the soak ends; raise max_s or leave it out"
+            )
+        return self
 
 
 class Window(_Model):
@@ -280,6 +305,16 @@ class RolloutPlan(_Model):
     # version this controller rolled out before is known without being listed.
     previous: list[PreviousBundle] = Field(default_factory=list)
     notes: Notes | None = None
+    shadow: ShadowSpec | None = None
+
+    @property
+    def shadow_max_s(self) -> float | None:
+        """How long boxes shadow at most (the shadow notices' `max_s`); None: no shadow phase."""
+        if self.shadow is None:
+            return None
+        if self.shadow.max_s is not None:
+            return self.shadow.max_s
+        return min(float(MAX_SHADOW_S), self.shadow.soak_s + self.deadline_s)
 
     @classmethod
     def parse(cls, data: Mapping[str, Any], base_dir: Path) -> RolloutPlan:
@@ -345,7 +380,8 @@ def _flatten_toml(data: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise FleetError(
             f"rollout plan: unknown field {unknown[0]!r}; a plan has name, bundle, url, cohort, "
-            "notes and the tables [waves], [windows], [gates], [on_halt] (see docs/fleet.md)"
+            "notes and the tables [waves], [windows], [gates], [on_halt], [shadow] "
+            "(see docs/fleet.md)"
         )
     fields = {key: value for key, value in data.items() if key != "on_halt"}
     waves = data.get("waves")
@@ -406,6 +442,11 @@ _HINTS: Final[dict[str, str]] = {
     "min_boxes": "write a whole number of at least 1, e.g. min_boxes = 2",
     "min_samples": "write a whole number of at least 1, e.g. min_samples = 50",
     "rollback_on_halt": "write [on_halt] rollback = true or false",
+    "shadow": "write a [shadow] table, e.g. soak_s = 900, min_compared = 200, min_agreement = 0.95",
+    "min_compared": "write a whole number of photos of at least 1, e.g. min_compared = 200",
+    "min_agreement": "write a fraction from 0 to 1, e.g. min_agreement = 0.95",
+    "max_candidate_p95_ratio": "write a ratio of at least 1, e.g. max_candidate_p95_ratio = 1.5",
+    "max_s": "write seconds above 0, at most 7 days, e.g. max_s = 3600",
     "notes": "write a short text of at most 2000 characters",
 }
 # What the model calls a field, as the TOML spells it.
@@ -416,6 +457,7 @@ _MODELS_AT: Final[dict[str, type[BaseModel]]] = {
     "exponential": Exponential,
     "gates": GatesSpec,
     "windows": Window,
+    "shadow": ShadowSpec,
 }
 
 

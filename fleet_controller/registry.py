@@ -1,13 +1,16 @@
 """The registry: what the controller knows of every box, learnt only from what boxes publish.
 
 It owns the device tables on `db.METADATA` (`devices`, `device_updates`, `model_samples`,
-`rejections`), the parsing of the three messages a box publishes (`parse`: pure, no storage;
+`shadow_samples`, `rejections`), the parsing of the three messages a box publishes (`parse`: pure, no storage;
 docs/fleet.md "What boxes publish"), recording what was parsed (`Registry.record`), counting
 what was refused (`Registry.reject`), and the queries the rollouts, gates, API and metrics ask.
 
 Parsing is strict about the types of the fields it reads and lenient about fields it does not
 know (newer agents add some); fields that agents before 0.2.0 do not send (`line`, `labels`,
 `groups`, per-model `latency_ms` and `outcomes`, a report's `rollout`) are simply absent.
+Telemetry's `shadow` (per model: the candidate's version and bundle digest, photos compared,
+agreement, per-class disagreements, the candidate's p50/p95) is kept as the latest figures per box
+and model in `shadow_samples`, which the rollouts' shadow gate reads.
 
 Times are UTC. A telemetry sample and a box's `last_seen` are stamped with the controller's
 clock when the message arrives (gates compare them with when the controller sent a notice); an
@@ -86,6 +89,20 @@ class ModelReport:
 
 
 @dataclass(frozen=True)
+class ShadowReport:
+    """One model's shadow comparison as a telemetry message reports it (`GET /v1/shadow`)."""
+
+    model: str
+    candidate_version: int
+    candidate_sha256: str | None
+    compared: int
+    agreement: float | None
+    disagreements: tuple[tuple[str, str, int], ...] = ()  # (active, candidate, photos)
+    candidate_p50: float | None = None
+    candidate_p95: float | None = None
+
+
+@dataclass(frozen=True)
 class TelemetryMessage:
     """A telemetry snapshot; `at` is the box's own clock (None when it sent none)."""
 
@@ -100,6 +117,7 @@ class TelemetryMessage:
     line: str | None = None
     labels: Mapping[str, str] | None = None
     groups: tuple[str, ...] = ()
+    shadows: tuple[ShadowReport, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -334,7 +352,44 @@ def _telemetry(fields: _Fields, site: str, device: str) -> TelemetryMessage:
         line=fields.text("line"),
         labels=fields.text_map("labels"),
         groups=fields.texts("groups"),
+        shadows=_shadows(fields.obj("shadow")),
     )
+
+
+def _shadows(shadow: _Fields | None) -> tuple[ShadowReport, ...]:
+    if shadow is None:
+        return ()
+    reports = []
+    for name in sorted(shadow.body):
+        entry = shadow.obj(name)
+        if entry is None:
+            continue  # a null entry says nothing
+        candidate = entry.obj("candidate")
+        if candidate is None:
+            raise entry.fail("candidate", "an object with the candidate's version")
+        agreement = entry.number("agreement")
+        if agreement is not None and agreement > 1:
+            raise entry.fail("agreement", "a fraction from 0 to 1")
+        reports.append(
+            ShadowReport(
+                model=name,
+                candidate_version=candidate.integer("version", required=True, minimum=1) or 0,
+                candidate_sha256=candidate.text("bundle_sha256"),
+                compared=entry.integer("compared", required=True) or 0,
+                agreement=agreement,
+                disagreements=tuple(
+                    (
+                        item.text("active", required=True) or "",
+                        item.text("candidate", required=True) or "",
+                        item.integer("count", required=True) or 0,
+                    )
+                    for item in entry.objects("disagreements")
+                ),
+                candidate_p50=entry.number("candidate_p50_ms"),
+                candidate_p95=entry.number("candidate_p95_ms"),
+            )
+        )
+    return tuple(reports)
 
 
 def _model(entry: _Fields, drift: _Fields | None) -> ModelReport:
@@ -495,6 +550,41 @@ class ModelSample:
 
 
 @dataclass(frozen=True)
+class ShadowSample:
+    """A box's latest shadow figures for one model (`at`: when they arrived)."""
+
+    site: str
+    device: str
+    model: str
+    at: datetime
+    candidate_version: int
+    candidate_sha256: str | None
+    compared: int
+    agreement: float | None
+    disagreements: tuple[tuple[str, str, int], ...]
+    candidate_p50: float | None
+    candidate_p95: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ref": f"{self.site}/{self.device}",
+            "model": self.model,
+            "at": self.at.isoformat(),
+            "candidate": {
+                "version": self.candidate_version,
+                "bundle_sha256": self.candidate_sha256,
+            },
+            "compared": self.compared,
+            "agreement": self.agreement,
+            "disagreements": [
+                {"active": a, "candidate": c, "count": n} for a, c, n in self.disagreements
+            ],
+            "candidate_p50_ms": self.candidate_p50,
+            "candidate_p95_ms": self.candidate_p95,
+        }
+
+
+@dataclass(frozen=True)
 class Rejection:
     """A refused message, as the `rejections` table keeps the last ones."""
 
@@ -586,6 +676,26 @@ MODEL_SAMPLES = sa.Table(
     _device_key(),
     sa.Index("model_samples_by_model", "site", "device", "model", "id"),
 )
+
+#: The latest shadow figures per box and model (a later telemetry message replaces them; figures
+#: stay after the box stops shadowing, so a gate still reads what the box last said).
+SHADOW_SAMPLES = sa.Table(
+    "shadow_samples",
+    db.METADATA,
+    sa.Column("site", sa.String(64), primary_key=True),
+    sa.Column("device", sa.String(64), primary_key=True),
+    sa.Column("model", sa.String(200), primary_key=True),
+    sa.Column("at", _TIME, nullable=False),
+    sa.Column("candidate_version", sa.BigInteger, nullable=False),
+    sa.Column("candidate_sha256", sa.String(64)),
+    sa.Column("compared", sa.BigInteger, nullable=False),
+    sa.Column("agreement", sa.Float),
+    sa.Column("disagreements", sa.Text, nullable=False, server_default="[]"),
+    sa.Column("candidate_p50", sa.Float),
+    sa.Column("candidate_p95", sa.Float),
+    _device_key(),
+)
+
 
 REJECTIONS = sa.Table(
     "rejections",
@@ -690,6 +800,29 @@ class Registry:
         for model in message.models:
             if model.version is not None:  # a model that never loaded has no figures to keep
                 self._add_sample(conn, message, model, now)
+        for shadow in message.shadows:
+            self._put_shadow(conn, message, shadow, now)
+
+    def _put_shadow(
+        self, conn: Connection, message: TelemetryMessage, shadow: ShadowReport, now: datetime
+    ) -> None:
+        values = {
+            "at": now,
+            "candidate_version": shadow.candidate_version,
+            "candidate_sha256": shadow.candidate_sha256,
+            "compared": shadow.compared,
+            "agreement": shadow.agreement,
+            "disagreements": db.dumps([list(item) for item in shadow.disagreements]),
+            "candidate_p50": shadow.candidate_p50,
+            "candidate_p95": shadow.candidate_p95,
+        }
+        statement = self._insert(SHADOW_SAMPLES).values(
+            site=message.site, device=message.device, model=shadow.model, **values
+        )
+        c = SHADOW_SAMPLES.c
+        conn.execute(
+            statement.on_conflict_do_update(index_elements=[c.site, c.device, c.model], set_=values)
+        )
 
     def _add_sample(
         self, conn: Connection, message: TelemetryMessage, model: ModelReport, now: datetime
@@ -847,6 +980,16 @@ class Registry:
             row = conn.execute(query.order_by(c.at.desc(), c.id.desc()).limit(1)).first()
         return _sample(row) if row is not None else None
 
+    def shadow(self, site: str, device: str, model: str) -> ShadowSample | None:
+        """A box's latest shadow figures for `model`, if it ever reported any."""
+        c = SHADOW_SAMPLES.c
+        query = sa.select(SHADOW_SAMPLES).where(
+            c.site == site, c.device == device, c.model == model
+        )
+        with db.transaction(self.engine) as conn:
+            row = conn.execute(query).first()
+        return _shadow_sample(row) if row is not None else None
+
     def counts_by_version(self) -> dict[tuple[str, int], int]:
         """(model, version) -> boxes whose latest telemetry reports it."""
         counts: Counter[tuple[str, int]] = Counter()
@@ -941,4 +1084,22 @@ def _sample(row: sa.Row[Any]) -> ModelSample:
         outcomes=db.loads(row.outcomes) or {},
         selftest_ok=row.selftest_ok,
         drift_alert=row.drift_alert,
+    )
+
+
+def _shadow_sample(row: sa.Row[Any]) -> ShadowSample:
+    return ShadowSample(
+        site=row.site,
+        device=row.device,
+        model=row.model,
+        at=_utc(row.at),
+        candidate_version=row.candidate_version,
+        candidate_sha256=row.candidate_sha256,
+        compared=row.compared,
+        agreement=row.agreement,
+        disagreements=tuple(
+            (str(a), str(c), int(n)) for a, c, n in db.loads(row.disagreements) or ()
+        ),
+        candidate_p50=row.candidate_p50,
+        candidate_p95=row.candidate_p95,
     )

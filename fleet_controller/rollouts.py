@@ -13,6 +13,11 @@ transaction, and only then performs the actions (docs/fleet.md "Crash safety"):
   acknowledged, so after a crash a box gets the same sequence and acts on it once;
 - gates are a read, evaluated again when a restart finds a wave gating.
 
+A plan with a `[shadow]` table gives every wave a shadow phase first (docs/fleet.md "Shadow
+phase"): shadow notices (their rows in `rollout_shadows`, see `fleet_controller.shadowing`) are
+stored and published exactly like release notices, the shadow gate is a read of the registry's
+shadow figures, and only a passed shadow gate lets the machine send the wave's activating notices.
+
 One re-entrant lock serialises every mutation: the API's threads and the tick loop share one
 instance.
 """
@@ -33,16 +38,17 @@ from sqlalchemy.engine import Connection, Engine
 
 from edge_bundle.release import MAX_VALIDITY
 from edge_bundle.signing import SigningKey, TrustStore
-from fleet_controller import db, faults
+from fleet_controller import db, faults, shadowing
 from fleet_controller.cohorts import Selector, preview, select
 from fleet_controller.errors import BadMessageError, ConflictError, FleetError, NotFoundError
-from fleet_controller.gates import BoxPair, evaluate
+from fleet_controller.gates import BoxPair, evaluate, shadow_gates
 from fleet_controller.machine import (
     ACTIVE,
     Action,
     Audit,
     Command,
     EvaluateGates,
+    EvaluateShadowGate,
     Event,
     GatesEvaluated,
     MarkTimedOut,
@@ -50,6 +56,7 @@ from fleet_controller.machine import (
     RolloutState,
     SendNotices,
     SendRollbacks,
+    SendShadowNotices,
     Tick,
     View,
     start,
@@ -62,6 +69,7 @@ from fleet_controller.notices import (
     next_sequence,
     notice_topic,
     speaks_v2,
+    understands_shadow,
 )
 from fleet_controller.plan import RolloutPlan, assign_waves, wave_sizes
 from fleet_controller.registry import Registry, UpdateReport
@@ -185,7 +193,7 @@ class Rollouts:
         self.publish = publish
         self.clock = clock
         self._lock = threading.RLock()
-        db.create_tables(engine)
+        db.migrate(engine)
 
     # ---- creating ----
     def preview(self, plan: RolloutPlan) -> dict[str, Any]:
@@ -207,7 +215,10 @@ class Rollouts:
                 f"{', '.join(found['missing'])}; check the refs (SITE/DEVICE) or wait until "
                 "those boxes have reported"
             )
-        refs = [device.ref for device in select(self.registry.devices(), selector)]
+        chosen = select(self.registry.devices(), selector)
+        refs = [device.ref for device in chosen]
+        if plan.shadow is not None:
+            _refuse_old_agents(chosen)
         if not refs:
             raise FleetError(
                 f"the cohort {db.dumps(selector.to_json())} picks no box; preview it with "
@@ -219,7 +230,13 @@ class Rollouts:
             if wave
         ]
         now = self.clock()
-        policy = Policy(len(waves), plan.soak_s, plan.deadline_s, plan.rollback_on_halt)
+        policy = Policy(
+            len(waves),
+            plan.soak_s,
+            plan.deadline_s,
+            plan.rollback_on_halt,
+            shadow_soak_s=plan.shadow.soak_s if plan.shadow is not None else None,
+        )
         state = start(policy, now)
         with self._lock, db.transaction(self.engine) as conn:
             self._refuse_overlap(conn, refs, None)
@@ -248,6 +265,8 @@ class Rollouts:
                     for ref in wave
                 ],
             )  # fmt: skip
+            if plan.shadow is not None:
+                shadowing.insert_rows(conn, rollout_id, waves)
             why = (
                 f"{facts.name}@{facts.version} to {len(refs)} boxes in {len(waves)} waves "
                 f"({', '.join(str(len(wave)) for wave in waves)})"
@@ -318,7 +337,8 @@ class Rollouts:
         with db.transaction(self.engine) as conn:
             rollout = self._load(conn, rollout_id)
             boxes = _box_rows(conn, rollout_id)
-        return _full_status(rollout, boxes)
+            shadows = shadowing.rows(conn, rollout_id)
+        return _full_status(rollout, boxes, shadows)
 
     def audit(self, rollout_id: str) -> _Entries:
         """The rollout's audit trail, oldest first."""
@@ -404,6 +424,11 @@ class Rollouts:
         for action in actions:
             if isinstance(action, SendNotices):
                 self._send_notices(rollout, action.refs)
+            elif isinstance(action, SendShadowNotices):
+                self._send_shadow_notices(rollout, action.refs)
+            elif isinstance(action, EvaluateShadowGate):
+                results = self._shadow_gate(rollout, action.wave)
+                self._step(rollout, GatesEvaluated(action.wave, results, self.clock()))
             elif isinstance(action, SendRollbacks):
                 self._send_rollbacks(rollout, action.refs)
             elif isinstance(action, EvaluateGates):
@@ -424,6 +449,8 @@ class Rollouts:
             for action in actions:
                 if isinstance(action, Audit):
                     _insert_audit(conn, rollout.id, now, action)
+                elif isinstance(action, MarkTimedOut) and action.shadow:
+                    shadowing.mark_timed_out(conn, rollout.id, action.refs)
                 elif isinstance(action, MarkTimedOut):
                     _mark_timed_out(conn, rollout.id, action, now)
         faults.hit("rollout.state")
@@ -458,9 +485,15 @@ class Rollouts:
                     rb_in_flight.append((_ref(row), _maybe_utc(row.rollback_sent_at)))
                 else:
                     rb_final += 1
+        shadow = shadowing.ShadowView((), 0, (), 0)
+        if state.status == "running" and state.phase.startswith("shadow_"):
+            shadow = shadowing.view(
+                conn, rollout.id, state.wave, lambda site: rollout.plan.site_open(site, now)
+            )
         return View(
             tuple(sendable), waiting, tuple(in_flight), final,
             tuple(rb_sendable), tuple(rb_in_flight), rb_final,
+            shadow.sendable, shadow.waiting, shadow.in_flight, shadow.final,
         )  # fmt: skip
 
     # ---- notices ----
@@ -501,6 +534,40 @@ class Rollouts:
                 )  # fmt: skip
             faults.hit("notice.stored")
             self._publish(rollout.id, site, device, payload, rollback=False)
+
+    def _send_shadow_notices(self, rollout: _Rollout, refs: tuple[str, ...]) -> None:
+        facts = rollout.facts
+        for ref in refs:
+            site, device = _site(ref), _device(ref)
+            known = self.registry.device(site, device)
+            old = _active_version(known.models if known else {}, facts.name)
+            agent = known.agent_version if known else None
+            now = self.clock()
+            with db.transaction(self.engine) as conn:
+                row = shadowing.row(conn, rollout.id, site, device)
+                if row is None or row.state != "pending" or row.notice is not None:
+                    continue  # already stored: the republish path owns it
+                skipped = _shadow_skip(ref, facts, old, agent)
+                if skipped is not None:
+                    state, reason = skipped
+                    shadowing.update(
+                        conn, rollout.id, site, device,
+                        state=state, reason=reason, old_version=old, outcome_at=now,
+                    )  # fmt: skip
+                    continue
+                sequence = _allocate_sequence(conn, now)
+                payload = build_notice(
+                    facts=facts, url=rollout.url, site=site, device=device, sequence=sequence,
+                    issued_at=now, expires_at=now + NOTICE_VALIDITY, rollout_id=rollout.id,
+                    wave=row.wave, rollback=False, v2=True, key=self.key,
+                    shadow_max_s=rollout.plan.shadow_max_s,
+                )  # fmt: skip
+                shadowing.update(
+                    conn, rollout.id, site, device,
+                    state="sent", old_version=old, sequence=sequence, notice=payload,
+                )  # fmt: skip
+            faults.hit("shadow.stored")
+            self._publish(rollout.id, site, device, payload, rollback=False, shadow=True)
 
     def _send_rollbacks(self, rollout: _Rollout, refs: tuple[str, ...]) -> None:
         for ref in refs:
@@ -574,13 +641,34 @@ class Rollouts:
         )
 
     def _publish(
-        self, rollout_id: str, site: str, device: str, payload: bytes, *, rollback: bool
+        self,
+        rollout_id: str,
+        site: str,
+        device: str,
+        payload: bytes,
+        *,
+        rollback: bool,
+        shadow: bool = False,
     ) -> None:
         """Publish a stored notice and mark it sent once the broker acknowledged it."""
         try:
             self.publish(notice_topic(site, device), payload)
         except Exception as exc:  # the link's failure, whatever its kind: retried next tick
             raise _PublishError(f"publishing to {site}/{device} failed: {exc}") from exc
+        if shadow:
+            faults.hit("shadow.published")
+            c = shadowing.ROLLOUT_SHADOWS.c
+            with db.transaction(self.engine) as conn:
+                conn.execute(
+                    shadowing.ROLLOUT_SHADOWS.update()
+                    .where(
+                        *shadowing.key(rollout_id, site, device),
+                        c.sent_at.is_(None),
+                        c.notice == payload,
+                    )
+                    .values(sent_at=self.clock())
+                )
+            return
         prefix = "rollback." if rollback else "notice."
         faults.hit(prefix + "published")
         column = "rollback_sent_at" if rollback else "sent_at"
@@ -601,6 +689,13 @@ class Rollouts:
         with db.transaction(self.engine) as conn:
             status = self._load(conn, rollout_id).state.status
             rows = _box_rows(conn, rollout_id)
+            shadows = shadowing.rows(conn, rollout_id)
+        for shadow in shadows:
+            if status in ("running", "paused") and shadow.notice and shadow.sent_at is None:
+                self._publish(
+                    rollout_id, shadow.site, shadow.device, shadow.notice,
+                    rollback=False, shadow=True,
+                )  # fmt: skip
         for row in rows:
             if status in ("running", "paused") and row.notice is not None and row.sent_at is None:
                 self._publish(rollout_id, row.site, row.device, row.notice, rollback=False)
@@ -634,6 +729,21 @@ class Rollouts:
         outcomes = Counter(row.state for row in rows)
         return tuple(result.to_json() for result in evaluate(outcomes, pairs, spec))
 
+    def _shadow_gate(self, rollout: _Rollout, wave: int) -> tuple[dict[str, Any], ...]:
+        """The shadow gates over the wave's boxes that shadow the candidate."""
+        spec = rollout.plan.shadow
+        if spec is None:  # a plan cannot lose its shadow table; kept safe all the same
+            return ()
+        with db.transaction(self.engine) as conn:
+            rows = [row for row in shadowing.rows(conn, rollout.id) if row.wave == wave]
+        facts = rollout.facts
+        boxes = shadowing.box_figures(
+            self.registry, rows, name=facts.name, version=facts.version, sha256=facts.sha256
+        )
+        results = [result.to_json() for result in shadow_gates(boxes, spec)]
+        results[0].setdefault("figures", {})["states"] = shadowing.counts(rows)
+        return tuple(results)
+
     # ---- reports ----
     def attribute(self, report: UpdateReport) -> str | None:
         """The rollout a report belongs to; None for a sequence the controller never issued.
@@ -653,6 +763,13 @@ class Rollouts:
                     "which this controller never created",
                 )  # fmt: skip
             row = _box_row(conn, report.rollout_id, report.site, report.device)
+            shadow = shadowing.row(conn, report.rollout_id, report.site, report.device)
+        if (
+            shadow is not None
+            and shadow.sequence is not None
+            and report.sequence == shadow.sequence
+        ):
+            return report.rollout_id
         if row is None or report.sequence not in (row.sequence, row.rollback_sequence):
             raise BadMessageError(
                 "update", "unknown-sequence",
@@ -662,38 +779,24 @@ class Rollouts:
         return report.rollout_id
 
     def on_report(self, report: UpdateReport, rollout_id: str | None) -> None:
-        """Record what an attributed report says about its box (release or rollback)."""
+        """Record what an attributed report says about its box (shadow, release or rollback)."""
         if rollout_id is None:
             return
         now = self.clock()
         with self._lock, db.transaction(self.engine) as conn:
-            row = _box_row(conn, rollout_id, report.site, report.device)
-            if row is None:
-                return
-            at = report.at or now
-            if report.sequence == row.sequence:
-                state = _next_box_state(row.state, report.outcome)
+            shadow = shadowing.row(conn, rollout_id, report.site, report.device)
+            if shadow is not None and shadow.sequence == report.sequence:
+                state = shadowing.next_state(shadow.state, report.phase, report.outcome)
                 if state is not None:
-                    _update_box(
-                        conn,
-                        rollout_id,
-                        report.site,
-                        report.device,
-                        state=state,
-                        reason=report.reason,
-                        outcome_at=at,
-                    )
-            elif report.sequence == row.rollback_sequence:
-                state = _next_box_state(row.rollback_state, report.outcome)
-                if state is not None:
-                    _update_box(
-                        conn,
-                        rollout_id,
-                        report.site,
-                        report.device,
-                        rollback_state=state,
-                        rollback_reason=report.reason,
-                    )
+                    shadowing.update(
+                        conn, rollout_id, report.site, report.device,
+                        state=state, reason=report.reason, outcome_at=report.at or now,
+                    )  # fmt: skip
+            else:
+                row = _box_row(conn, rollout_id, report.site, report.device)
+                if row is None:
+                    return
+                _record_box_report(conn, rollout_id, row, report, report.at or now)
         faults.hit("report.stored")
 
     def _refs(self, conn: Connection, rollout_id: str) -> _Refs:
@@ -705,6 +808,58 @@ class _PublishError(Exception):
 
 
 # ---- rows -----------------------------------------------------------------------------------
+def _record_box_report(
+    conn: Connection, rollout_id: str, row: sa.Row[Any], report: UpdateReport, at: datetime
+) -> None:
+    """What a report on a box's release or rollback notice says, on its row."""
+    if report.sequence == row.sequence:
+        state = _next_box_state(row.state, report.outcome)
+        if state is not None:
+            _update_box(
+                conn, rollout_id, report.site, report.device,
+                state=state, reason=report.reason, outcome_at=at,
+            )  # fmt: skip
+    elif report.sequence == row.rollback_sequence:
+        state = _next_box_state(row.rollback_state, report.outcome)
+        if state is not None:
+            _update_box(
+                conn, rollout_id, report.site, report.device,
+                rollback_state=state, rollback_reason=report.reason,
+            )  # fmt: skip
+
+
+def _refuse_old_agents(devices: Iterable[Any]) -> None:
+    """A shadow phase needs every box to understand shadow notices (agent 0.3.0 and later)."""
+    old = sorted(
+        f"{device.ref} (agent {device.agent_version or 'unknown'})"
+        for device in devices
+        if not understands_shadow(device.agent_version)
+    )
+    if old:
+        shown = ", ".join(old[:SHOWN_CONFLICTS])
+        more = f" and {len(old) - SHOWN_CONFLICTS} more" if len(old) > SHOWN_CONFLICTS else ""
+        raise FleetError(
+            f"the plan has a [shadow] phase, but {len(old)} boxes of the cohort run agents "
+            f"before 0.3.0, which ignore shadow notices and would activate the version at once: "
+            f"{shown}{more}; upgrade their agents, exclude them from the cohort, or remove "
+            "the [shadow] table"
+        )
+
+
+def _shadow_skip(
+    ref: str, facts: BundleFacts, old: int | None, agent: str | None
+) -> tuple[str, str] | None:
+    """(state, reason) for a box that gets no shadow notice, or None to send it one."""
+    if old is not None and old >= facts.version:
+        return "ignored", f"{ref} already runs {facts.name}@{old}; nothing was sent"
+    if not understands_shadow(agent):
+        return "refused", (
+            f"{ref} reports agent {agent or 'unknown'}, which does not understand shadow "
+            "notices (0.3.0 and later do); no shadow notice was sent"
+        )
+    return None
+
+
 def _next_box_state(current: str | None, outcome: str) -> str | None:
     """The box's new state after a report with `outcome`, or None to keep it.
 
@@ -840,7 +995,9 @@ def _summary(rollout: _Rollout, counts: Mapping[str, int]) -> dict[str, Any]:
     }
 
 
-def _full_status(rollout: _Rollout, rows: list[sa.Row[Any]]) -> dict[str, Any]:
+def _full_status(
+    rollout: _Rollout, rows: list[sa.Row[Any]], shadows: list[sa.Row[Any]]
+) -> dict[str, Any]:
     state = rollout.state
     per_wave = []
     for number in range(1, state.policy.waves + 1):
@@ -854,6 +1011,7 @@ def _full_status(rollout: _Rollout, rows: list[sa.Row[Any]]) -> dict[str, Any]:
             }
         )
     overall = Counter(row.state for row in rows)
+    by_ref = {_ref(shadow): shadow for shadow in shadows}
     return {
         **_summary(rollout, overall),
         "phase_since": _iso(state.phase_since),
@@ -867,9 +1025,11 @@ def _full_status(rollout: _Rollout, rows: list[sa.Row[Any]]) -> dict[str, Any]:
             sorted(Counter(r.rollback_state for r in rows if r.rollback_state).items())
         ),
         "gates": [dict(result) for result in state.gate_results],
+        "shadow_gates": [dict(result) for result in state.shadow_results],
+        "shadow": shadowing.counts(shadows) if shadows else None,
         "bundle_facts": {**rollout.facts.to_json(), "url": rollout.url},
         "plan": rollout.plan.to_json(),
-        "boxes": [_box_json(row) for row in rows],
+        "boxes": [{**_box_json(row), **shadowing.box_json(by_ref.get(_ref(row)))} for row in rows],
     }
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -101,8 +102,9 @@ def signed_notice(
     sha256: str | None = None,
     size: int | None = None,
     rollout: Rollout | None = None,
+    extensions: dict[str, Any] | None = None,
 ) -> bytes:
-    """A signed release notice for `bundle`; with a `rollout`, a schema version 2 notice."""
+    """A signed release notice for `bundle`; with a `rollout` or `extensions`, schema version 2."""
     data = bundle.read_bytes()
     issued = issued_at or datetime.now(UTC) - timedelta(seconds=5)
     notice = ReleaseNotice(
@@ -116,8 +118,9 @@ def signed_notice(
         issued_at=issued,
         expires_at=issued + expires_in,
         rollback=rollback,
-        schema_version=1 if rollout is None else 2,
+        schema_version=1 if rollout is None and extensions is None else 2,
         rollout=rollout,
+        extensions=extensions,
     )
     return encode_notice(notice, key)
 

@@ -154,6 +154,7 @@ class Agent:
                 _keys(settings.release_keys),
                 _keys(settings.root_keys),
                 after_outcome=self.device.telemetry.publish_soon,
+                shadow=self.device.shadow,
             )
         self.handlers: MqttHandlers | None = None
         if self.mqtt is not None:

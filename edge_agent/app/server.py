@@ -5,6 +5,10 @@ false immediately, new predictions get 503 + Retry-After for `drain_grace_s` so 
 clients move on, admitted requests finish, and then uvicorn closes the listener and the remaining
 connections. From the signal to exit takes at most `shutdown_timeout_s`; a second signal exits
 at once. SIGHUP reloads the active bundles from the store (after an `edge-agent install`).
+
+Under overload the event loop must stay responsive: work handed to threads runs at
+`inference_nice` below it (`lower_background_priority`), and HTTP predictions that admission would
+refuse are answered before routing (`early_refusal`, for `edge_agent.http.middleware`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
 import uvicorn
@@ -24,7 +29,10 @@ from edge_agent import __version__
 from edge_agent.app.agent import Agent
 from edge_agent.app.connections import ConnectionLimits, limited_protocol
 from edge_agent.app.sdnotify import SystemdNotifier, watchdog_loop
+from edge_agent.engine.lane import lower_priority
+from edge_agent.errors import AgentError, error_code
 from edge_agent.http.app import create_app
+from edge_agent.http.middleware import Refusal
 from edge_agent.settings import AgentSettings
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,8 @@ class AgentServer(uvicorn.Server):
         self._background: list[asyncio.Task[None]] = []
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # Before the lifespan starts the agent: model loads already run on the lowered threads.
+        lower_background_priority(asyncio.get_running_loop(), self.agent.settings.inference_nice)
         await super().startup(sockets)
         if self.should_exit:
             return
@@ -119,9 +129,36 @@ class AgentServer(uvicorn.Server):
         self._background.append(asyncio.create_task(self.agent.reload(), name="reload"))
 
 
+def lower_background_priority(loop: asyncio.AbstractEventLoop, nice: int) -> None:
+    """Run what `loop` hands to threads (`asyncio.to_thread`) `nice` steps below it, as the
+    inference threads are: the threads ONNX Runtime starts for a model inherit the priority of
+    the thread that loads it, and under overload must not take the CPU from the event loop's
+    health checks and refusals."""
+    pool = ThreadPoolExecutor(thread_name_prefix="background", initializer=lower_priority(nice))
+    loop.set_default_executor(pool)
+
+
 def http_app(agent: Agent) -> FastAPI:
     """The HTTP app over the agent's device, its lifespan the agent's start and stop."""
-    return create_app(agent.device, lifespan=agent.lifespan, updates=agent.updater)
+    return create_app(
+        agent.device,
+        lifespan=agent.lifespan,
+        updates=agent.updater,
+        refusal=early_refusal(agent),
+    )
+
+
+def early_refusal(agent: Agent) -> Refusal:
+    """Whether admission would refuse an HTTP prediction now (counted like one it refuses)."""
+    admission, core = agent.lane.admission, agent.device.models.core
+
+    def refusal(model: str) -> AgentError | None:
+        error = admission.refusal()
+        if error is not None:
+            core.record(model, "http", error_code(error))
+        return error
+
+    return refusal
 
 
 def server_config(settings: AgentSettings, app: FastAPI) -> uvicorn.Config:

@@ -13,9 +13,14 @@ exponentially weighted average of the time between departures while the lane is 
 finish minus the later of its start and the previous finish): what one more prediction in the
 queue costs everyone behind it, whatever overlap decoding and inference achieve on this box.
 Until the first prediction has finished only the count applies. The budget is a number of service
-times (`DelayBudget.service_times`), optionally capped in milliseconds. A slot also carries a
-deadline: work that is still waiting for the inference thread long after the budget promised
-(`LATE_FACTOR`) is dropped before it runs (`raise_if_late`) rather than answered late.
+times (`DelayBudget.service_times`), optionally capped in milliseconds. The agent's default
+(setting `max_queue_delay_services`) is half a service time, which admits a prediction only when
+none holds a slot: one inference already spreads over every core of a small box, so a second one
+in flight gains little throughput and doubles the wait (bench/bench_overload.py). `refusal`
+reads the decision without taking anything, for the HTTP edge to refuse before routing
+(`edge_agent.http.middleware`). A slot also carries a deadline: work that is still waiting for
+the inference thread long after the budget promised (`LATE_FACTOR`) is dropped before it runs
+(`raise_if_late`) rather than answered late.
 
 Single event loop, so no lock is needed; the clock is injectable for tests.
 """
@@ -102,25 +107,33 @@ class Admission:
 
     def check(self, *, admitted: bool = False) -> None:
         """Raise `DrainingError` or `OverloadedError` if a newcomer would be refused now."""
+        error = self.refusal(admitted=admitted)
+        if error is not None:
+            raise error
+
+    def refusal(self, *, admitted: bool = False) -> DrainingError | OverloadedError | None:
+        """The error a newcomer would be refused with now, or None; changes nothing, so the HTTP
+        edge can ask it before routing (the decision that counts is still `admit`'s)."""
         if self.draining and not admitted:
-            raise DrainingError(
+            return DrainingError(
                 "the agent is shutting down; send the request again to another agent or in a "
                 "few seconds",
                 retry_after_s=RETRY_AFTER_S,
             )
         if self.in_flight >= self.capacity:
-            raise OverloadedError(
+            return OverloadedError(
                 f"all {self.capacity} inference slots are busy; retry after a second",
                 retry_after_s=RETRY_AFTER_S,
             )
         wait, service = self.expected_wait_s(), self.service.seconds
         if wait is not None and service is not None and wait > self.budget.seconds(service):
-            raise OverloadedError(
+            return OverloadedError(
                 f"the {self.in_flight} predictions ahead would keep this one waiting about "
                 f"{wait * 1000:.0f} ms, over this agent's queueing budget of "
                 f"{self.budget.seconds(service) * 1000:.0f} ms; retry after a second",
                 retry_after_s=RETRY_AFTER_S,
             )
+        return None
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[Entry]:

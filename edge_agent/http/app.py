@@ -32,13 +32,21 @@ from edge_agent.errors import AgentError, BadRequestError, UnauthorizedError
 from edge_agent.http import errors
 from edge_agent.http.generate import add_generation_routes
 from edge_agent.http.inputs import read_image, read_json
-from edge_agent.http.middleware import BodyDeadline, BodyLimit, HeaderLimit, Timing
+from edge_agent.http.middleware import (
+    BodyDeadline,
+    BodyLimit,
+    EarlyRefusal,
+    HeaderLimit,
+    Refusal,
+    Timing,
+)
 from edge_agent.http.openapi import BODY, error_responses, install_openapi
 from edge_agent.http.page import INDEX_HTML, PAGE_HEADERS
 from edge_agent.http.redact import public_message, redact_as
 from edge_bundle.errors import BundleError
 
 ADMIN_PREFIX = "/v1/admin/"
+PREDICT_ROUTE = "/v1/models/{name}/predict"
 PREDICT_BODY = {
     "required": True,
     "content": {
@@ -123,9 +131,12 @@ def create_app(
     *,
     lifespan: Lifespan[FastAPI] | None = None,
     updates: UpdateStatus | None = None,
+    refusal: Refusal | None = None,
 ) -> FastAPI:
     """The HTTP app over `device`; `lifespan` starts and stops what serves it, `updates` is the
-    updater's status (None: updates are not configured)."""
+    updater's status (None: updates are not configured), `refusal` says which predictions
+    admission would refuse now, so that they are answered before routing (None: the endpoint
+    refuses them)."""
     app = FastAPI(
         title="Lineside edge agent",
         version=__version__,
@@ -145,6 +156,8 @@ def create_app(
     app.add_middleware(
         BodyDeadline, timeout_s=settings.http_body_timeout_s, min_rate=settings.http_body_min_rate
     )
+    if refusal is not None:
+        app.add_middleware(EarlyRefusal, refusal=refusal, route=PREDICT_ROUTE)
     app.add_middleware(BodyLimit, limit_for=limit_for)
     app.add_middleware(HeaderLimit, max_headers=settings.http_max_headers)
     app.add_middleware(Timing, metrics=device.metrics)
@@ -311,7 +324,7 @@ def _add_routes(app: FastAPI, device: Device, updater: UpdateStatus | None) -> N
         return public_reason(device.describe_model(name), request)
 
     @app.post(
-        "/v1/models/{name}/predict",
+        PREDICT_ROUTE,
         tags=["models"],
         summary="Classify a photo",
         openapi_extra={"requestBody": PREDICT_BODY},

@@ -1,29 +1,45 @@
-"""Pure ASGI middleware: the header-count cap, the body's size cap and read deadline, and
-server-side request timing.
+"""Pure ASGI middleware: the header-count cap, the body's size cap and read deadline, refusing
+predictions early under overload, and server-side request timing.
 
 `HeaderLimit` answers 431 to a request with more header fields than allowed (their total size is
 capped before parsing, by the server's protocol). `BodyDeadline` gives the body a deadline that
 grows with what has arrived: `timeout_s` plus the bytes received at `min_rate`, so a small body
 has `timeout_s` and a large one keeps up a minimum rate; a client lagging behind gets 408, whether
-it stalls or trickles, and never holds the request longer than that. `BodyLimit` refuses a declared `Content-Length` over the cap before reading a byte, and counts the
-bytes of bodies sent without one, failing the read as soon as the cap is passed; memory per
-request stays bounded whatever a client sends. `Timing` measures from the moment the request
+it stalls or trickles, and never holds the request longer than that. `BodyLimit` refuses a
+declared `Content-Length` over the cap before reading a byte, and counts the bytes of bodies sent
+without one, failing the read as soon as the cap is passed; memory per request stays bounded
+whatever a client sends. `Timing` measures from the moment the request
 reaches the app to the moment the last response byte is handed to the server, the server-side
 latency the budget is about, and records it per route template (never per raw path). It also
 reports the time to the response's start in a `Server-Timing: app;dur=MS` header.
+
+`EarlyRefusal` answers a prediction that admission would refuse right now (overloaded, draining)
+with the agent's JSON 503 + Retry-After before routing, query validation and the endpoint run:
+under overload most requests are refused, and every millisecond of CPU a refusal costs is taken
+from the predictions being served and from the refusals queued behind it on the event loop. It
+only reads the admission state; a request it lets through is decided on again by admission.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Callable
 
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edge_agent.errors import PayloadTooLargeError, RequestTimeoutError
+from edge_agent.engine.types import new_request_id
+from edge_agent.errors import AgentError, PayloadTooLargeError, RequestTimeoutError
+from edge_agent.http.errors import status_for
 from edge_agent.metrics import AgentMetrics
+
+#: Scope key naming the route template of a request answered before routing (for `Timing`).
+ROUTE_KEY = "edge_agent.route"
+#: Why a request to the guarded route, for the model named in its path, would be refused now.
+Refusal = Callable[[str], AgentError | None]
 
 
 class BodyLimit:
@@ -122,6 +138,40 @@ class BodyDeadline:
         )
 
 
+class EarlyRefusal:
+    """Answer `method route` requests with 503 + Retry-After when `refusal(name)` says so, before
+    the app sees them (`name` is the route's `{name}` path parameter)."""
+
+    def __init__(self, app: ASGIApp, refusal: Refusal, route: str, method: str = "POST") -> None:
+        self.app = app
+        self.refusal = refusal
+        self.route = route
+        self.method = method
+        self.pattern = compile_path(route)[0]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == self.method:
+            match = self.pattern.match(scope["path"])
+            error = self.refusal(match["name"]) if match else None
+            if error is not None:
+                scope[ROUTE_KEY] = self.route
+                await self._refuse(send, error)
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(send: Send, error: AgentError) -> None:
+        # The answer the app's handler gives the same error (`edge_agent.http.errors`), kept
+        # alive like that one: the server skips the unread body.
+        status, code = status_for(error)
+        request_id = new_request_id()
+        headers = [(b"x-request-id", request_id.encode())]
+        if error.retry_after_s is not None:
+            retry_after = max(1, math.ceil(error.retry_after_s))
+            headers.append((b"retry-after", str(retry_after).encode()))
+        await send_error(send, status, code, error.message, (*headers,), request_id, close=False)
+
+
 class Timing:
     """Observe server-side latency into `metrics.request_seconds`."""
 
@@ -146,7 +196,7 @@ class Timing:
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 route = scope.get("route")
-                template = getattr(route, "path", "unmatched")
+                template = getattr(route, "path", None) or scope.get(ROUTE_KEY, "unmatched")
                 self.metrics.request_seconds.labels(template, f"{status // 100}xx").observe(
                     time.perf_counter() - started
                 )
@@ -176,9 +226,10 @@ async def _too_large(send: Send, size: int, limit: int) -> None:
     await send_error(send, 413, "payload_too_large", _message(size, limit, declared=True))
 
 
-def error_json(code: str, message: str) -> bytes:
+def error_json(code: str, message: str, request_id: str | None = None) -> bytes:
     """The agent's error shape (`edge_agent.http.errors`), for answers made outside the app."""
-    return json.dumps({"error": {"code": code, "message": message, "request_id": None}}).encode()
+    error = {"code": code, "message": message, "request_id": request_id}
+    return json.dumps({"error": error}).encode()
 
 
 async def send_error(
@@ -187,10 +238,14 @@ async def send_error(
     code: str,
     message: str,
     headers: tuple[tuple[bytes, bytes], ...] = (),
+    request_id: str | None = None,
+    *,
+    close: bool = True,
 ) -> None:
-    """Answer with the agent's error shape and close: for answers made before the app (and its
-    exception handlers) ran."""
-    body = error_json(code, message)
+    """Answer with the agent's error shape and (unless `close` is False) close: for answers made
+    before the app (and its exception handlers) ran."""
+    body = error_json(code, message, request_id)
+    closing = ((b"connection", b"close"),) if close else ()
     await send(
         {
             "type": "http.response.start",
@@ -198,7 +253,7 @@ async def send_error(
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
+                *closing,
                 *headers,
             ],
         }

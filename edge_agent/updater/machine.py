@@ -5,8 +5,16 @@ events, and persists every new state before acting on it, so a crash at any poin
 state whose actions can simply be performed again (every action is idempotent).
 
     idle ─notice ok─► downloading ─► verifying ─► staging ─► activating ─► probation ─► committed
-      ▲                  │              │            │           │             │
-      └──────────────────┴──── refused (reason) ─────┘           └─ rolled_back (reason) ◄┘
+      ▲                  │              │            │  │        │             │
+      └──────────────────┴──── refused (reason) ─────┘  │        └─ rolled_back (reason) ◄┘
+                                                        └─(shadow notice)─► shadowing ─► shadowed
+
+A notice with the `shadow` extension (schema version 2, named critical) installs the version
+without activating it: after staging the box shadows the active model with it (`StartShadow`)
+until `max_s` has passed or a newer notice arrives, then stops (`StopShadow`) and keeps the
+version in its store, so a later ordinary notice for the same bundle activates it without
+downloading it again. A notice whose `extensions.critical` names an extension this agent does not
+understand is refused, never half-understood.
 
 A notice is checked before anything is fetched (`check_notice`): signed by a trusted release key
 (done by the caller), meant for this device or one of its groups, newer than every release
@@ -25,11 +33,17 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
+from edge_agent import __version__
+
 Phase = Literal[
-    "idle", "downloading", "verifying", "staging", "activating", "probation",
-    "committed", "rolled_back", "refused",
+    "idle", "downloading", "verifying", "staging", "shadowing", "activating", "probation",
+    "committed", "rolled_back", "refused", "shadowed",
 ]  # fmt: skip
-BUSY: frozenset[str] = frozenset({"downloading", "verifying", "staging", "activating", "probation"})
+BUSY: frozenset[str] = frozenset(
+    {"downloading", "verifying", "staging", "shadowing", "activating", "probation"}
+)
+#: The notice extensions this agent understands (a critical one it does not: refused).
+UNDERSTOOD_EXTENSIONS: frozenset[str] = frozenset({"shadow"})
 
 
 @dataclass(frozen=True)
@@ -61,12 +75,15 @@ class Release:
     expires_at: datetime
     rollback: bool = False
     rollout: RolloutRef | None = None
+    critical: tuple[str, ...] = ()  # extensions the notice needs understood
+    shadow_s: float | None = None  # a shadow notice: shadow for at most this long, not activate
 
     def to_json(self) -> dict[str, Any]:
         data = dict(self.__dict__)
         data["issued_at"] = self.issued_at.isoformat()
         data["expires_at"] = self.expires_at.isoformat()
         data["rollout"] = self.rollout.to_json() if self.rollout else None
+        data["critical"] = list(self.critical)
         return data
 
     @classmethod
@@ -74,8 +91,9 @@ class Release:
         values = dict(data)
         values["issued_at"] = datetime.fromisoformat(values["issued_at"])
         values["expires_at"] = datetime.fromisoformat(values["expires_at"])
-        # A state.json written before rollouts existed has no "rollout" key.
+        # A state.json written before rollouts (or shadow notices) existed lacks their keys.
         rollout = values.pop("rollout", None)
+        values["critical"] = tuple(str(name) for name in values.get("critical", ()))
         return cls(**values, rollout=RolloutRef.from_json(rollout) if rollout else None)
 
 
@@ -173,6 +191,21 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class StartShadow:
+    """Shadow the active model with the staged version for `release.shadow_s` seconds, then
+    report `StepDone("shadowing")`."""
+
+    release: Release
+
+
+@dataclass(frozen=True)
+class StopShadow:
+    """Stop shadowing with the release's version (it stays installed, not active)."""
+
+    release: Release
+
+
+@dataclass(frozen=True)
 class Activate:
     release: Release
 
@@ -244,6 +277,8 @@ Action = (
     Download
     | Verify
     | Stage
+    | StartShadow
+    | StopShadow
     | Activate
     | Probation
     | RollBack
@@ -263,6 +298,7 @@ _STEP_ACTION: dict[str, type] = {
     "downloading": Download,
     "verifying": Verify,
     "staging": Stage,
+    "shadowing": StartShadow,
     "activating": Activate,
     "probation": Probation,
 }
@@ -275,6 +311,12 @@ def check_notice(state: UpdateState, event: NoticeReceived) -> str | None:
         return (
             f"sequence {release.sequence} is not newer than {state.last_sequence}, the newest "
             "already seen (a replayed or stale notice)"
+        )
+    unknown = [name for name in release.critical if name not in UNDERSTOOD_EXTENSIONS]
+    if unknown:
+        return (
+            f"this notice needs the {unknown[0]!r} extension, which agent {__version__} does not "
+            "understand; upgrade the agent"
         )
     floor = state.clock_floor
     now = max(event.now, floor) if floor is not None else event.now
@@ -332,7 +374,18 @@ def _on_notice(state: UpdateState, event: NoticeReceived) -> tuple[UpdateState, 
             Report.about(release, state.phase, "progress", "queued behind the current update")
         ]
     actions: list[Action] = []
-    if state.busy and state.release is not None:
+    if state.phase == "shadowing" and state.release is not None:
+        # The shadowed version stays installed: a later notice may activate it without a download.
+        actions += [
+            StopShadow(state.release),
+            Report.about(
+                state.release,
+                "shadowed",
+                "progress",
+                f"shadowing ended: superseded by sequence {release.sequence}",
+            ),
+        ]
+    elif state.busy and state.release is not None:
         actions += [
             Discard(state.release),
             Report.about(
@@ -374,6 +427,19 @@ def _on_done(state: UpdateState, release: Release) -> tuple[UpdateState, list[Ac
             Report.about(release, "committed", "committed"),
         ]
         return _then_pending(done, actions)
+    if state.phase == "shadowing":
+        ended = (
+            f"shadowing ended after {release.shadow_s:g} s; the version stays installed, not active"
+        )
+        return replace(state, phase="shadowed", reason=None), [
+            StopShadow(release),
+            Report.about(release, "shadowed", "progress", ended),
+        ]
+    if state.phase == "staging" and release.shadow_s is not None:
+        return replace(state, phase="shadowing"), [
+            Report.about(release, "shadowing", "progress"),
+            StartShadow(release),
+        ]
     next_phase, action = _NEXT[state.phase]
     return replace(state, phase=next_phase), [
         Report.about(release, next_phase, "progress"),
@@ -390,8 +456,10 @@ def _on_failed(
             Download(release),
         ]
     # A version that failed to load, test or serve is bad and not retried; a failed download or
-    # verification says nothing about the version (a wrong file on a server), so it may come again.
+    # verification says nothing about the version (a wrong file on a server), so it may come again,
+    # and neither does a shadow that could not start (the active model was not ready, say).
     bad = state.bad_versions
+    stop: list[Action] = [StopShadow(release)] if state.phase == "shadowing" else []
     if state.phase in ("staging", "activating", "probation"):
         bad = (*bad, (release.name, release.version))
     if state.phase in ("activating", "probation"):
@@ -403,6 +471,7 @@ def _on_failed(
         return _then_pending(done, actions)
     refused = replace(state, phase="refused", reason=event.reason, bad_versions=bad)
     return refused, [
+        *stop,
         Discard(release),
         Report.about(release, state.phase, "refused", event.reason),
     ]

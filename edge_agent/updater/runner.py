@@ -7,8 +7,12 @@ publisher its reports leave through, the metrics, and its trusted keys.
 Every new state is persisted (atomically) before its actions run, and every action can be run
 again after a crash with the same result, so a SIGKILL or power cut at any point resumes cleanly:
 the store swaps versions with one rename, so the box serves the old version or the new one, never
-neither and never a partial bundle. Long steps (download, staging, probation) run as tasks and
-report back with an event; one lock keeps events in order.
+neither and never a partial bundle. Long steps (download, staging, shadowing, probation) run as
+tasks and report back with an event; one lock keeps events in order.
+
+A shadow notice's version is installed into the store without being activated and shadows the
+active model through the device's `ShadowRunner`; a later notice for the very same bundle (same
+sha256) finds it in the store and is verified from there instead of being downloaded again.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from edge_agent import faults
 from edge_agent.device.install import Candidate, check_fits, prepare, record_reference
 from edge_agent.device.models import Models
 from edge_agent.device.ports import Publisher
+from edge_agent.engine.shadow import ShadowRunner
 from edge_agent.engine.types import ModelState
 from edge_agent.errors import AgentError
 from edge_agent.metrics import AgentMetrics
@@ -52,8 +57,10 @@ from edge_agent.updater.machine import (
     RollBack,
     RolloutRef,
     Stage,
+    StartShadow,
     StepDone,
     StepFailed,
+    StopShadow,
     Verify,
     transition,
 )
@@ -99,6 +106,7 @@ class Updater:
         *,
         transport: httpx.BaseTransport | None = None,
         after_outcome: Callable[[], None] | None = None,
+        shadow: ShadowRunner | None = None,
     ) -> None:
         self.settings = settings
         self.models = models
@@ -106,8 +114,10 @@ class Updater:
         self.publisher = publisher
         self.metrics = metrics
         self.transport = transport  # None: the network (tests hand in an httpx.MockTransport)
-        # Called once an update is committed or rolled back (the agent sends telemetry then).
+        # Called once an update is committed or rolled back, or starts shadowing (the agent sends
+        # telemetry then).
         self.after_outcome = after_outcome
+        self.shadow = shadow  # None: shadow notices are refused when they reach shadowing
         self.directory = settings.updater_dir
         self.state_path = self.directory / "state.json"
         self.downloads = self.directory / "downloads"
@@ -278,6 +288,10 @@ class Updater:
             self._start_step("verifying", self._verify, action.release)
         elif isinstance(action, Stage):
             self._start_step("staging", self._stage, action.release)
+        elif isinstance(action, StartShadow):
+            self._start_step("shadowing", self._shadow, action.release)
+        elif isinstance(action, StopShadow):
+            self._stop_shadow(action.release)
         elif isinstance(action, Activate):
             self._start_step("activating", self._activate, action.release)
         elif isinstance(action, Probation):
@@ -314,7 +328,20 @@ class Updater:
         await self.handle(event)
 
     # ---- steps ---------------------------------------------------------------------------
+    def _in_store(self, release: Release) -> bool:
+        """Whether the store already holds exactly this bundle (a shadowed version, say)."""
+        store = self.store
+        if release.version not in store.versions(release.name):
+            return False
+        try:
+            return store.record(release.name, release.version).bundle_sha256 == release.sha256
+        except AgentError:
+            return False
+
     async def _download(self, release: Release) -> None:
+        if await asyncio.to_thread(self._in_store, release):
+            log.info("%s@%s is in the store already: no download", release.name, release.version)
+            return
         free = shutil.disk_usage(self.settings.state_dir).free
         needed = 2 * release.size + self.settings.update_min_free_mb * 2**20
         if free < needed:
@@ -327,7 +354,10 @@ class Updater:
 
     async def _verify(self, release: Release) -> None:
         def work() -> None:
-            bundle = self.store.stage(part_path(self.downloads, release))
+            if self._in_store(release):
+                bundle = self.store.open(release.name, release.version)  # verified again
+            else:
+                bundle = self.store.stage(part_path(self.downloads, release))
             manifest = bundle.manifest
             if (manifest.name, manifest.version) != (release.name, release.version):
                 raise AgentError(
@@ -374,6 +404,48 @@ class Updater:
             raise AgentError(
                 f"staged latency p95 {p95:.1f} ms is over the profile's budget of {budget} ms"
             )
+
+    async def _shadow(self, release: Release) -> None:
+        """Shadow the active model with the staged version for `release.shadow_s` seconds."""
+        staged, self._candidate = self._candidate, None
+        if self.shadow is None or self.models.serving_version(release.name) is None:
+            if staged is not None:
+                staged.classifier.close()
+            if self.shadow is None:
+                raise AgentError("this agent cannot shadow (no shadow runner); upgrade the agent")
+            raise AgentError(
+                f"nothing to shadow: no version of {release.name} serves on this box; "
+                "install one first or send an ordinary notice"
+            )
+        candidate = staged
+        if candidate is not None and candidate.bundle.manifest.version != release.version:
+            candidate.classifier.close()
+            candidate = None
+        if candidate is None:
+            # After a restart the staged classifier is gone: load and test it again.
+            candidate = await self.models.prepare(release.name, release.version)
+        self.shadow.start(release.name, candidate.classifier)
+        log.info(
+            "shadowing %s with version %s for %.0f s",
+            release.name,
+            release.version,
+            release.shadow_s or 0.0,
+        )
+        if self.after_outcome is not None:
+            self.after_outcome()
+        await asyncio.sleep(release.shadow_s or 0.0)
+
+    def _stop_shadow(self, release: Release) -> None:
+        running = self._steps.get("shadowing")
+        if running is not None and running is not asyncio.current_task():
+            running.cancel()
+            del self._steps["shadowing"]
+        if self.shadow is None:
+            return
+        shadow = self.shadow.shadows.get(release.name)
+        if shadow is not None and shadow.candidate.version == release.version:
+            self.shadow.stop(release.name)
+            log.info("stopped shadowing %s with version %s", release.name, release.version)
 
     async def _activate(self, release: Release) -> None:
         candidate = self._candidate
@@ -498,6 +570,8 @@ def _release_of(notice: ReleaseNotice) -> Release:
         expires_at=notice.expires_at,
         rollback=notice.rollback,
         rollout=RolloutRef(rollout.id, rollout.wave) if rollout is not None else None,
+        critical=notice.critical,
+        shadow_s=shadow.max_s if (shadow := notice.shadow) is not None else None,
     )
 
 

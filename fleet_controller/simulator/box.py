@@ -6,7 +6,9 @@ final outcome from agent 0.2.0, and every interval), and update reports through 
 (QoS 1, kept until the broker acknowledges them, sent again after a reconnect — like the agent's
 durable outbox, though only in memory). Notices are verified with `edge_bundle`, checked by
 `rules.BoxUpdates`, and installed by a task that walks the agent's steps in `install_s` and ends
-as the box's `Behaviour` says.
+as the box's `Behaviour` says. A box from agent 0.3.0 shadows the active model with a shadow
+notice's version after staging (its telemetry then carries `shadow` figures) until `max_s` has
+passed or a newer notice arrives; older boxes ignore the shadow extension and activate.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from edge_bundle.errors import BundleError
 from edge_bundle.release import ReleaseNotice, decode_notice, peek_notice
 from edge_bundle.signing import TrustStore
 from fleet_controller.simulator.link import AsyncLink, LinkEvents, Will
-from fleet_controller.simulator.rules import STEPS, BoxUpdates, Decision, Release, targets
+from fleet_controller.simulator.rules import (
+    SHADOW_STEPS,
+    STEPS,
+    BoxUpdates,
+    Decision,
+    Release,
+    targets,
+)
 from fleet_controller.simulator.spec import Behaviour, BoxSpec
 from fleet_controller.simulator.telemetry import snapshot
 
@@ -127,6 +136,8 @@ class SimBox:
         self._retry: asyncio.TimerHandle | None = None
         self._attempts = 0
         self._ticker: asyncio.Task[None] | None = None
+        # name -> (candidate version, its bundle sha256, when shadowing started: loop time)
+        self._shadows: dict[str, tuple[int, str, float]] = {}
 
     @property
     def online(self) -> bool:
@@ -249,8 +260,17 @@ class SimBox:
             return  # like a stale snapshot, not worth sending later
         now = self._loop.time()
         since = {name: now - started for name, started in self._active_since.items()}
+        shadows = {
+            name: (version, sha256, now - started)
+            for name, (version, sha256, started) in self._shadows.items()
+        }
         figures = snapshot(
-            self.spec, self.updates.active, since, now=self.clock(), uptime_s=now - self._started
+            self.spec,
+            self.updates.active,
+            since,
+            now=self.clock(),
+            uptime_s=now - self._started,
+            shadows=shadows,
         )
         link.publish(f"{self.base}/telemetry", json.dumps(figures).encode())
 
@@ -304,7 +324,7 @@ class SimBox:
             reason = f"for another target ({notice.target})"
             self._report("idle", "ignored", notice.sequence, reason, Release.of(notice))
             return
-        self.consider(Release.of(notice))
+        self.consider(Release.of(notice, extensions=self.spec.understands_shadow))
 
     def _refuse_unverified(self, topic: str, payload: bytes, exc: BundleError) -> None:
         claimed = peek_notice(payload)
@@ -339,11 +359,44 @@ class SimBox:
             if self._install is not None:
                 self._install.cancel()
             reason = f"superseded by sequence {decision.release.sequence}"
-            self._report(decision.superseded_phase or "idle", "refused", old.sequence, reason, old)
+            if decision.superseded_phase == "shadowing":
+                self._shadows.pop(old.name, None)
+                ended = f"shadowing ended: {reason}"
+                self._report("shadowed", "progress", old.sequence, ended, old)
+            else:
+                phase = decision.superseded_phase or "idle"
+                self._report(phase, "refused", old.sequence, reason, old)
         self._install = asyncio.create_task(self._run_install(decision.release))
 
     # ---- one install ---------------------------------------------------------------------
+    async def _run_shadow(self, release: Release, shadow_s: float) -> None:
+        """Download, verify and stage like an install, then shadow instead of activating."""
+        step_s = self.spec.behaviour.install_s / len(STEPS)
+        for step in SHADOW_STEPS:
+            if step != "downloading":
+                self.updates.advance(step)
+            self._report(step, "progress", release.sequence, None, release)
+            if step == "downloading" and self.spec.behaviour.download:
+                refusal = await self._download(release)
+                if refusal is not None:
+                    self._end(release, "downloading", "refused", refusal, bad=False)
+                    return
+            await asyncio.sleep(step_s)
+        self.updates.advance("shadowing")
+        self._shadows[release.name] = (release.version, release.sha256, self._loop.time())
+        self._report("shadowing", "progress", release.sequence, None, release)
+        self.publish_telemetry()
+        await asyncio.sleep(shadow_s)
+        self._shadows.pop(release.name, None)
+        self.updates.finish("shadowed", bad=False)
+        ended = f"shadowing ended after {shadow_s:g} s; the version stays installed, not active"
+        self._report("shadowed", "progress", release.sequence, ended, release)
+        self._install = None
+
     async def _run_install(self, release: Release) -> None:
+        if release.shadow_s is not None:
+            await self._run_shadow(release, release.shadow_s)
+            return
         behaviour = self.spec.behaviour
         outcome = behaviour.outcome_for(release.version, rollback=release.rollback)
         failure = FAILURES.get(outcome)

@@ -5,7 +5,9 @@ seen, the signed clock floor, versions that failed, the install in progress and 
 behind it) and decides, like the agent's updater (`edge_agent/updater/machine.py`), what a
 verified notice leads to: refused or ignored with the agent's own reasons, queued behind an
 activation or probation, or started (superseding an install still downloading, verifying or
-staging). Every notice a box starts installing is recorded in `acted`.
+staging, or shadowing). Every notice a box starts installing is recorded in `acted`. A box from
+agent 0.3.0 reads a shadow notice (`Release.shadow_s`) and refuses one whose critical extensions
+it does not know; older boxes ignore the extensions, exactly as the real agents do.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from edge_bundle.release import ReleaseNotice
 
 #: The steps of an install, in order; a box may be superseded only in the first three.
 STEPS: tuple[str, ...] = ("downloading", "verifying", "staging", "activating", "probation")
-SUPERSEDABLE = frozenset(STEPS[:3])
+#: A shadow notice's steps: staged, then shadowing instead of activating.
+SHADOW_STEPS: tuple[str, ...] = ("downloading", "verifying", "staging")
+SUPERSEDABLE = frozenset({*STEPS[:3], "shadowing"})
+#: The notice extensions an agent from 0.3.0 understands.
+UNDERSTOOD_EXTENSIONS = frozenset({"shadow"})
 
 
 @dataclass(frozen=True)
@@ -35,10 +41,14 @@ class Release:
     expires_at: datetime
     rollback: bool
     rollout: dict[str, Any] | None  # {"id", "wave"} of a v2 notice, else None
+    critical: tuple[str, ...] = ()  # read only by boxes that understand extensions (0.3.0)
+    shadow_s: float | None = None  # a shadow notice, for a box that understands it
 
     @classmethod
-    def of(cls, notice: ReleaseNotice) -> Release:
+    def of(cls, notice: ReleaseNotice, *, extensions: bool = False) -> Release:
+        """What a box keeps of a notice; `extensions`: the box reads them (agent 0.3.0)."""
         rollout = notice.rollout.model_dump(mode="json") if notice.rollout is not None else None
+        shadow = notice.shadow if extensions else None
         return cls(
             name=notice.name,
             version=notice.version,
@@ -50,6 +60,8 @@ class Release:
             expires_at=notice.expires_at,
             rollback=notice.rollback,
             rollout=rollout,
+            critical=notice.critical if extensions else (),
+            shadow_s=shadow.max_s if shadow is not None else None,
         )
 
 
@@ -94,6 +106,12 @@ class BoxUpdates:
             return (
                 f"sequence {release.sequence} is not newer than {self.last_sequence}, the newest "
                 "already seen (a replayed or stale notice)"
+            )
+        unknown = [name for name in release.critical if name not in UNDERSTOOD_EXTENSIONS]
+        if unknown:
+            return (
+                f"this notice needs the {unknown[0]!r} extension, which agent 0.3.0 does not "
+                "understand; upgrade the agent"
             )
         floor = self.clock_floor
         judged = max(now, floor) if floor is not None else now

@@ -18,9 +18,11 @@ from fleet_controller.errors import FleetError
 
 Outcome = Literal["commit", "refuse", "fail_probation", "fail_staging"]
 OUTCOMES: tuple[str, ...] = get_args(Outcome)
-#: The agent versions the simulator speaks like: 0.2.0 reads v2 notices, 0.1.0 refuses them.
-AGENT_VERSIONS: tuple[str, ...] = ("0.1.0", "0.2.0")
+#: The agent versions the simulator speaks like: 0.2.0 reads v2 notices, 0.1.0 refuses them,
+#: 0.3.0 also understands the critical `shadow` extension (0.2.0 ignores it and activates).
+AGENT_VERSIONS: tuple[str, ...] = ("0.1.0", "0.2.0", "0.3.0")
 OLD_AGENT = "0.1.0"
+SHADOW_AGENTS: frozenset[str] = frozenset({"0.3.0"})
 
 #: An offline window, in seconds after the simulator started; an end of None: never back.
 Window = tuple[float, float | None]
@@ -52,6 +54,11 @@ class Behaviour:
     requests_per_s: float = 5.0
     download: bool = False
     reason: str | None = None  # overrides the refusal / roll-back reason the outcome implies
+    # Shadowing a candidate: the share of photos it agrees on with the active model (per
+    # version), and the one class pair its disagreements fall on (active, candidate).
+    agreement: float = 1.0
+    agreement_by_version: Mapping[int, float] = field(default_factory=dict)
+    disagreement: tuple[str, str] = ("ok", "scratch")
 
     def __post_init__(self) -> None:
         for outcome in (self.outcome, *self.outcome_by_version.values()):
@@ -67,6 +74,9 @@ class Behaviour:
         rates = [self.error_rate, *self.error_rate_by_version.values()]
         if any(not 0.0 <= rate <= 1.0 for rate in rates):
             raise SpecError("error rates must be between 0 and 1")
+        agreements = [self.agreement, *self.agreement_by_version.values()]
+        if any(not 0.0 <= share <= 1.0 for share in agreements):
+            raise SpecError("agreements must be between 0 and 1")
 
     def outcome_for(self, version: int, *, rollback: bool) -> Outcome:
         if version in self.outcome_by_version:
@@ -80,6 +90,9 @@ class Behaviour:
 
     def error_rate_for(self, version: int) -> float:
         return float(self.error_rate_by_version.get(version, self.error_rate))
+
+    def agreement_for(self, version: int) -> float:
+        return float(self.agreement_by_version.get(version, self.agreement))
 
 
 @dataclass(frozen=True)
@@ -118,6 +131,11 @@ class BoxSpec:
         """An agent before 0.2.0: refuses v2 notices, publishes 0.1.0 telemetry."""
         return self.agent_version == OLD_AGENT
 
+    @property
+    def understands_shadow(self) -> bool:
+        """An agent from 0.3.0: acts on the critical `shadow` extension (others ignore it)."""
+        return self.agent_version in SHADOW_AGENTS
+
     @classmethod
     def from_toml(cls, table: Mapping[str, Any]) -> BoxSpec:
         """A spec from a `[[boxes]]` table (its `behaviour` a sub-table)."""
@@ -141,7 +159,10 @@ def behaviour_from_toml(table: Mapping[str, Any]) -> Behaviour:
     values = dict(table)
     _known(values, set(Behaviour.__dataclass_fields__), "behaviour")
     try:
-        for name in ("outcome_by_version", "p95_factor", "p95_ms", "error_rate_by_version"):
+        for name in (
+            "outcome_by_version", "p95_factor", "p95_ms", "error_rate_by_version",
+            "agreement_by_version",
+        ):  # fmt: skip
             if name in values:
                 values[name] = {int(k): v for k, v in values[name].items()}
         for name in ("selftest_fail", "drift_alert"):
@@ -149,6 +170,9 @@ def behaviour_from_toml(table: Mapping[str, Any]) -> Behaviour:
                 values[name] = frozenset(int(v) for v in values[name])
         if "offline" in values:
             values["offline"] = tuple(_window(w) for w in values["offline"])
+        if "disagreement" in values:
+            active, candidate = values["disagreement"]
+            values["disagreement"] = (str(active), str(candidate))
         return Behaviour(**values)
     except (TypeError, ValueError, AttributeError) as exc:
         raise SpecError(f"a behaviour table is not valid ({exc}): {dict(table)!r}") from exc

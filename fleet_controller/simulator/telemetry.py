@@ -3,7 +3,10 @@
 Agent 0.2.0 telemetry carries `line`, `labels`, `groups`, and per model `latency_ms`
 {p50, p95, samples} and `outcomes` {ok, error} of that version since it became active; an old
 agent (0.1.0) leaves all of these out. Every figure comes from the box's `Behaviour`: p95 and
-the error rate per version, `requests_per_s` for how many samples have accumulated.
+the error rate per version, `requests_per_s` for how many samples have accumulated. A box that
+shadows a candidate reports `shadow` like the agent's `GET /v1/shadow`: photos compared
+(`requests_per_s` times how long it has shadowed), the behaviour's agreement for that version,
+its disagreements on one class pair, and the candidate's p95.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ def snapshot(
     *,
     now: float,
     uptime_s: float,
+    shadows: dict[str, tuple[int, str, float]] | None = None,
 ) -> dict[str, Any]:
     """One telemetry message; `active_for_s` is how long each model's version has served."""
     new = not spec.old_agent
@@ -49,7 +53,10 @@ def snapshot(
         "models": models,
         "system": {"cpu_percent": 20.0, "memory_available_mb": 2048.0, "disk_free_mb": 20480.0},
         "drift": _drift(spec, active),
-        "shadow": {},
+        "shadow": {
+            name: _shadow(spec, version, sha256, seconds)
+            for name, (version, sha256, seconds) in sorted((shadows or {}).items())
+        },
         "in_flight": 0,
         "disk_full": False,
         "mqtt": {"connected": True, "queued": 0, "shed": 0, "redelivered": 0},
@@ -88,6 +95,28 @@ def _model(
         errors = _errors(spec, version, active_for_s)
         entry["outcomes"] = {"ok": samples - errors, "error": errors}
     return entry
+
+
+def _shadow(spec: BoxSpec, version: int, sha256: str, seconds: float) -> dict[str, Any]:
+    behaviour = spec.behaviour
+    compared = _samples(spec, seconds)
+    agree = round(compared * behaviour.agreement_for(version))
+    active, candidate = behaviour.disagreement
+    p95 = behaviour.p95_for(version)
+    return {
+        "candidate": {"version": version, "bundle_sha256": sha256},
+        "compared": compared,
+        "agreement": round(agree / compared, 4) if compared else None,
+        "dropped": 0,
+        "failed": 0,
+        "disagreements": (
+            [{"active": active, "candidate": candidate, "count": compared - agree}]
+            if compared > agree
+            else []
+        ),
+        "candidate_p50_ms": round(p95 * P50_OF_P95, 2) if compared else None,
+        "candidate_p95_ms": round(p95, 2) if compared else None,
+    }
 
 
 def _samples(spec: BoxSpec, active_for_s: float) -> int:

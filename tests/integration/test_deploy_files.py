@@ -174,3 +174,47 @@ def test_private_keys_stay_out_of_the_image() -> None:
     after = patterns[patterns.index("**/*.key") + 1 :]
     reincluded = [p for p in after if p.startswith("!") and p.endswith(".key")]
     assert reincluded == [], f".dockerignore lets private keys back in: {reincluded}"
+
+
+FLEET_UNIT = ROOT / "systemd" / "fleet-controller.service"
+INSTALLED_FLEET = "/opt/lineside/.venv/bin/fleet-controller"
+
+
+def _staged_fleet_unit(tmp_path: Path) -> Path:
+    text = FLEET_UNIT.read_text()
+    exec_lines = [line for line in text.splitlines() if line.startswith("ExecStart=")]
+    assert exec_lines == [f"ExecStart={INSTALLED_FLEET} serve --config /etc/lineside/fleet.toml"]
+    stand_in = tmp_path / "fleet-controller"
+    stand_in.write_text("#!/bin/sh\nexit 0\n")
+    stand_in.chmod(0o755)
+    unit = tmp_path / FLEET_UNIT.name
+    unit.write_text(text.replace(f"ExecStart={INSTALLED_FLEET}", f"ExecStart={stand_in}"))
+    return unit
+
+
+@needs_systemd_analyze
+def test_the_fleet_controller_unit_verifies_and_is_locked_down(tmp_path: Path) -> None:
+    unit = _staged_fleet_unit(tmp_path)
+    result = _systemd_analyze("verify", str(unit), cwd=tmp_path)
+    output = result.stdout + result.stderr
+    ours = [line for line in output.splitlines() if FLEET_UNIT.name in line]
+    assert ours == [], f"systemd-analyze verify complains about the fleet unit:\n{output}"
+    assert result.returncode == 0, output
+    if not _supports_offline_security():
+        return
+    result = _systemd_analyze(
+        "security", "--offline=true", "--no-pager", str(unit.name), cwd=tmp_path
+    )
+    output = result.stdout + result.stderr
+    match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", output)
+    assert match, output
+    # No devices, no JIT, no /proc beyond its own: tighter than the agent's unit.
+    assert float(match.group(1)) <= MAX_EXPOSURE, output
+
+
+def test_the_example_fleet_config_is_valid() -> None:
+    from fleet_controller.config import Config
+
+    config = Config.load(ROOT / "systemd" / "fleet.toml")
+    assert config.database.url.startswith("sqlite:////var/lib/lineside-fleet/")
+    assert config.mqtt.tls_ca is not None

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from edge_agent import __version__
 from edge_bundle.signing import TrustStore
 from fleet_controller.plan import RolloutPlan
 from fleet_controller.simulator import Behaviour, BoxSpec, Simulator, SimulatorThread
@@ -166,7 +167,7 @@ def test_a_good_release_reaches_real_agents_and_simulated_boxes(
         )
         real = controller.registry.device("plant-r", "agent0")
         assert real.line == "line7" and real.labels == {"camera": "v2"}
-        assert real.agent_version == "0.2.0"
+        assert real.agent_version == __version__
         rollout = plan_for(
             setup, 2, '{ line = "line7", labels = { camera = "v2" } }',
             "percent = [5, 40, 100]\nsoak_s = 1\ndeadline_s = 120", "min_boxes = 2",

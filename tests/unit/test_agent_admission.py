@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import threading
 
@@ -20,6 +21,7 @@ from edge_agent.engine.admission import (
     DelayBudget,
 )
 from edge_agent.errors import DrainingError, OverloadedError
+from edge_agent.settings import AgentSettings
 
 
 def test_up_to_capacity_is_admitted_then_overloaded() -> None:
@@ -243,6 +245,42 @@ def test_arrivals_are_refused_while_draining_but_admitted_uploads_still_get_thei
     assert asyncio.run(scenario()) == (False, True)
 
 
+def test_by_default_a_prediction_is_admitted_only_when_none_holds_a_slot() -> None:
+    # #15: at 10x load on 2 cores a second prediction in flight only waited; the default budget
+    # (half a service time) admits one only when the lane is free.
+    default = AgentSettings.model_fields["max_queue_delay_services"].default
+    clock = FakeClock()
+    admission = Admission(8, DelayBudget(service_times=default), clock=clock)
+    served(admission, clock, 0.100)
+    assert admission.refusal() is None
+    with admission.slot():
+        error = admission.refusal()
+        assert isinstance(error, OverloadedError)
+        assert "budget of 50 ms" in error.message
+    assert admission.refusal() is None
+
+
+def test_refusal_reads_what_admission_would_decide_and_changes_nothing() -> None:
+    # The HTTP edge asks `refusal()` before routing (#15); it must agree with `admit`.
+    clock = FakeClock()
+    admission = Admission(8, DelayBudget(service_times=1.0), clock=clock)
+    assert admission.refusal() is None
+    served(admission, clock, 0.100)
+    with admission.slot(), admission.slot():  # 200 ms ahead, over the 100 ms budget
+        before = (admission.in_flight, admission.receiving, admission.service.seconds)
+        error = admission.refusal()
+        assert isinstance(error, OverloadedError)
+        assert error.retry_after_s == RETRY_AFTER_S
+        assert "budget of 100 ms" in error.message
+        assert (admission.in_flight, admission.receiving, admission.service.seconds) == before
+        with pytest.raises(OverloadedError, match=re.escape(error.message)), admission.admit():
+            pass
+    assert admission.refusal() is None
+    admission.start_draining()
+    assert isinstance(admission.refusal(), DrainingError)
+    assert admission.refusal(admitted=True) is None  # an admitted upload still gets its slot
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="the nice value is per thread on Linux only")
 def test_inference_threads_run_below_the_event_loops_priority() -> None:
     from concurrent.futures import ThreadPoolExecutor
@@ -258,3 +296,19 @@ def test_inference_threads_run_below_the_event_loops_priority() -> None:
     with ThreadPoolExecutor(1, initializer=lower_priority(0)) as same:
         assert same.submit(own_nice).result() == base
     assert own_nice() == base  # the caller's own priority is untouched
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the nice value is per thread on Linux only")
+def test_work_the_event_loop_hands_to_threads_runs_below_its_priority() -> None:
+    # ONNX Runtime's own threads inherit the priority of the thread that loads the model (#15).
+    from edge_agent.app.server import lower_background_priority
+
+    def own_nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def scenario() -> tuple[int, int]:
+        lower_background_priority(asyncio.get_running_loop(), 5)
+        return own_nice(), await asyncio.to_thread(own_nice)
+
+    base = own_nice()
+    assert asyncio.run(scenario()) == (base, min(19, base + 5))

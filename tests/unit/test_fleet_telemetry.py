@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from edge_agent import __version__
 from edge_agent.device.api import Device
 from edge_agent.device.predictions import Photo
 from edge_agent.errors import AgentError, error_code
@@ -158,4 +159,4 @@ def test_publish_soon_sends_a_snapshot_without_waiting_for_the_period(
         asyncio.run(scenario())
     finally:
         close_device(device)
-    assert publisher.telemetry[0]["agent_version"] == "0.2.0"
+    assert publisher.telemetry[0]["agent_version"] == __version__

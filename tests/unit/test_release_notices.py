@@ -598,3 +598,42 @@ def test_trust_notices_stay_version_1(root_key: SigningKey, release_key: Signing
 def test_peek_reads_a_claimed_rollout(release_key: SigningKey) -> None:
     seen = peek_notice(encode_notice(ReleaseNotice.create(**v2_fields()), release_key))
     assert seen["rollout"] == {"id": "defects-4", "wave": 2}
+
+
+# ---- critical extensions and the shadow extension -----------------------------------------
+def test_a_shadow_notice_names_its_critical_extension(
+    release_key: SigningKey, trust: TrustStore
+) -> None:
+    extensions = {"critical": ["shadow"], "shadow": {"max_s": 600}}
+    notice = ReleaseNotice.create(**release_fields(schema_version=2, extensions=extensions))
+    decoded, _ = decode_notice(encode_notice(notice, release_key), trust)
+    assert isinstance(decoded, ReleaseNotice)
+    assert decoded.critical == ("shadow",)
+    assert decoded.shadow is not None and decoded.shadow.max_s == 600.0
+    assert decoded.unknown_critical(frozenset({"shadow"})) == ()
+    assert decoded.unknown_critical(frozenset()) == ("shadow",)
+
+
+@pytest.mark.parametrize(
+    ("extensions", "reason"),
+    [
+        ({"critical": ["quorum"]}, "extensions.critical names 'quorum'"),
+        ({"critical": "shadow", "shadow": {"max_s": 1}}, "list of distinct extension names"),
+        ({"critical": ["shadow", "shadow"], "shadow": {"max_s": 1}}, "distinct"),
+        ({"shadow": {"max_s": 0}}, "extensions.shadow: max_s"),
+        ({"shadow": {"max_s": 1, "min_s": 0}}, "extensions.shadow: min_s"),
+        ({"shadow": 5}, 'must be an object like {"max_s": 600}'),
+    ],
+)
+def test_critical_and_shadow_extension_rules(extensions: dict[str, Any], reason: str) -> None:
+    with pytest.raises(NoticeError, match="invalid ReleaseNotice") as caught:
+        ReleaseNotice.create(**release_fields(schema_version=2, extensions=extensions))
+    assert reason in str(caught.value)
+
+
+def test_a_shadow_notice_cannot_be_a_rollback() -> None:
+    extensions = {"critical": ["shadow"], "shadow": {"max_s": 60}}
+    with pytest.raises(NoticeError, match="cannot be a rollback"):
+        ReleaseNotice.create(
+            **release_fields(schema_version=2, extensions=extensions, rollback=True)
+        )

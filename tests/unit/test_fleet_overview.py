@@ -1,0 +1,84 @@
+"""The fleet page's overview (`fleet_controller.page.overview`), pure: counts per model version,
+the filters' values, one page of boxes with offline ones first; and the page's own files and
+headers through the API app."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from fleet_controller.cohorts import Selector
+from fleet_controller.page import CONTENT_SECURITY_POLICY, FILES, overview
+from fleet_controller.registry import Device, ModelState
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def box(n: int, *, online: bool = True, version: int = 1, **models: int) -> Device:
+    site = ("plant-a", "plant-b")[n % 2]
+    return Device(
+        site=site,
+        device=f"box{n:05d}",
+        line=f"line{n % 3}",
+        labels={},
+        groups=(f"g{n % 2}",),
+        profile="jetson-orin" if n % 5 == 0 else "generic-x86-64-avx2",
+        agent_version="0.2.0",
+        models={
+            "defects": ModelState(version, "active"),
+            **{name: ModelState(v, "active") for name, v in models.items()},
+        },
+        ready=True,
+        reasons=(),
+        online=online,
+        last_seen=NOW,
+        first_seen=NOW,
+        last_telemetry_at=NOW,
+    )
+
+
+def test_versions_are_counted_online_and_offline_newest_version_first() -> None:
+    fleet = [box(0, version=2), box(1, online=False), box(2), box(3, scratches=4)]
+    found = overview(fleet)
+    assert (found["fleet"], found["total"], found["online"], found["offline"]) == (4, 4, 3, 1)
+    assert found["versions"] == [
+        {"model": "defects", "version": 2, "boxes": 1, "online": 1, "offline": 0},
+        {"model": "defects", "version": 1, "boxes": 3, "online": 2, "offline": 1},
+        {"model": "scratches", "version": 4, "boxes": 1, "online": 1, "offline": 0},
+    ]
+
+
+def test_a_selector_narrows_the_counts_but_not_the_filters_values() -> None:
+    fleet = [box(n) for n in range(10)]
+    found = overview(fleet, Selector.parse({"site": "plant-b", "line": "line1"}))
+    assert found["total"] == sum(1 for d in fleet if d.site == "plant-b" and d.line == "line1")
+    assert found["facets"] == {
+        "site": ["plant-a", "plant-b"],
+        "line": ["line0", "line1", "line2"],
+        "group": ["g0", "g1"],
+        "profile": ["generic-x86-64-avx2", "jetson-orin"],
+    }
+
+
+def test_ten_thousand_boxes_give_one_page_offline_first_quickly() -> None:
+    fleet = [box(n, online=n % 100 != 7) for n in range(10_000)]
+    started = time.perf_counter()
+    found = overview(fleet, limit=50)
+    assert time.perf_counter() - started < 2
+    page: dict[str, Any] = found["boxes"]
+    assert page["count"] == 10_000 and len(page["items"]) == 50
+    assert all(not item["online"] for item in page["items"])  # the 100 offline boxes lead
+    second = overview(fleet, state="offline", offset=50, limit=500)["boxes"]
+    assert second["count"] == 100 and len(second["items"]) == 50
+    assert overview(fleet, limit=10_000)["boxes"]["limit"] == 500
+    searched = overview(fleet, query="PLANT-B/BOX0000")["boxes"]
+    assert [item["ref"] for item in searched["items"]] == [
+        f"plant-b/box0000{n}" for n in (7, 1, 3, 5, 9)
+    ]
+
+
+def test_the_page_is_three_same_origin_files_under_a_strict_policy() -> None:
+    assert set(FILES) == {"/fleet", "/fleet/fleet.css", "/fleet/fleet.js"}
+    assert "script-src 'self'" in CONTENT_SECURITY_POLICY
+    assert "unsafe" not in CONTENT_SECURITY_POLICY
