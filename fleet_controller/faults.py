@@ -5,8 +5,8 @@
 
 The runner calls `hit(point)` where a crash matters: after each persisted transition
 (`rollout.state`), after a notice is stored and before it is published (`notice.stored`,
-`rollback.stored`), after a publish and before it is marked sent (`notice.published`,
-`rollback.published`), and after each update report is stored (`report.stored`). Hits are
+`rollback.stored`, `shadow.stored`), after a publish and before it is marked sent
+(`notice.published`, `rollback.published`, `shadow.published`), and after each update report is stored (`report.stored`). Hits are
 counted in this process; the variable is read once, and production settings never set it.
 """
 

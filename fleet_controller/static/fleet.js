@@ -266,8 +266,10 @@ function wavesTable(r) {
 }
 
 function gatesTable(r) {
-  if (!r.gates.length) return el("p", { class: "muted" }, "No gate evaluated yet (gates are read after each wave's soak).");
-  const rows = r.gates.map((g) => [
+  // The shadow gate (a plan with a [shadow] phase) is judged before a wave activates: show it first.
+  const gates = [...(r.shadow_gates || []), ...r.gates];
+  if (!gates.length) return el("p", { class: "muted" }, "No gate evaluated yet (gates are read after each wave's soak).");
+  const rows = gates.map((g) => [
     el("tr", { "data-gate": g.name },
       el("th", { scope: "row" }, g.name),
       el("td", {}, el("span", { class: g.status }, g.status)),

@@ -4,59 +4,53 @@ candidate only where it agreed with the active model on the plant's own photos.
 1. Simulated boxes (a real Mosquitto, the controller's real loop and link in this process): a
    candidate that disagrees halts the rollout in its first wave with nothing activated anywhere;
    one that agrees goes through every wave; a cohort with agents before 0.3.0 is refused.
-2. Real agents: two `edge-agent serve` processes on the tiny demo-like network, real photos sent
-   to them while they shadow. A candidate that installs fine but answers with its labels
-   permuted (the same network, its output rows rolled: it disagrees on every photo) is never
-   activated on any box, the rollout halts with the per-class disagreements in its figures, and
-   those figures match the boxes' own `GET /v1/shadow`; the same network as a new version agrees
-   and is activated.
+2. Real agents on the demo network: two `edge-agent serve` processes on the committed demo
+   bundle (EfficientNet-Lite0 int8, re-signed with the test's key as defects@1) and a real
+   `fleet-controller serve`, sent photos drawn by the demo's own generator (demo/make_demo.py)
+   while they shadow. A candidate that installs fine but is the demo network relabelled (crack,
+   pit and stain renamed in turn: it disagrees on every photo of those classes, well over 30%)
+   is never activated on any box; the rollout halts with the per-class disagreements in its
+   figures, and those figures (the ones the fleet page renders, read there too in headless
+   Chromium when it is installed) match the boxes' own `GET /v1/shadow`. The same network as a
+   new version agrees and is activated on every box.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import shutil
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import onnx
 import pytest
-from onnx import numpy_helper
 
 from edge_bundle.signing import TrustStore
+from firmware_profiles import PROFILE_DIR
 from fleet_controller.errors import FleetError
 from fleet_controller.plan import RolloutPlan
 from fleet_controller.simulator import Behaviour, BoxSpec, Simulator, SimulatorThread
-from tests.agent_support import (
-    LABELS,
-    AgentProcess,
-    Keys,
-    build_bundle,
-    install_bundle,
-    jpeg,
-    run_agent,
-    tiny_model,
+from tests.agent_support import AgentProcess, Keys, build_bundle, install_bundle, run_agent
+from tests.demo_support import demo_photos, resign_demo
+from tests.fleet_support import (
+    ControllerProcess,
+    FleetKeys,
+    fleet_keys,
+    in_process,
+    spawn_controller,
+    wait_for,
+    write_config,
 )
-from tests.fleet_support import FleetKeys, fleet_keys, in_process, wait_for, write_config
 from tests.mqtt_support import Broker, running_broker
 from tests.update_support import file_server
 
 pytestmark = pytest.mark.slow
 ENDED = ("completed", "halted", "rolled_back", "cancelled")
-
-
-def permuted_labels(path: Path, seed: int) -> Path:
-    """The tiny network with its output rows rolled by one: every answer becomes another class."""
-    tiny_model(path, seed)
-    model = onnx.load(str(path))
-    for index, tensor in enumerate(model.graph.initializer):
-        if tensor.name == "w2":
-            rolled = numpy_helper.to_array(tensor)[[1, 2, 0]]
-            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(rolled, "w2"))
-    onnx.save(model, str(path))
-    return path
 
 
 def plan_text(bundles: dict[str, Any], version: int, cohort: str, waves: str, shadow: str) -> str:
@@ -193,35 +187,62 @@ def test_a_shadow_plan_for_a_cohort_with_older_agents_is_refused(sim: dict[str, 
         assert controller.rollouts.list() == []
 
 
-# ---- real agents --------------------------------------------------------------------------
+# ---- real agents on the demo network ------------------------------------------------------
 AGENTS = ("agent0", "agent1")
+#: The disagreeing candidate: the demo network with three of its five classes renamed in turn,
+#: so it answers another class wherever the active model says crack, pit or stain.
+RELABEL = {"crack": "pit", "pit": "stain", "stain": "crack"}
+PHOTO_SEED, PHOTO_COUNT = 17, 60  # make_demo uses seeds 1-4 for its own sets
+REAL_SHADOW = {"soak_s": 5, "min_compared": 30, "min_agreement": 0.9, "max_s": 120}
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@dataclass(frozen=True)
+class Real:
+    root: Path
+    agents: list[AgentProcess]
+    controller: ControllerProcess
+    photos: list[tuple[str, bytes]]
+    urls: dict[int, str]
+    paths: dict[int, Path]
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A broker, the bundles on a file server, two real agents on defects@1."""
+def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Real]:
+    """A broker, the demo network re-signed as defects@1, @2 and a relabelled @3 on a file
+    server, two real agents on defects@1, a real `fleet-controller serve`, the demo's photos."""
     root = tmp_path_factory.mktemp("fleet-shadow")
     keys = fleet_keys(root / "keys")
-    signer = Keys(keys.bundle, keys.bundle_private, keys.bundle_public)
     files = root / "files"
     files.mkdir()
-    built = {
-        1: build_bundle(files, signer, version=1, seed=3),
-        2: build_bundle(files, signer, version=2, seed=3),  # the same network: agrees
-        3: build_bundle(files, signer, version=3, seed=3, model_builder=permuted_labels),
+    paths = {
+        1: resign_demo(files, keys.bundle, 1),  # the demo network as is
+        2: resign_demo(files, keys.bundle, 2),  # the same network as a new version: agrees
+        3: resign_demo(files, keys.bundle, 3, RELABEL),  # installs fine, answers otherwise
     }
+    # Both "boxes" share this machine's cores and stage the candidate at once, under traffic:
+    # the staged latency check gets the generic profile with a budget for that, not one box's.
+    generic = PROFILE_DIR / "generic-x86-64-avx2.toml"
+    profile = root / "profile" / generic.name
+    profile.parent.mkdir()
+    profile.write_text(generic.read_text().replace("latency_p95_ms = 150", "latency_p95_ms = 2000"))
     with contextlib.ExitStack() as stack:
+        drawing = stack.enter_context(ThreadPoolExecutor(1)).submit(
+            demo_photos, PHOTO_SEED, PHOTO_COUNT
+        )  # while the agents start
         broker = stack.enter_context(running_broker(root / "broker"))
         url, _log = stack.enter_context(file_server(files))
         agents = []
         for name in AGENTS:
             state = root / name
-            install_bundle(state, built[1].path, keys.bundle_public)
+            install_bundle(state, paths[1], keys.bundle_public)
             env = {
                 "EDGE_AGENT_MQTT_ENABLED": "true",
                 "EDGE_AGENT_MQTT_PORT": str(broker.port),
                 "EDGE_AGENT_SITE": "plant-r",
                 "EDGE_AGENT_DEVICE": name,
+                "EDGE_AGENT_PROFILE": str(profile),
                 "EDGE_AGENT_TELEMETRY_INTERVAL_S": "0.5",
                 "EDGE_AGENT_MQTT_RECONNECT_MIN_S": "0.1",
                 "EDGE_AGENT_MQTT_RECONNECT_MAX_S": "1",
@@ -234,37 +255,43 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                     run_agent(state, "--trusted-key", str(keys.bundle_public), env=env)
                 )
             )
+        controller = spawn_controller(write_config(root / "controller", keys, broker.port))
+        stack.callback(controller.stop)
+        assert controller.wait_up(), controller.log()[-4000:]
         for agent in agents:
             agent.wait_ready()
-        yield {
-            "root": root, "keys": keys, "broker": broker, "agents": agents,
-            "paths": {v: b.path for v, b in built.items()},
-            "urls": {v: f"{url}/{b.path.name}" for v, b in built.items()},
-        }  # fmt: skip
+        yield Real(
+            root, agents, controller, drawing.result(),
+            {v: f"{url}/{p.name}" for v, p in paths.items()}, paths,
+        )  # fmt: skip
 
 
 @contextlib.contextmanager
-def photos(agents: list[AgentProcess]) -> Iterator[None]:
-    """Real photos to every agent, with the idle gaps shadow runs need between them."""
+def traffic(real: Real) -> Iterator[list[tuple[str, str]]]:
+    """The demo's photos to every agent in turn, with the idle gaps shadow runs need between
+    them; yields (drawn label, the active model's answer) for every photo answered."""
     stop = threading.Event()
+    answers: list[tuple[str, str]] = []
 
     def send(agent: AgentProcess) -> None:
-        with httpx.Client(base_url=agent.url, timeout=30) as client:
-            seed = 0
-            while not stop.is_set():
-                client.post(
+        with agent.client() as client:
+            for drawn, photo in itertools.cycle(real.photos):
+                if stop.is_set():
+                    return
+                answer = client.post(
                     "/v1/models/defects/predict",
-                    content=jpeg(seed % 50),
+                    content=photo,
                     headers={"Content-Type": "image/jpeg"},
                 )
-                seed += 1
+                if answer.status_code == 200:
+                    answers.append((drawn, answer.json()["label"]))
                 stop.wait(0.08)
 
-    threads = [threading.Thread(target=send, args=(a,), daemon=True) for a in agents]
+    threads = [threading.Thread(target=send, args=(a,), daemon=True) for a in real.agents]
     for thread in threads:
         thread.start()
     try:
-        yield
+        yield answers
     finally:
         stop.set()
         for thread in threads:
@@ -272,55 +299,169 @@ def photos(agents: list[AgentProcess]) -> Iterator[None]:
 
 
 def served(agent: AgentProcess) -> int:
+    """The version the box itself says it serves."""
     models = httpx.get(f"{agent.url}/v1/models", timeout=10).json()
     entries = models["models"] if isinstance(models, dict) else models
     [entry] = [m for m in entries if m["name"] == "defects"]
     return int(entry["version"])
 
 
-REAL_SHADOW = "soak_s = 4\nmin_compared = 30\nmin_agreement = 0.9\nmax_s = 120"
+def agreed(figures: dict[str, Any]) -> int:
+    """The photos a box's shadow figures say agreed (agreement is rounded to 4 places)."""
+    return round(float(figures["agreement"]) * int(figures["compared"]))
 
 
-def test_real_agents_never_activate_a_disagreeing_candidate_and_activate_an_agreeing_one(
-    real: dict[str, Any], tmp_path: Path
-) -> None:
-    agents: list[AgentProcess] = real["agents"]
-    config = write_config(tmp_path / "controller", real["keys"], real["broker"].port)
-    with photos(agents), in_process(config) as controller:
+def registry_versions(client: httpx.Client) -> dict[str, int | None]:
+    return {
+        d["ref"]: d["models"].get("defects", {}).get("version")
+        for d in client.get("/v1/devices").json()["devices"]
+    }
+
+
+def run_rollout(real: Real, version: int) -> dict[str, Any]:
+    """Roll defects@`version` out to both agents (one wave, shadow first) while they get the
+    demo's photos; the rollout's status (as GET /v1/rollouts/{id} gives the page) once it ended,
+    each box's own GET /v1/shadow then, and the active model's answers."""
+    plan = {
+        "name": f"defects-{version}", "bundle": str(real.paths[version]),
+        "url": real.urls[version], "cohort": {"site": "plant-r"},
+        "waves": {"counts": [2], "soak_s": 1, "deadline_s": 60},
+        "shadow": REAL_SHADOW, "on_halt": {"rollback": True},
+    }  # fmt: skip
+    with real.controller.client() as client:
+        with traffic(real) as answers:
+            created = client.post("/v1/rollouts", json={"plan": plan})
+            assert created.status_code == 201, created.text
+            rollout_id = created.json()["id"]
+
+            def finished() -> dict[str, Any] | None:
+                status: dict[str, Any] = client.get(f"/v1/rollouts/{rollout_id}").json()
+                return status if status["status"] in ENDED else None
+
+            done = wait_for(finished, 90, f"the rollout of defects@{version} to end")
+        # The photos have stopped: each box's figures no longer move while they are read.
+        own = [httpx.get(f"{a.url}/v1/shadow", timeout=10).json()["shadows"] for a in real.agents]
+        return {"status": done, "own": own, "answers": list(answers)}
+
+
+@pytest.fixture(scope="module")
+def disagreeing(real: Real) -> dict[str, Any]:
+    """The relabelled candidate's rollout, run once for the tests that read it."""
+    with real.controller.client() as client:
         wait_for(
-            lambda: versions(controller) == {f"plant-r/{a}": 1 for a in AGENTS},
+            lambda: registry_versions(client) == {f"plant-r/{a}": 1 for a in AGENTS},
             30,
             "telemetry from both agents",
         )
-        cohort, waves = '{ site = "plant-r" }', "counts = [2]\nsoak_s = 1\ndeadline_s = 60"
-        bad = RolloutPlan.from_toml(plan_text(real, 3, cohort, waves, REAL_SHADOW), real["root"])
-        created = controller.rollouts.create(bad, actor="test")
-        done = wait_for(lambda: ended(controller, created["id"]), 60, "the bad rollout to end")
-        assert done["status"] in ("halted", "rolled_back"), done
-        assert "while shadowing" in done["halt_reason"], done["halt_reason"]
-        [gate] = done["shadow_gates"]
-        assert gate["status"] == "fail" and gate["value"] < 0.7, gate
-        figures = gate["figures"]
-        assert figures["compared"] >= 30 and figures["boxes"] == 2
-        pairs = {(d["active"], d["candidate"]) for d in figures["disagreements"]}
-        assert pairs and all(a in LABELS and c in LABELS and a != c for a, c in pairs)
-        assert {b["state"] for b in done["boxes"]} == {"pending"}
-        # Never activated: each box still serves version 1, and says so itself.
-        assert [served(agent) for agent in agents] == [1, 1]
-        # The figures the controller judged match each box's own (a box keeps counting).
-        recorded = {entry["ref"]: entry for entry in figures["per_box"]}
-        for name, agent in zip(AGENTS, agents, strict=True):
-            own = httpx.get(f"{agent.url}/v1/shadow", timeout=10).json()["shadows"]["defects"]
-            mine = recorded[f"plant-r/{name}"]
-            assert own["candidate"]["version"] == 3
-            assert own["compared"] >= mine["compared"] > 0
-            assert own["agreement"] == pytest.approx(mine["agreement"], abs=0.05)
+    return run_rollout(real, 3)
 
-        good = RolloutPlan.from_toml(plan_text(real, 2, cohort, waves, REAL_SHADOW), real["root"])
-        created = controller.rollouts.create(good, actor="test")
-        done = wait_for(lambda: ended(controller, created["id"]), 60, "the good rollout to end")
-        assert done["status"] == "completed", done
-        assert done["shadow_gates"][0]["status"] == "pass"
-        assert done["shadow_gates"][0]["value"] >= 0.9
-        assert {b["state"] for b in done["boxes"]} == {"committed"}
-        assert [served(agent) for agent in agents] == [2, 2]
+
+def test_real_agents_never_activate_a_candidate_that_disagrees_on_the_demo_photos(
+    real: Real, disagreeing: dict[str, Any]
+) -> None:
+    done, answers = disagreeing["status"], disagreeing["answers"]
+    # The active demo network recognised the demo's photos; a third and more of its answers
+    # are classes the candidate calls something else.
+    assert sum(drawn == said for drawn, said in answers) >= 0.9 * len(answers), answers
+    assert sum(said in RELABEL for _, said in answers) >= 0.3 * len(answers), answers
+
+    assert done["status"] in ("halted", "rolled_back"), done
+    assert "while shadowing" in done["halt_reason"], done["halt_reason"]
+    [gate] = done["shadow_gates"]
+    assert gate["status"] == "fail" and gate["value"] <= 0.7, gate
+    figures = gate["figures"]
+    assert figures["compared"] >= 30 and figures["boxes"] == 2, figures
+    assert gate["sample"] == figures["compared"]
+    assert gate["value"] == pytest.approx(figures["agreed"] / figures["compared"])
+    pairs = {(d["active"], d["candidate"]) for d in figures["disagreements"]}
+    assert pairs and pairs <= set(RELABEL.items()), pairs
+    assert {b["state"] for b in done["boxes"]} == {"pending"}  # no activating notice
+    assert {b["shadow_state"] for b in done["boxes"]} == {"shadowing"}
+    # Never activated: each box serves version 1 and says so itself, and so does the registry.
+    assert [served(agent) for agent in real.agents] == [1, 1]
+    with real.controller.client() as client:
+        assert set(registry_versions(client).values()) == {1}
+
+    # The figures the controller judged (and the page shows) are each box's own: a box counted
+    # on for a moment after the gate, so its own figures extend the judged ones by the photos
+    # it compared since, each of which agreed or not.
+    recorded = {entry["ref"]: entry for entry in figures["per_box"]}
+    assert sorted(recorded) == [f"plant-r/{name}" for name in AGENTS]
+    for name, shadows in zip(AGENTS, disagreeing["own"], strict=True):
+        own, judged = shadows["defects"], recorded[f"plant-r/{name}"]
+        assert own["candidate"]["version"] == 3
+        since = own["compared"] - judged["compared"]
+        assert since >= 0 and judged["compared"] > 0, (own, judged)
+        agreed_since = agreed(own) - agreed(judged)
+        assert 0 <= agreed_since <= since, (own, judged)
+        assert 1 - own["agreement"] >= 0.3, own  # it disagreed on at least 30% of the photos
+        own_pairs = {(d["active"], d["candidate"]) for d in own["disagreements"]}
+        assert own_pairs and own_pairs <= set(RELABEL.items()), own_pairs
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
+)
+def test_the_fleet_page_shows_the_shadow_gate_the_boxes_reported(
+    real: Real, disagreeing: dict[str, Any]
+) -> None:
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys as Key
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    done = disagreeing["status"]
+    [gate] = done["shadow_gates"]
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    profile = real.root / "chromium-profile"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 f"--user-data-dir={profile}"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(
+        service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)), options=options
+    )
+    try:
+        until = WebDriverWait(driver, 30).until
+        config = real.controller.config
+        driver.get(f"{config.api}/fleet")
+        until(lambda d: d.find_element(By.ID, "token").is_displayed())
+        driver.find_element(By.ID, "token").send_keys(config.token, Key.ENTER)
+        row = f"details.rollout[data-id='{done['id']}'] tr[data-gate='shadow']"
+        driver.execute_script(  # open the rollout if the page shows it folded
+            "const e = document.querySelector(arguments[0]); if (e && !e.open) e.open = true",
+            f"details.rollout[data-id='{done['id']}']",
+        )
+        shown: list[str] = until(
+            lambda d: d.execute_script(
+                "const r = document.querySelector(arguments[0]);"
+                "return r ? [...r.cells].map(c => c.innerText.trim()) : null",
+                row,
+            )
+        )
+    finally:
+        driver.quit()
+    assert shown[:2] == ["shadow", "fail"] and len(shown) == 5, shown
+    assert float(shown[2]) == pytest.approx(gate["value"], abs=0.0005), (shown, gate)
+    assert float(shown[3]) == REAL_SHADOW["min_agreement"], shown
+    assert shown[4] == f"{gate['sample']} (needs {REAL_SHADOW['min_compared']})", (shown, gate)
+    # The value shown is the boxes' agreement over every photo they compared up to the gate.
+    judged = gate["figures"]["per_box"]
+    weighted = sum(agreed(box) for box in judged) / sum(box["compared"] for box in judged)
+    assert float(shown[2]) == pytest.approx(weighted, abs=0.0005), (shown, judged)
+
+
+def test_real_agents_activate_the_same_demo_network_as_a_new_version(
+    real: Real, disagreeing: dict[str, Any]
+) -> None:
+    """After the halted candidate (the fixture runs it first), the agreeing one goes through."""
+    agreeing = run_rollout(real, 2)
+    done = agreeing["status"]
+    assert done["status"] == "completed", (done, agreeing["own"])
+    [gate] = done["shadow_gates"]
+    assert gate["status"] == "pass" and gate["value"] >= 0.95, gate
+    assert gate["figures"]["compared"] >= 30 and gate["figures"]["boxes"] == 2, (gate, done)
+    assert {b["state"] for b in done["boxes"]} == {"committed"}
+    assert [served(agent) for agent in real.agents] == [2, 2]
