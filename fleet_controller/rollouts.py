@@ -1,11 +1,9 @@
-"""The rollouts runner: its tables, and the loop that feeds the pure machine and performs its actions.
+"""The rollouts runner: the loop that feeds the pure machine and performs its actions.
 
-It owns the tables `rollouts` (plan, bundle facts, the machine's state), `rollout_boxes` (one row
-per box: its wave, its release notice and outcome, its rollback notice and outcome), `audit`
-(every transition: what, when, why, who, with figures) and `sequences` (the last notice sequence
-issued). For each event it builds from its tables, registry and clock, it runs
-`machine.transition`, persists the new state with its box rows and audit entries in one
-transaction, and only then performs the actions (docs/fleet.md "Crash safety"):
+For each event it builds from its tables (`fleet_controller.rollout_tables`: `rollouts`,
+`rollout_boxes`, `audit`, `sequences`), registry and clock, it runs `machine.transition`,
+persists the new state with its box rows and audit entries in one transaction, and only then
+performs the actions (docs/fleet.md "Crash safety"):
 
 - a notice is signed and its bytes stored (with a freshly allocated sequence, in the same
   transaction) before it is first published; `sent_at` is set only after the broker's PUBACK;
@@ -28,7 +26,6 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -66,27 +63,44 @@ from fleet_controller.notices import (
     BundleFacts,
     build_notice,
     inspect_bundle,
-    next_sequence,
     notice_topic,
     speaks_v2,
     understands_shadow,
 )
 from fleet_controller.plan import RolloutPlan, assign_waves, wave_sizes
 from fleet_controller.registry import Registry, UpdateReport
+from fleet_controller.rollout_tables import (
+    AUDIT,
+    IN_FLIGHT,
+    NOT_ROLLED_BACK,
+    OUTCOMES,
+    ROLLOUT_BOXES,
+    ROLLOUTS,
+    Rollout,
+    allocate_sequence,
+    audit_json,
+    box_counts,
+    box_key,
+    box_ref,
+    box_row,
+    box_rows,
+    facts_from_json,
+    facts_json,
+    full_status,
+    insert_audit,
+    mark_timed_out,
+    maybe_utc,
+    read_rollout,
+    ref_device,
+    ref_site,
+    row_by_sequence,
+    summary,
+    update_box,
+    with_state,
+)
 
 log = logging.getLogger(__name__)
 
-BOX_STATES = (
-    "pending", "sent", "progress", "committed", "refused", "rolled_back", "timed_out", "ignored",
-)  # fmt: skip
-FINAL = frozenset({"committed", "refused", "rolled_back", "timed_out", "ignored"})
-IN_FLIGHT = frozenset({"sent", "progress"})
-#: Boxes that never ran the release (or have something newer) get no rollback notice.
-NOT_ROLLED_BACK = frozenset({"pending", "refused", "rolled_back", "ignored"})
-ROLLBACK_FINAL = frozenset(
-    {"committed", "refused", "rolled_back", "timed_out", "ignored", "skipped"}
-)
-OUTCOMES = frozenset({"committed", "refused", "rolled_back"})
 NOTICE_VALIDITY = min(MAX_VALIDITY, timedelta(days=30))
 MAX_STEPS_PER_TICK = 1000  # a rollout moves at most this many transitions in one tick
 SHOWN_CONFLICTS = 10
@@ -97,80 +111,6 @@ _Entries = list[dict[str, Any]]
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-# ---- tables -------------------------------------------------------------------------------
-_TIME = sa.DateTime(timezone=True)
-_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-
-ROLLOUTS = sa.Table(
-    "rollouts",
-    db.METADATA,
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("name", sa.String(64), nullable=False, index=True),
-    sa.Column("plan", sa.Text, nullable=False),
-    sa.Column("bundle", sa.Text, nullable=False),  # facts + url
-    sa.Column("state", sa.Text, nullable=False),
-    sa.Column("status", sa.String(16), nullable=False, index=True),
-    sa.Column("created_at", _TIME, nullable=False),
-    sa.Column("updated_at", _TIME, nullable=False),
-    sa.Column("created_by", sa.String(200), nullable=False),
-)
-ROLLOUT_BOXES = sa.Table(
-    "rollout_boxes",
-    db.METADATA,
-    sa.Column("rollout_id", sa.String(64), sa.ForeignKey("rollouts.id"), primary_key=True),
-    sa.Column("site", sa.String(64), primary_key=True),
-    sa.Column("device", sa.String(64), primary_key=True),
-    sa.Column("wave", sa.Integer, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("v2", sa.Boolean),
-    sa.Column("old_version", sa.Integer),
-    sa.Column("sequence", sa.BigInteger, index=True),
-    sa.Column("notice", sa.LargeBinary),
-    sa.Column("sent_at", _TIME),
-    sa.Column("outcome_at", _TIME),
-    sa.Column("reason", sa.Text),
-    sa.Column("rollback_sequence", sa.BigInteger, index=True),
-    sa.Column("rollback_notice", sa.LargeBinary),
-    sa.Column("rollback_sent_at", _TIME),
-    sa.Column("rollback_state", sa.String(16)),
-    sa.Column("rollback_reason", sa.Text),
-    sa.Index("rollout_boxes_by_device", "site", "device"),
-)
-AUDIT = sa.Table(
-    "audit",
-    db.METADATA,
-    sa.Column("id", _ID, primary_key=True, autoincrement=True),
-    sa.Column(
-        "rollout_id", sa.String(64), sa.ForeignKey("rollouts.id"), nullable=False, index=True
-    ),
-    sa.Column("at", _TIME, nullable=False),
-    sa.Column("what", sa.String(64), nullable=False),
-    sa.Column("why", sa.Text, nullable=False),
-    sa.Column("actor", sa.String(200), nullable=False),
-    sa.Column("figures", sa.Text, nullable=False),
-)
-SEQUENCES = sa.Table(
-    "sequences",
-    db.METADATA,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("last", sa.BigInteger, nullable=False),
-)
-
-
-@dataclass(frozen=True)
-class _Rollout:
-    """A rollout row, read: its plan and bundle are fixed at creation."""
-
-    id: str
-    plan: RolloutPlan
-    facts: BundleFacts
-    url: str
-    state: RolloutState
-    created_at: datetime
-    updated_at: datetime
-    created_by: str
 
 
 class Rollouts:
@@ -247,7 +187,7 @@ class Rollouts:
                     name=plan.name,
                     plan=db.dumps(plan.to_json()),
                     bundle=db.dumps(
-                        {**_facts_json(facts), "url": str(plan.url), "previous": previous}
+                        {**facts_json(facts), "url": str(plan.url), "previous": previous}
                     ),
                     state=db.dumps(state.to_json()),
                     status=state.status,
@@ -259,7 +199,7 @@ class Rollouts:
             conn.execute(
                 ROLLOUT_BOXES.insert(),
                 [
-                    {"rollout_id": rollout_id, "site": _site(ref), "device": _device(ref),
+                    {"rollout_id": rollout_id, "site": ref_site(ref), "device": ref_device(ref),
                      "wave": number, "state": "pending"}
                     for number, wave in enumerate(waves, start=1)
                     for ref in wave
@@ -272,7 +212,7 @@ class Rollouts:
                 f"({', '.join(str(len(wave)) for wave in waves)})"
             )
             figures = {"wave_sizes": [len(w) for w in waves], "cohort": selector.to_json()}
-            _insert_audit(conn, rollout_id, now, Audit("created", why, actor, figures))
+            insert_audit(conn, rollout_id, now, Audit("created", why, actor, figures))
         faults.hit("rollout.state")
         return self.status(rollout_id)
 
@@ -284,7 +224,7 @@ class Rollouts:
                 f"[on_halt] previous lists {older.name}@{older.version} ({path}); a rollback "
                 f"target must be an older version of {facts.name} than {facts.version}"
             )
-        return {**_facts_json(older), "url": url}
+        return {**facts_json(older), "url": url}
 
     def _refuse_overlap(self, conn: Connection, refs: Iterable[str], own: str | None) -> None:
         wanted = set(refs)
@@ -329,16 +269,21 @@ class Rollouts:
         """Every rollout, newest first, in brief."""
         with db.transaction(self.engine) as conn:
             rows = conn.execute(sa.select(ROLLOUTS).order_by(ROLLOUTS.c.created_at.desc())).all()
-            counts = _box_counts(conn)
-        return [_summary(_read(row), counts.get(row.id, {})) for row in rows]
+            counts = box_counts(conn)
+        return [summary(read_rollout(row), counts.get(row.id, {})) for row in rows]
 
     def status(self, rollout_id: str) -> dict[str, Any]:
         """One rollout in full: plan, bundle, state, per-wave counts, gate results, boxes."""
         with db.transaction(self.engine) as conn:
             rollout = self._load(conn, rollout_id)
-            boxes = _box_rows(conn, rollout_id)
+            boxes = box_rows(conn, rollout_id)
             shadows = shadowing.rows(conn, rollout_id)
-        return _full_status(rollout, boxes, shadows)
+        return full_status(
+            rollout,
+            boxes,
+            shadow=shadowing.counts(shadows) if shadows else None,
+            shadow_boxes={box_ref(shadow): shadowing.box_json(shadow) for shadow in shadows},
+        )
 
     def audit(self, rollout_id: str) -> _Entries:
         """The rollout's audit trail, oldest first."""
@@ -347,11 +292,7 @@ class Rollouts:
             rows = conn.execute(
                 sa.select(AUDIT).where(AUDIT.c.rollout_id == rollout_id).order_by(AUDIT.c.id)
             ).all()
-        return [
-            {"at": _utc(row.at).isoformat(), "what": row.what, "why": row.why,
-             "actor": row.actor, "figures": db.loads(row.figures) or {}}
-            for row in rows
-        ]  # fmt: skip
+        return [audit_json(row) for row in rows]
 
     def active_refs(self) -> set[str]:
         """Boxes held by a running, paused, halted or rolling-back rollout."""
@@ -364,13 +305,13 @@ class Rollouts:
         with db.transaction(self.engine) as conn:
             return {f"{row.site}/{row.device}" for row in conn.execute(query)}
 
-    def _load(self, conn: Connection, rollout_id: str) -> _Rollout:
+    def _load(self, conn: Connection, rollout_id: str) -> Rollout:
         row = conn.execute(sa.select(ROLLOUTS).where(ROLLOUTS.c.id == rollout_id)).first()
         if row is None:
             raise NotFoundError(
                 f"no rollout {rollout_id!r}; `fleet-controller rollout status` lists them"
             )
-        return _read(row)
+        return read_rollout(row)
 
     # ---- steering ----
     def command(self, rollout_id: str, name: str, *, actor: str, why: str = "") -> dict[str, Any]:
@@ -413,14 +354,14 @@ class Rollouts:
             if not self._step(rollout, Tick(now, view)):
                 return
 
-    def _step(self, rollout: _Rollout, event: Event) -> bool:
+    def _step(self, rollout: Rollout, event: Event) -> bool:
         """Run one event through the machine: persist, then act. True when anything changed."""
         new, actions = transition(rollout.state, event)
         if new == rollout.state and not actions:
             return False
         self._persist(rollout, new, actions)
         changed = new != rollout.state
-        rollout = _with_state(rollout, new)
+        rollout = with_state(rollout, new)
         for action in actions:
             if isinstance(action, SendNotices):
                 self._send_notices(rollout, action.refs)
@@ -437,7 +378,7 @@ class Rollouts:
             changed = changed or not isinstance(action, Audit)
         return changed
 
-    def _persist(self, rollout: _Rollout, new: RolloutState, actions: _Actions) -> None:
+    def _persist(self, rollout: Rollout, new: RolloutState, actions: _Actions) -> None:
         """The new state, its audit entries and its timed-out boxes, in one transaction."""
         now = self.clock()
         with db.transaction(self.engine) as conn:
@@ -448,16 +389,16 @@ class Rollouts:
             )
             for action in actions:
                 if isinstance(action, Audit):
-                    _insert_audit(conn, rollout.id, now, action)
+                    insert_audit(conn, rollout.id, now, action)
                 elif isinstance(action, MarkTimedOut) and action.shadow:
                     shadowing.mark_timed_out(conn, rollout.id, action.refs)
                 elif isinstance(action, MarkTimedOut):
-                    _mark_timed_out(conn, rollout.id, action, now)
+                    mark_timed_out(conn, rollout.id, action, now)
         faults.hit("rollout.state")
 
     # ---- the current view ----
-    def _view(self, conn: Connection, rollout: _Rollout, now: datetime) -> View:
-        rows = _box_rows(conn, rollout.id)
+    def _view(self, conn: Connection, rollout: Rollout, now: datetime) -> View:
+        rows = box_rows(conn, rollout.id)
         state = rollout.state
         sendable: list[str] = []
         waiting = final = 0
@@ -465,11 +406,11 @@ class Rollouts:
         for row in (r for r in rows if r.wave == state.wave):
             if row.state == "pending":
                 if rollout.plan.site_open(row.site, now):
-                    sendable.append(_ref(row))
+                    sendable.append(box_ref(row))
                 else:
                     waiting += 1
             elif row.state in IN_FLIGHT:
-                in_flight.append((_ref(row), _maybe_utc(row.sent_at)))
+                in_flight.append((box_ref(row), maybe_utc(row.sent_at)))
             else:
                 final += 1
         rb_sendable: list[str] = []
@@ -480,9 +421,9 @@ class Rollouts:
                 r for r in rows if r.sequence is not None and r.state not in NOT_ROLLED_BACK
             ):
                 if row.rollback_state is None:
-                    rb_sendable.append(_ref(row))
+                    rb_sendable.append(box_ref(row))
                 elif row.rollback_state in IN_FLIGHT:
-                    rb_in_flight.append((_ref(row), _maybe_utc(row.rollback_sent_at)))
+                    rb_in_flight.append((box_ref(row), maybe_utc(row.rollback_sent_at)))
                 else:
                     rb_final += 1
         shadow = shadowing.ShadowView((), 0, (), 0)
@@ -497,21 +438,21 @@ class Rollouts:
         )  # fmt: skip
 
     # ---- notices ----
-    def _send_notices(self, rollout: _Rollout, refs: tuple[str, ...]) -> None:
+    def _send_notices(self, rollout: Rollout, refs: tuple[str, ...]) -> None:
         facts = rollout.facts
         for ref in refs:
-            site, device = _site(ref), _device(ref)
+            site, device = ref_site(ref), ref_device(ref)
             known = self.registry.device(site, device)
             old = _active_version(known.models if known else {}, facts.name)
             now = self.clock()
             with db.transaction(self.engine) as conn:
-                row = _box_row(conn, rollout.id, site, device)
+                row = box_row(conn, rollout.id, site, device)
                 if row is None or row.state != "pending" or row.notice is not None:
                     continue  # already stored: the republish path owns it
                 if old is not None and old >= facts.version:
                     # The box would refuse it ("already active", "older"): not a failed install.
                     reason = f"{ref} already runs {facts.name}@{old}; nothing was sent"
-                    _update_box(
+                    update_box(
                         conn,
                         rollout.id,
                         site,
@@ -522,23 +463,23 @@ class Rollouts:
                     )
                     continue
                 v2 = speaks_v2(known.agent_version if known else None)
-                sequence = _allocate_sequence(conn, now)
+                sequence = allocate_sequence(conn, now)
                 payload = build_notice(
                     facts=facts, url=rollout.url, site=site, device=device, sequence=sequence,
                     issued_at=now, expires_at=now + NOTICE_VALIDITY, rollout_id=rollout.id,
                     wave=row.wave, rollback=False, v2=v2, key=self.key,
                 )  # fmt: skip
-                _update_box(
+                update_box(
                     conn, rollout.id, site, device,
                     state="sent", v2=v2, old_version=old, sequence=sequence, notice=payload,
                 )  # fmt: skip
             faults.hit("notice.stored")
             self._publish(rollout.id, site, device, payload, rollback=False)
 
-    def _send_shadow_notices(self, rollout: _Rollout, refs: tuple[str, ...]) -> None:
+    def _send_shadow_notices(self, rollout: Rollout, refs: tuple[str, ...]) -> None:
         facts = rollout.facts
         for ref in refs:
-            site, device = _site(ref), _device(ref)
+            site, device = ref_site(ref), ref_device(ref)
             known = self.registry.device(site, device)
             old = _active_version(known.models if known else {}, facts.name)
             agent = known.agent_version if known else None
@@ -555,7 +496,7 @@ class Rollouts:
                         state=state, reason=reason, old_version=old, outcome_at=now,
                     )  # fmt: skip
                     continue
-                sequence = _allocate_sequence(conn, now)
+                sequence = allocate_sequence(conn, now)
                 payload = build_notice(
                     facts=facts, url=rollout.url, site=site, device=device, sequence=sequence,
                     issued_at=now, expires_at=now + NOTICE_VALIDITY, rollout_id=rollout.id,
@@ -569,18 +510,18 @@ class Rollouts:
             faults.hit("shadow.stored")
             self._publish(rollout.id, site, device, payload, rollback=False, shadow=True)
 
-    def _send_rollbacks(self, rollout: _Rollout, refs: tuple[str, ...]) -> None:
+    def _send_rollbacks(self, rollout: Rollout, refs: tuple[str, ...]) -> None:
         for ref in refs:
-            site, device = _site(ref), _device(ref)
+            site, device = ref_site(ref), ref_device(ref)
             known = self.registry.device(site, device)
             now = self.clock()
             with db.transaction(self.engine) as conn:
-                row = _box_row(conn, rollout.id, site, device)
+                row = box_row(conn, rollout.id, site, device)
                 if row is None or row.sequence is None or row.rollback_state is not None:
                     continue
                 target = self._rollback_target(conn, rollout, row.old_version)
                 if isinstance(target, str):
-                    _update_box(
+                    update_box(
                         conn,
                         rollout.id,
                         site,
@@ -588,7 +529,7 @@ class Rollouts:
                         rollback_state="skipped",
                         rollback_reason=target,
                     )
-                    _insert_audit(
+                    insert_audit(
                         conn,
                         rollout.id,
                         now,
@@ -597,13 +538,13 @@ class Rollouts:
                     continue
                 facts, url = target
                 v2 = speaks_v2(known.agent_version if known else None)
-                sequence = _allocate_sequence(conn, now)
+                sequence = allocate_sequence(conn, now)
                 payload = build_notice(
                     facts=facts, url=url, site=site, device=device, sequence=sequence,
                     issued_at=now, expires_at=now + NOTICE_VALIDITY, rollout_id=rollout.id,
                     wave=row.wave, rollback=True, v2=v2, key=self.key,
                 )  # fmt: skip
-                _update_box(
+                update_box(
                     conn, rollout.id, site, device,
                     rollback_state="sent", rollback_sequence=sequence, rollback_notice=payload,
                 )  # fmt: skip
@@ -611,7 +552,7 @@ class Rollouts:
             self._publish(rollout.id, site, device, payload, rollback=True)
 
     def _rollback_target(
-        self, conn: Connection, rollout: _Rollout, old_version: int | None
+        self, conn: Connection, rollout: Rollout, old_version: int | None
     ) -> tuple[BundleFacts, str] | str:
         """The bundle to roll a box back to, or why there is none."""
         name = rollout.facts.name
@@ -627,13 +568,13 @@ class Rollouts:
         )
         for bundle in own.get("previous", ()):
             if bundle["name"] == name and bundle["version"] == old_version:
-                return _facts(bundle), str(bundle["url"])
+                return facts_from_json(bundle), str(bundle["url"])
         for (text,) in conn.execute(
             sa.select(ROLLOUTS.c.bundle).order_by(ROLLOUTS.c.created_at.desc())
         ):
             bundle = db.loads(text)
             if bundle["name"] == name and bundle["version"] == old_version:
-                return _facts(bundle), str(bundle["url"])
+                return facts_from_json(bundle), str(bundle["url"])
         return (
             f"{name}@{old_version} is neither listed in the plan's [on_halt] previous nor was "
             "it rolled out by this controller, so its bundle's URL and digest are unknown; "
@@ -677,7 +618,7 @@ class Rollouts:
             conn.execute(
                 ROLLOUT_BOXES.update()
                 .where(
-                    *_box_key(rollout_id, site, device),
+                    *box_key(rollout_id, site, device),
                     ROLLOUT_BOXES.c[column].is_(None),
                     notice == payload,
                 )
@@ -688,7 +629,7 @@ class Rollouts:
         """Publish again, byte-identical, every stored notice the broker never acknowledged."""
         with db.transaction(self.engine) as conn:
             status = self._load(conn, rollout_id).state.status
-            rows = _box_rows(conn, rollout_id)
+            rows = box_rows(conn, rollout_id)
             shadows = shadowing.rows(conn, rollout_id)
         for shadow in shadows:
             if status in ("running", "paused") and shadow.notice and shadow.sent_at is None:
@@ -707,10 +648,10 @@ class Rollouts:
                 self._publish(rollout_id, row.site, row.device, row.rollback_notice, rollback=True)
 
     # ---- gates ----
-    def _gates(self, rollout: _Rollout, wave: int) -> tuple[dict[str, Any], ...]:
+    def _gates(self, rollout: Rollout, wave: int) -> tuple[dict[str, Any], ...]:
         """Gate results over every wave up to `wave`, from outcomes and telemetry."""
         with db.transaction(self.engine) as conn:
-            rows = [row for row in _box_rows(conn, rollout.id) if row.wave <= wave]
+            rows = [row for row in box_rows(conn, rollout.id) if row.wave <= wave]
         spec = rollout.plan.gates
         name, version = rollout.facts.name, rollout.facts.version
         pairs = []
@@ -723,13 +664,13 @@ class Rollouts:
             old = None
             if row.old_version is not None:
                 old = self.registry.latest_sample(
-                    row.site, row.device, name, row.old_version, before=_maybe_utc(row.sent_at)
+                    row.site, row.device, name, row.old_version, before=maybe_utc(row.sent_at)
                 )
-            pairs.append(BoxPair(_ref(row), old, new))
+            pairs.append(BoxPair(box_ref(row), old, new))
         outcomes = Counter(row.state for row in rows)
         return tuple(result.to_json() for result in evaluate(outcomes, pairs, spec))
 
-    def _shadow_gate(self, rollout: _Rollout, wave: int) -> tuple[dict[str, Any], ...]:
+    def _shadow_gate(self, rollout: Rollout, wave: int) -> tuple[dict[str, Any], ...]:
         """The shadow gates over the wave's boxes that shadow the candidate."""
         spec = rollout.plan.shadow
         if spec is None:  # a plan cannot lose its shadow table; kept safe all the same
@@ -751,7 +692,7 @@ class Rollouts:
         to that box."""
         with db.transaction(self.engine) as conn:
             if report.rollout_id is None:
-                row = _row_by_sequence(conn, report.site, report.device, report.sequence)
+                row = row_by_sequence(conn, report.site, report.device, report.sequence)
                 return row.rollout_id if row is not None else None
             known = conn.execute(
                 sa.select(ROLLOUTS.c.id).where(ROLLOUTS.c.id == report.rollout_id)
@@ -762,7 +703,7 @@ class Rollouts:
                     f"{report.site}/{report.device} reports on rollout {report.rollout_id!r}, "
                     "which this controller never created",
                 )  # fmt: skip
-            row = _box_row(conn, report.rollout_id, report.site, report.device)
+            row = box_row(conn, report.rollout_id, report.site, report.device)
             shadow = shadowing.row(conn, report.rollout_id, report.site, report.device)
         if (
             shadow is not None
@@ -793,21 +734,21 @@ class Rollouts:
                         state=state, reason=report.reason, outcome_at=report.at or now,
                     )  # fmt: skip
             else:
-                row = _box_row(conn, rollout_id, report.site, report.device)
+                row = box_row(conn, rollout_id, report.site, report.device)
                 if row is None:
                     return
                 _record_box_report(conn, rollout_id, row, report, report.at or now)
         faults.hit("report.stored")
 
     def _refs(self, conn: Connection, rollout_id: str) -> _Refs:
-        return [_ref(row) for row in _box_rows(conn, rollout_id)]
+        return [box_ref(row) for row in box_rows(conn, rollout_id)]
 
 
 class _PublishError(Exception):
     """The broker did not acknowledge a notice; it stays stored and is published next tick."""
 
 
-# ---- rows -----------------------------------------------------------------------------------
+# ---- reports and boxes ----------------------------------------------------------------------
 def _record_box_report(
     conn: Connection, rollout_id: str, row: sa.Row[Any], report: UpdateReport, at: datetime
 ) -> None:
@@ -815,14 +756,14 @@ def _record_box_report(
     if report.sequence == row.sequence:
         state = _next_box_state(row.state, report.outcome)
         if state is not None:
-            _update_box(
+            update_box(
                 conn, rollout_id, report.site, report.device,
                 state=state, reason=report.reason, outcome_at=at,
             )  # fmt: skip
     elif report.sequence == row.rollback_sequence:
         state = _next_box_state(row.rollback_state, report.outcome)
         if state is not None:
-            _update_box(
+            update_box(
                 conn, rollout_id, report.site, report.device,
                 rollback_state=state, rollback_reason=report.reason,
             )  # fmt: skip
@@ -875,209 +816,7 @@ def _next_box_state(current: str | None, outcome: str) -> str | None:
     return None
 
 
-def _box_key(rollout_id: str, site: str, device: str) -> tuple[Any, ...]:
-    c = ROLLOUT_BOXES.c
-    return (c.rollout_id == rollout_id, c.site == site, c.device == device)
-
-
-def _box_row(conn: Connection, rollout_id: str, site: str, device: str) -> sa.Row[Any] | None:
-    return conn.execute(sa.select(ROLLOUT_BOXES).where(*_box_key(rollout_id, site, device))).first()
-
-
-def _box_rows(conn: Connection, rollout_id: str) -> list[sa.Row[Any]]:
-    c = ROLLOUT_BOXES.c
-    query = (
-        sa.select(ROLLOUT_BOXES)
-        .where(c.rollout_id == rollout_id)
-        .order_by(c.wave, c.site, c.device)
-    )
-    return list(conn.execute(query).all())
-
-
-def _row_by_sequence(conn: Connection, site: str, device: str, sequence: int) -> sa.Row[Any] | None:
-    c = ROLLOUT_BOXES.c
-    query = sa.select(ROLLOUT_BOXES).where(
-        c.site == site,
-        c.device == device,
-        sa.or_(c.sequence == sequence, c.rollback_sequence == sequence),
-    )
-    return conn.execute(query).first()
-
-
-def _update_box(conn: Connection, rollout_id: str, site: str, device: str, **values: Any) -> None:
-    conn.execute(ROLLOUT_BOXES.update().where(*_box_key(rollout_id, site, device)).values(**values))
-
-
-def _mark_timed_out(conn: Connection, rollout_id: str, action: MarkTimedOut, now: datetime) -> None:
-    c = ROLLOUT_BOXES.c
-    column, reason_column = (
-        ("rollback_state", "rollback_reason") if action.rollback else ("state", "reason")
-    )
-    what = "rollback notice" if action.rollback else "notice"
-    for ref in action.refs:
-        conn.execute(
-            ROLLOUT_BOXES.update()
-            .where(
-                *_box_key(rollout_id, _site(ref), _device(ref)), c[column].in_(sorted(IN_FLIGHT))
-            )
-            .values(
-                {
-                    column: "timed_out",
-                    reason_column: f"no final outcome within the deadline after its {what}",
-                }
-            )
-        )
-
-
-def _allocate_sequence(conn: Connection, now: datetime) -> int:
-    """`max(now_ms, last + 1)`, recorded in the caller's transaction (with the notice it signs)."""
-    last = conn.execute(sa.select(SEQUENCES.c.last).where(SEQUENCES.c.id == 1)).scalar()
-    sequence = next_sequence(last, now)
-    if last is None:
-        conn.execute(SEQUENCES.insert().values(id=1, last=sequence))
-    else:
-        conn.execute(SEQUENCES.update().where(SEQUENCES.c.id == 1).values(last=sequence))
-    return sequence
-
-
-def _insert_audit(conn: Connection, rollout_id: str, now: datetime, audit: Audit) -> None:
-    conn.execute(
-        AUDIT.insert().values(
-            rollout_id=rollout_id, at=now, what=audit.what, why=audit.why,
-            actor=audit.actor, figures=db.dumps(audit.figures),
-        )
-    )  # fmt: skip
-
-
-def _box_counts(conn: Connection) -> dict[str, dict[str, int]]:
-    c = ROLLOUT_BOXES.c
-    counts: dict[str, dict[str, int]] = {}
-    for rollout_id, state, count in conn.execute(
-        sa.select(c.rollout_id, c.state, sa.func.count()).group_by(c.rollout_id, c.state)
-    ):
-        counts.setdefault(rollout_id, {})[state] = count
-    return counts
-
-
-# ---- reading rows ---------------------------------------------------------------------------
-def _read(row: sa.Row[Any]) -> _Rollout:
-    bundle = db.loads(row.bundle)
-    return _Rollout(
-        id=row.id,
-        plan=RolloutPlan.from_json(db.loads(row.plan)),
-        facts=_facts(bundle),
-        url=str(bundle["url"]),
-        state=RolloutState.from_json(db.loads(row.state)),
-        created_at=_utc(row.created_at),
-        updated_at=_utc(row.updated_at),
-        created_by=row.created_by,
-    )
-
-
-def _with_state(rollout: _Rollout, state: RolloutState) -> _Rollout:
-    return replace(rollout, state=state)
-
-
-def _summary(rollout: _Rollout, counts: Mapping[str, int]) -> dict[str, Any]:
-    state = rollout.state
-    return {
-        "id": rollout.id,
-        "name": rollout.plan.name,
-        "bundle": f"{rollout.facts.name}@{rollout.facts.version}",
-        "status": state.status,
-        "wave": state.wave,
-        "waves": state.policy.waves,
-        "phase": state.phase,
-        "created_at": rollout.created_at.isoformat(),
-        "created_by": rollout.created_by,
-        "updated_at": rollout.updated_at.isoformat(),
-        "counts": {name: counts.get(name, 0) for name in BOX_STATES},
-    }
-
-
-def _full_status(
-    rollout: _Rollout, rows: list[sa.Row[Any]], shadows: list[sa.Row[Any]]
-) -> dict[str, Any]:
-    state = rollout.state
-    per_wave = []
-    for number in range(1, state.policy.waves + 1):
-        wave = [row for row in rows if row.wave == number]
-        counts = Counter(row.state for row in wave)
-        per_wave.append(
-            {
-                "wave": number,
-                "total": len(wave),
-                "counts": {n: counts.get(n, 0) for n in BOX_STATES},
-            }
-        )
-    overall = Counter(row.state for row in rows)
-    by_ref = {_ref(shadow): shadow for shadow in shadows}
-    return {
-        **_summary(rollout, overall),
-        "phase_since": _iso(state.phase_since),
-        "soak_until": _iso(state.soak_until),
-        "paused_from": state.paused_from,
-        "halt_reason": state.halt_reason,
-        "finished_at": _iso(state.finished_at),
-        "total": len(rows),
-        "per_wave": per_wave,
-        "rollback": dict(
-            sorted(Counter(r.rollback_state for r in rows if r.rollback_state).items())
-        ),
-        "gates": [dict(result) for result in state.gate_results],
-        "shadow_gates": [dict(result) for result in state.shadow_results],
-        "shadow": shadowing.counts(shadows) if shadows else None,
-        "bundle_facts": {**rollout.facts.to_json(), "url": rollout.url},
-        "plan": rollout.plan.to_json(),
-        "boxes": [{**_box_json(row), **shadowing.box_json(by_ref.get(_ref(row)))} for row in rows],
-    }
-
-
-def _box_json(row: sa.Row[Any]) -> dict[str, Any]:
-    return {
-        "ref": _ref(row), "wave": row.wave, "state": row.state, "v2": row.v2,
-        "old_version": row.old_version, "sequence": row.sequence,
-        "sent_at": _iso(_maybe_utc(row.sent_at)), "outcome_at": _iso(_maybe_utc(row.outcome_at)),
-        "reason": row.reason, "rollback_state": row.rollback_state,
-        "rollback_sequence": row.rollback_sequence, "rollback_reason": row.rollback_reason,
-    }  # fmt: skip
-
-
-def _facts(bundle: Mapping[str, Any]) -> BundleFacts:
-    return BundleFacts(
-        str(bundle["name"]), int(bundle["version"]), str(bundle["sha256"]), int(bundle["size"])
-    )
-
-
-def _facts_json(facts: BundleFacts) -> dict[str, Any]:
-    return facts.to_json()
-
-
 def _active_version(models: Mapping[str, Any], name: str) -> int | None:
     model = models.get(name)
     version = getattr(model, "version", None)
     return int(version) if version is not None else None
-
-
-def _ref(row: sa.Row[Any]) -> str:
-    return f"{row.site}/{row.device}"
-
-
-def _site(ref: str) -> str:
-    return ref.partition("/")[0]
-
-
-def _device(ref: str) -> str:
-    return ref.partition("/")[2]
-
-
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _maybe_utc(value: datetime | None) -> datetime | None:
-    return _utc(value) if value is not None else None
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None

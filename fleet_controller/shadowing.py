@@ -12,8 +12,8 @@ A box's shadow state: `pending` (no notice yet), `sent`, `progress` (downloading
 staging), `shadowing` (it shadows the active model with the candidate: final for the phase),
 `refused`, `ignored` (it already runs the version), `timed_out`.
 
-The table is declared on `db.METADATA` with a foreign key to `rollouts.id`, so it is imported
-through `fleet_controller.rollouts` (which declares that table); it is created by the schema
+The table is declared on `db.METADATA` with a foreign key to `rollouts.id`, so it imports
+`fleet_controller.rollout_tables` (which declares that table); it is created by the schema
 migration step 3 (`fleet_controller.migrations`), with `shadow_samples`.
 """
 
@@ -31,6 +31,7 @@ from sqlalchemy.engine import Connection
 from fleet_controller import db
 from fleet_controller.gates import BoxShadow
 from fleet_controller.registry import Registry
+from fleet_controller.rollout_tables import ROLLOUTS
 
 SHADOW_STATES = (
     "pending", "sent", "progress", "shadowing", "refused", "ignored", "timed_out",
@@ -44,7 +45,7 @@ _TIME = sa.DateTime(timezone=True)
 ROLLOUT_SHADOWS = sa.Table(
     "rollout_shadows",
     db.METADATA,
-    sa.Column("rollout_id", sa.String(64), sa.ForeignKey("rollouts.id"), primary_key=True),
+    sa.Column("rollout_id", sa.String(64), sa.ForeignKey(ROLLOUTS.c.id), primary_key=True),
     sa.Column("site", sa.String(64), primary_key=True),
     sa.Column("device", sa.String(64), primary_key=True),
     sa.Column("wave", sa.Integer, nullable=False),

@@ -6,12 +6,15 @@ the repository — as any version, optionally relabelled: the same network with 
 names permuted in the manifest, its golden expectations renamed the same way, so it still passes
 the golden self-test and installs fine, yet answers another class wherever the permutation
 moves one. `demo_photos` draws photos with demo/make_demo.py's generator, at the demo's size.
+`start_script` and `read_banner` run scripts/demo and scripts/fleet-demo up to their banner.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -93,3 +96,34 @@ def resign_demo(
     )
     files = {entry.path: SourceFile(demo.path(entry.path), entry.role) for entry in manifest.files}
     return write_bundle(out_dir / f"defects-{version}.bundle", files, body, key)
+
+
+def start_script(script: str, env: Mapping[str, str], *args: str) -> subprocess.Popen[bytes]:
+    """scripts/`script` started in the repository, in a process group of its own (to be stopped
+    with SIGINT to the group), its output piped."""
+    return subprocess.Popen(
+        [str(ROOT / "scripts" / script), *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def read_banner(process: subprocess.Popen[bytes], lines: list[str], timeout: float = 120) -> str:
+    """The script's output up to its "Ctrl-C stops it" line, each line also added to `lines`;
+    fails when the script exits first or takes longer than `timeout`."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    while not any("Ctrl-C stops it" in line for line in lines):
+        line = process.stdout.readline().decode(errors="replace")
+        if not line and process.poll() is not None:
+            command = process.args if isinstance(process.args, list) else [process.args]
+            raise AssertionError(f"scripts/{Path(str(command[0])).name} exited:\n" + "".join(lines))
+        lines.append(line)
+        assert time.monotonic() < deadline, "".join(lines)
+    return "".join(lines)
+
+
+def banner_and_rest(lines: list[str], process: subprocess.Popen[bytes]) -> str:
+    """Everything the script printed: `lines` read so far, then the rest of its output."""
+    assert process.stdout is not None
+    return "".join(lines) + process.stdout.read().decode(errors="replace")

@@ -1,5 +1,6 @@
-"""Helpers for the fleet controller's tests: keys, a config, the controller in-process or as a
-real `fleet-controller serve` process, and waiting on its figures."""
+"""Helpers for the fleet controller's tests: keys, signed bundles, a config, the controller
+in-process or as a real `fleet-controller serve` process, simulated boxes and a rollout plan for
+them, waiting on its figures, and the checks every crash and failover test makes at the end."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +19,10 @@ from typing import Any, TypeVar
 
 import httpx
 
-from edge_bundle.signing import KeyRole, SigningKey, write_key_files
-from tests.agent_support import free_port
+from edge_bundle.signing import KeyRole, SigningKey, TrustStore, write_key_files
+from fleet_controller.simulator import Behaviour, BoxSpec, Simulator
+from tests.agent_support import BuiltBundle, Keys, build_bundle, free_port
+from tests.mqtt_support import TestClient
 
 T = TypeVar("T")
 
@@ -43,6 +47,14 @@ def fleet_keys(directory: Path) -> FleetKeys:
     return FleetKeys(
         bundle, bundle_public, bundle_private, release, release_public, release_private
     )
+
+
+def signed_bundles(directory: Path, keys: FleetKeys, *versions: int) -> dict[int, BuiltBundle]:
+    """defects@N for each of `versions`, signed with the fleet's bundle key, in a new `directory`
+    (the folder a file server serves)."""
+    directory.mkdir()
+    signer = Keys(keys.bundle, keys.bundle_private, keys.bundle_public)
+    return {v: build_bundle(directory, signer, version=v, seed=3) for v in versions}
 
 
 @dataclass(frozen=True)
@@ -164,3 +176,96 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str) -> T:
             return last
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
+
+
+# ---- simulated boxes and a rollout to them --------------------------------------------------
+RELEASES = "lineside/v1/+/+/release"
+
+
+def mixed_boxes(count: int, install_s: float) -> list[BoxSpec]:
+    """`count` boxes on defects@1 over plant-0, -1 and -2; one in ten runs agent 0.1.0 (v1
+    notices), the rest 0.2.0."""
+    return [
+        BoxSpec(
+            site=f"plant-{n % 3}",
+            device=f"box{n:02d}",
+            models={"defects": 1},
+            agent_version="0.1.0" if n % 10 == 3 else "0.2.0",
+            behaviour=Behaviour(install_s=install_s),
+        )
+        for n in range(count)
+    ]
+
+
+def simulator(
+    broker_port: int, keys: FleetKeys, boxes: list[BoxSpec], telemetry_interval_s: float = 1.0
+) -> Simulator:
+    """Simulated `boxes` on the broker that trust the fleet's release key."""
+    trust = TrustStore.from_files([keys.release_public])
+    return Simulator(
+        "127.0.0.1", broker_port, boxes, trust, telemetry_interval_s=telemetry_interval_s
+    )
+
+
+def release_watcher(broker_port: int) -> TestClient:
+    """A client recording every release notice published to any box."""
+    releases = TestClient(broker_port, "releases")
+    releases.subscribe(RELEASES)
+    return releases
+
+
+def wave_plan_text(bundle: BuiltBundle, server: str, soak_s: float) -> str:
+    """The TOML plan `defects-2`: `bundle` (served at `server`) to plant-0, -1 and -2 in waves
+    of 10, 40 and 100%."""
+    return (
+        f'name = "defects-2"\nbundle = "{bundle.path}"\nurl = "{server}/{bundle.path.name}"\n'
+        'cohort = { site = ["plant-0", "plant-1", "plant-2"] }\n\n'
+        f"[waves]\npercent = [10, 40, 100]\nsoak_s = {soak_s}\ndeadline_s = 120\n"
+    )
+
+
+def wait_for_boxes(api: httpx.Client, count: int) -> None:
+    """Until the registry holds `count` boxes, each with its agent version known."""
+    wait_for(
+        lambda: (
+            (found := api.get("/v1/devices").json())["count"] == count
+            and all(d["agent_version"] for d in found["devices"])
+        ),
+        60,
+        "every box in the registry",
+    )
+
+
+def wait_for_end(api: httpx.Client, name: str, what: str) -> dict[str, Any]:
+    """The status of rollout `name` once it completed or halted."""
+
+    def ended() -> dict[str, Any] | None:
+        status: dict[str, Any] = api.get(f"/v1/rollouts/{name}").json()
+        return status if status["status"] in ("completed", "halted") else None
+
+    return wait_for(ended, 120, what)
+
+
+def assert_each_box_acted_once(
+    done: dict[str, Any], acted: dict[str, list[tuple[int, str, int, bool]]], count: int
+) -> None:
+    """The rollout of defects@2 completed on all `count` boxes, none skipped: each committed and
+    installed it once, under its own sequence (`acted` is what each box did)."""
+    assert done["status"] == "completed", done
+    states = {box["ref"]: box for box in done["boxes"]}
+    assert len(states) == count
+    assert all(box["state"] == "committed" for box in states.values()), states
+    for ref, box in states.items():
+        assert acted[ref] == [(box["sequence"], "defects", 2, False)], (ref, acted[ref])
+
+
+def assert_notices_identical(releases: TestClient, count: int) -> None:
+    """One notice topic per box, and every re-sent notice byte-identical to the first one sent
+    on its topic."""
+    payloads: dict[str, set[bytes]] = defaultdict(set)
+    for message in releases.messages:
+        payloads[message.topic].add(bytes(message.payload))
+    assert len(payloads) == count
+    assert all(len(found) == 1 for found in payloads.values()), {
+        topic: len(found) for topic, found in payloads.items() if len(found) > 1
+    }

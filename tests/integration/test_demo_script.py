@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.agent_support import free_port
+from tests.demo_support import banner_and_rest, read_banner, start_script
 from tests.mqtt_support import running_broker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,22 +31,10 @@ def test_scripts_demo_serves_the_demo_bundle(tmp_path: Path) -> None:
             "LINESIDE_DEMO_DIR": str(tmp_path / "demo"),
             "EDGE_AGENT_MQTT_PORT": str(broker.port),
         }
-        process = subprocess.Popen(
-            [str(ROOT / "scripts" / "demo"), "--port", str(port)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        assert process.stdout is not None
+        process = start_script("demo", env, "--port", str(port))
         lines: list[str] = []
         try:
-            deadline = time.monotonic() + 120
-            while not any("Ctrl-C stops it" in line for line in lines):
-                line = process.stdout.readline().decode(errors="replace")
-                if not line and process.poll() is not None:
-                    raise AssertionError("scripts/demo exited:\n" + "".join(lines))
-                lines.append(line)
-                assert time.monotonic() < deadline, "".join(lines)
-            banner = "".join(lines)
+            banner = read_banner(process, lines)
             assert f"http://127.0.0.1:{port}/" in banner
             curl = re.search(r"curl: +(curl .*)", banner)
             assert curl is not None, banner
@@ -75,6 +64,4 @@ def test_scripts_demo_serves_the_demo_bundle(tmp_path: Path) -> None:
         finally:
             os.killpg(process.pid, signal.SIGINT)
             process.wait(30)
-        assert process.returncode == 0, "".join(lines) + process.stdout.read().decode(
-            errors="replace"
-        )
+        assert process.returncode == 0, banner_and_rest(lines, process)

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.agent_support import free_port
+from tests.demo_support import banner_and_rest, read_banner, start_script
 
 ROOT = Path(__file__).resolve().parents[2]
 BOXES = [f"{site}/box{n}" for site in ("plant-a", "plant-b", "plant-c") for n in range(1, 5)]
@@ -33,22 +34,10 @@ def test_scripts_fleet_demo_rolls_the_demo_bundle_out(tmp_path: Path) -> None:
         "EDGE_AGENT_MQTT_HOST": "127.0.0.1",
         "EDGE_AGENT_MQTT_PORT": str(free_port()),
     }
-    process = subprocess.Popen(
-        [str(ROOT / "scripts" / "fleet-demo"), "--port", str(free_port())],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-    assert process.stdout is not None
+    process = start_script("fleet-demo", env, "--port", str(free_port()))
     lines: list[str] = []
     try:
-        deadline = time.monotonic() + 120
-        while not any("Ctrl-C stops it" in line for line in lines):
-            line = process.stdout.readline().decode(errors="replace")
-            if not line and process.poll() is not None:
-                raise AssertionError("scripts/fleet-demo exited:\n" + "".join(lines))
-            lines.append(line)
-            assert time.monotonic() < deadline, "".join(lines)
-        banner = "".join(lines)
+        banner = read_banner(process, lines)
         client = {**os.environ, **exported(banner)}
 
         listing = run(printed(banner, "devices"), client)
@@ -118,8 +107,3 @@ def group_members(pgid: int) -> list[str]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             members.append(text.split(")", 1)[0] + ")")
     return members
-
-
-def banner_and_rest(lines: list[str], process: subprocess.Popen[bytes]) -> str:
-    assert process.stdout is not None
-    return "".join(lines) + process.stdout.read().decode(errors="replace")

@@ -13,12 +13,11 @@ Skipped without LINESIDE_TEST_POSTGRES (`.ci/run` sets it when PostgreSQL answer
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import time
+import tomllib
 import uuid
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,23 +26,30 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from edge_bundle.signing import TrustStore
-from fleet_controller.simulator import Behaviour, BoxSpec, Simulator, SimulatorThread
-from tests.agent_support import Keys, build_bundle
+from fleet_controller.simulator import SimulatorThread
 from tests.fleet_support import (
     ControllerProcess,
     FleetConfig,
     FleetKeys,
+    assert_each_box_acted_once,
+    assert_notices_identical,
     fleet_keys,
+    mixed_boxes,
+    release_watcher,
+    signed_bundles,
+    simulator,
     spawn_controller,
     wait_for,
+    wait_for_boxes,
+    wait_for_end,
+    wave_plan_text,
     write_config,
 )
-from tests.mqtt_support import Broker, TestClient, running_broker
+from tests.mqtt_support import Broker, running_broker
+from tests.postgres_support import postgres_url
 from tests.update_support import file_server
 
 pytestmark = pytest.mark.slow
-LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 BOXES = 30
 TAKEOVER_S = 15.0  # the issue's bound
 
@@ -51,10 +57,7 @@ TAKEOVER_S = 15.0  # the issue's bound
 @pytest.fixture
 def database() -> Iterator[str]:
     """The URL of a fresh PostgreSQL database, dropped afterwards."""
-    url = os.environ.get("LINESIDE_TEST_POSTGRES")
-    if not url:
-        pytest.skip("set LINESIDE_TEST_POSTGRES=1 (or a PostgreSQL URL) to test on PostgreSQL")
-    admin = sa.create_engine(LOCAL_POSTGRES if url == "1" else url, isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(postgres_url(), isolation_level="AUTOCOMMIT")
     name = f"fleet_failover_{uuid.uuid4().hex[:10]}"
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
@@ -100,26 +103,15 @@ def test_the_standby_takes_over_a_rollout_when_the_leader_is_killed(
 ) -> None:
     keys = fleet_keys(tmp_path / "keys")
     files = tmp_path / "files"
-    files.mkdir()
-    signer = Keys(keys.bundle, keys.bundle_private, keys.bundle_public)
-    bundle = build_bundle(files, signer, version=2, seed=3)
-    boxes = [
-        BoxSpec(
-            site=f"plant-{n % 3}",
-            device=f"box{n:02d}",
-            models={"defects": 1},
-            agent_version="0.1.0" if n % 10 == 3 else "0.2.0",
-            behaviour=Behaviour(install_s=1.0),
-        )
-        for n in range(BOXES)
-    ]
-    releases = TestClient(broker.port, "releases")
-    releases.subscribe("lineside/v1/+/+/release")
-    trust = TrustStore.from_files([keys.release_public])
-    simulator = Simulator("127.0.0.1", broker.port, boxes, trust, telemetry_interval_s=1.0)
+    bundle = signed_bundles(files, keys, 2)[2]
+    boxes = mixed_boxes(BOXES, install_s=1.0)
+    releases = release_watcher(broker.port)
     first_config = shared_config(tmp_path / "a", keys, broker, database)
     second_config = shared_config(tmp_path / "b", keys, broker, database)
-    with file_server(files) as (url, _log), SimulatorThread(simulator) as sim:
+    with (
+        file_server(files) as (url, _log),
+        SimulatorThread(simulator(broker.port, keys, boxes)) as sim,
+    ):
         first = spawn_controller(first_config)
         assert first.wait_up(), first.log()
         wait_for(lambda: health(first).get("role") == "leader", 30, "the first to lead")
@@ -133,21 +125,8 @@ def test_the_standby_takes_over_a_rollout_when_the_leader_is_killed(
             assert leader_gauge(second) == "fleet_leader 0.0"
 
             with first.client() as api:
-                wait_for(
-                    lambda: (
-                        (found := api.get("/v1/devices").json())["count"] == BOXES
-                        and all(d["agent_version"] for d in found["devices"])
-                    ),
-                    60,
-                    "every box in the registry",
-                )
-            plan = {
-                "name": "defects-2",
-                "bundle": str(bundle.path),
-                "url": f"{url}/{bundle.path.name}",
-                "cohort": {"site": ["plant-0", "plant-1", "plant-2"]},
-                "waves": {"percent": [10, 40, 100], "soak_s": 1.0, "deadline_s": 120},
-            }
+                wait_for_boxes(api, BOXES)
+            plan = tomllib.loads(wave_plan_text(bundle, url, soak_s=1.0))
             with second.client() as api:  # the standby refuses writes, naming the leader
                 refused = api.post("/v1/rollouts", json={"plan": plan})
                 assert refused.status_code == 503, refused.text
@@ -174,15 +153,7 @@ def test_the_standby_takes_over_a_rollout_when_the_leader_is_killed(
             assert takeover_s <= TAKEOVER_S, f"the takeover took {takeover_s:.1f} s"
 
             with second.client() as api:
-                done = wait_for(
-                    lambda: (
-                        (s := api.get("/v1/rollouts/defects-2").json())["status"]
-                        in ("completed", "halted")
-                        and s
-                    ),
-                    120,
-                    "the rollout to finish under the new leader",
-                )
+                done = wait_for_end(api, "defects-2", "the rollout to finish under the new leader")
             acted = {box.ref: list(sim.acted(box.ref)) for box in boxes}
             assert leader_gauge(second) == "fleet_leader 1.0"
         finally:
@@ -190,18 +161,7 @@ def test_the_standby_takes_over_a_rollout_when_the_leader_is_killed(
             if first.process.poll() is None:
                 first.process.kill()
 
-    assert done["status"] == "completed", done
-    states = {box["ref"]: box for box in done["boxes"]}
-    assert len(states) == BOXES
-    assert all(box["state"] == "committed" for box in states.values()), states
-    for ref, box in states.items():  # no box skipped, none acted twice
-        assert acted[ref] == [(box["sequence"], "defects", 2, False)], (ref, acted[ref])
-    # Every re-sent notice is byte-identical to the first one of its topic.
-    payloads: dict[str, set[bytes]] = defaultdict(set)
-    for message in releases.messages:
-        payloads[message.topic].add(bytes(message.payload))
-    assert len(payloads) == BOXES
-    assert all(len(found) == 1 for found in payloads.values()), {
-        topic: len(found) for topic, found in payloads.items() if len(found) > 1
-    }
+    # No box skipped, none acted twice; every re-sent notice is byte-identical to the first.
+    assert_each_box_acted_once(done, acted, BOXES)
+    assert_notices_identical(releases, BOXES)
     releases.close()

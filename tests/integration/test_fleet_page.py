@@ -6,9 +6,6 @@ are kept as test artefacts (tests/artifacts/, or $LINESIDE_ARTIFACTS)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,14 +15,15 @@ from typing import Any
 import httpx
 import pytest
 
-from edge_bundle.signing import TrustStore
 from fleet_controller.plan import RolloutPlan, assign_waves, wave_sizes
-from fleet_controller.simulator import Behaviour, BoxSpec, Simulator, SimulatorThread
-from tests.agent_support import Keys, build_bundle
+from fleet_controller.simulator import Behaviour, BoxSpec, SimulatorThread
+from tests.browser_support import ARTIFACTS, headless_chromium, needs_browser
 from tests.fleet_support import (
     ControllerProcess,
     FleetKeys,
     fleet_keys,
+    signed_bundles,
+    simulator,
     spawn_controller,
     wait_for,
     write_config,
@@ -33,18 +31,7 @@ from tests.fleet_support import (
 from tests.mqtt_support import Broker, running_broker
 from tests.update_support import file_server
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        CHROMIUM is None or CHROMEDRIVER is None,
-        reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
-    ),
-]
-ARTIFACTS = Path(
-    os.environ.get("LINESIDE_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts")
-)
+pytestmark = [pytest.mark.slow, needs_browser]
 SITES = ("plant-a", "plant-b", "plant-c")
 PHONE, DESKTOP = (390, 844), (1280, 900)
 CANARY = 10
@@ -65,9 +52,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     work = tmp_path_factory.mktemp("fleet-page")
     keys = fleet_keys(work / "keys")
     files = work / "files"
-    files.mkdir()
-    signer = Keys(keys.bundle, keys.bundle_private, keys.bundle_public)
-    built = {v: build_bundle(files, signer, version=v, seed=3) for v in (1, 2)}
+    built = signed_bundles(files, keys, 1, 2)
     with running_broker(work / "broker") as broker, file_server(files) as (url, _log):
         config = write_config(work / "controller", keys, broker.port)
         controller = spawn_controller(config)
@@ -89,23 +74,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    webdriver = pytest.importorskip("selenium.webdriver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    profile = tempfile.mkdtemp(prefix="lineside-chromium-")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 f"--user-data-dir={profile}"):  # fmt: skip
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(
-        service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)), options=options
-    )
-    try:
+    with headless_chromium(console_log=True) as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def boxes(canary: set[str]) -> list[BoxSpec]:
@@ -254,8 +224,7 @@ def test_the_fleet_page_during_a_rollout_to_200_boxes(fleet: Fleet, browser: Any
     canary = canary_of(fleet)
     specs = boxes(canary)
     away = [b.ref for b in specs if b.ref not in canary][:3]
-    trust = TrustStore.from_files([fleet.keys.release_public])
-    simulator = Simulator("127.0.0.1", fleet.broker.port, specs, trust, telemetry_interval_s=2.0)
+    simulated = simulator(fleet.broker.port, fleet.keys, specs, telemetry_interval_s=2.0)
     client = fleet.controller.client()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
@@ -267,7 +236,7 @@ def test_the_fleet_page_during_a_rollout_to_200_boxes(fleet: Fleet, browser: Any
         found: dict[str, Any] = client.get(f"/v1/rollouts/{rollout_id}?boxes=false").json()
         return found
 
-    with SimulatorThread(simulator) as sim, client:
+    with SimulatorThread(simulated) as sim, client:
         wait_for(
             lambda: sum(1 for d in devices() if d["agent_version"] and d["models"]) == 200,
             60, "200 boxes in the registry",

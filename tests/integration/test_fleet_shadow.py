@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import shutil
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,18 +29,20 @@ from typing import Any
 import httpx
 import pytest
 
-from edge_bundle.signing import TrustStore
 from firmware_profiles import PROFILE_DIR
 from fleet_controller.errors import FleetError
 from fleet_controller.plan import RolloutPlan
-from fleet_controller.simulator import Behaviour, BoxSpec, Simulator, SimulatorThread
-from tests.agent_support import AgentProcess, Keys, build_bundle, install_bundle, run_agent
+from fleet_controller.simulator import Behaviour, BoxSpec, SimulatorThread
+from tests.agent_support import AgentProcess, install_bundle, run_agent
+from tests.browser_support import headless_chromium, needs_browser
 from tests.demo_support import demo_photos, resign_demo
 from tests.fleet_support import (
     ControllerProcess,
     FleetKeys,
     fleet_keys,
     in_process,
+    signed_bundles,
+    simulator,
     spawn_controller,
     wait_for,
     write_config,
@@ -79,9 +80,7 @@ def sim(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A broker, defects@1 and @2 on a file server, the keys."""
     keys = fleet_keys(tmp_path / "keys")
     files = tmp_path / "files"
-    files.mkdir()
-    signer = Keys(keys.bundle, keys.bundle_private, keys.bundle_public)
-    built = {v: build_bundle(files, signer, version=v, seed=3) for v in (1, 2)}
+    built = signed_bundles(files, keys, 1, 2)
     with running_broker(tmp_path / "broker") as broker, file_server(files) as (url, _log):
         yield {
             "keys": keys, "broker": broker, "root": tmp_path,
@@ -105,10 +104,11 @@ def boxes(count: int, behaviour: Behaviour, agent: str = "0.3.0") -> list[BoxSpe
 def simulated(sim: dict[str, Any], specs: list[BoxSpec]) -> Iterator[Any]:
     keys: FleetKeys = sim["keys"]
     broker: Broker = sim["broker"]
-    trust = TrustStore.from_files([keys.release_public])
-    simulator = Simulator("127.0.0.1", broker.port, specs, trust, telemetry_interval_s=0.5)
     config = write_config(sim["root"] / "controller", keys, broker.port)
-    with SimulatorThread(simulator), in_process(config) as controller:
+    with (
+        SimulatorThread(simulator(broker.port, keys, specs, telemetry_interval_s=0.5)),
+        in_process(config) as controller,
+    ):
         wait_for(
             lambda: len([v for v in versions(controller).values() if v]) == len(specs),
             30,
@@ -194,8 +194,6 @@ AGENTS = ("agent0", "agent1")
 RELABEL = {"crack": "pit", "pit": "stain", "stain": "crack"}
 PHOTO_SEED, PHOTO_COUNT = 17, 60  # make_demo uses seeds 1-4 for its own sets
 REAL_SHADOW = {"soak_s": 5, "min_compared": 30, "min_agreement": 0.9, "max_s": 120}
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 
 
 @dataclass(frozen=True)
@@ -399,31 +397,18 @@ def test_real_agents_never_activate_a_candidate_that_disagrees_on_the_demo_photo
         assert own_pairs and own_pairs <= set(RELABEL.items()), own_pairs
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
-)
+@needs_browser
 def test_the_fleet_page_shows_the_shadow_gate_the_boxes_reported(
     real: Real, disagreeing: dict[str, Any]
 ) -> None:
-    webdriver = pytest.importorskip("selenium.webdriver")
+    pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys as Key
     from selenium.webdriver.support.ui import WebDriverWait
 
     done = disagreeing["status"]
     [gate] = done["shadow_gates"]
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    profile = real.root / "chromium-profile"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 f"--user-data-dir={profile}"):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(
-        service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)), options=options
-    )
-    try:
+    with headless_chromium() as driver:
         until = WebDriverWait(driver, 30).until
         config = real.controller.config
         driver.get(f"{config.api}/fleet")
@@ -441,8 +426,6 @@ def test_the_fleet_page_shows_the_shadow_gate_the_boxes_reported(
                 row,
             )
         )
-    finally:
-        driver.quit()
     assert shown[:2] == ["shadow", "fail"] and len(shown) == 5, shown
     assert float(shown[2]) == pytest.approx(gate["value"], abs=0.0005), (shown, gate)
     assert float(shown[3]) == REAL_SHADOW["min_agreement"], shown

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import pytest
 from edge_bundle.release import ReleaseNotice, Rollout, Target, encode_notice, release_topic
 from edge_bundle.signing import SigningKey, TrustStore
 from fleet_controller.simulator import Behaviour, BoxSpec, Simulator, SimulatorThread, generate
+from tests.fleet_support import wait_for
 from tests.mqtt_support import Broker, TestClient, body, running_broker
 from tests.update_support import file_server, release_key
 
@@ -85,16 +86,6 @@ def publish(client: TestClient, message: tuple[str, bytes]) -> None:
     client.publish(message[0], message[1], retain=True)
 
 
-def wait_until(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def reports(client: TestClient, ref: str) -> list[dict[str, Any]]:
     topic = f"lineside/v1/{ref}/update"
     return [body(m) for m in list(client.messages) if m.topic == topic]
@@ -109,7 +100,7 @@ def final_report(
         ]
         return done[-1] if done else None
 
-    result: dict[str, Any] = wait_until(found, f"the final report of {ref} for {sequence}", timeout)
+    result: dict[str, Any] = wait_for(found, timeout, f"the final report of {ref} for {sequence}")
     return result
 
 
@@ -167,8 +158,8 @@ def test_two_hundred_boxes_come_online_with_telemetry(
         def seen(kind: str) -> set[str]:
             return {m.topic for m in list(watcher.messages) if m.topic.endswith(kind)}
 
-        wait_until(lambda: len(seen("/status")) == 200, "200 online statuses", timeout=60)
-        wait_until(lambda: len(seen("/telemetry")) == 200, "telemetry from 200 boxes", timeout=60)
+        wait_for(lambda: len(seen("/status")) == 200, 60, "200 online statuses")
+        wait_for(lambda: len(seen("/telemetry")) == 200, 60, "telemetry from 200 boxes")
         elapsed = time.monotonic() - started
         print(f"200 boxes online with telemetry in {elapsed:.2f} s")
         assert running.online_count() == 200
@@ -191,7 +182,7 @@ def test_v2_notice_commits_with_its_rollout_and_old_agents_refuse_it(
     boxes = [box("plant/new1"), box("plant/old1", agent_version="0.1.0")]
     simulator = Simulator("127.0.0.1", broker.port, boxes, key[1], telemetry_interval_s=60)
     with SimulatorThread(simulator) as running:
-        wait_until(lambda: running.online_count() == 2, "both boxes online")
+        wait_for(lambda: running.online_count() == 2, 20, "both boxes online")
         publish(watcher, notice(key[0], sequence=10, device="plant/new1", rollout="r1"))
         done = final_report(watcher, "plant/new1", 10)
         assert done["outcome"] == "committed" and done["rollout"] == {"id": "r1", "wave": 1}
@@ -212,7 +203,7 @@ def test_v2_notice_commits_with_its_rollout_and_old_agents_refuse_it(
             found = [body(m) for m in watcher.messages if m.topic.endswith("new1/telemetry")]
             return bool(found) and found[-1]["models"][0]["version"] == 2
 
-        wait_until(telemetry_on_2, "telemetry reporting version 2 after the commit")
+        wait_for(telemetry_on_2, 20, "telemetry reporting version 2 after the commit")
 
         publish(watcher, notice(key[0], sequence=20, device="plant/old1", rollout="r1"))
         refused = final_report(watcher, "plant/old1", 20)
@@ -237,7 +228,7 @@ def test_behaviours_refuse_fail_staging_and_fail_probation(
     ]
     simulator = Simulator("127.0.0.1", broker.port, boxes, key[1], telemetry_interval_s=60)
     with SimulatorThread(simulator) as running:
-        wait_until(lambda: running.online_count() == 4, "four boxes online")
+        wait_for(lambda: running.online_count() == 4, 20, "four boxes online")
         publish(watcher, notice(key[0], sequence=100, group="line1", rollout="r2"))
         refused = final_report(watcher, "plant/refuses", 100)
         assert (refused["phase"], refused["outcome"]) == ("verifying", "refused")
@@ -266,16 +257,17 @@ def test_offline_box_leaves_its_will_and_installs_the_retained_notice_on_return(
     boxes = [box("plant/away"), box("plant/blink", offline=((0.5, 1.5),))]
     simulator = Simulator("127.0.0.1", broker.port, boxes, key[1], telemetry_interval_s=60)
     with SimulatorThread(simulator) as running:
-        wait_until(lambda: running.online_count() == 2, "both boxes online")
+        wait_for(lambda: running.online_count() == 2, 20, "both boxes online")
         running.set_online("plant/away", False)
-        wait_until(lambda: ("offline", False) in statuses(watcher, "plant/away"), "the last will")
+        wait_for(lambda: ("offline", False) in statuses(watcher, "plant/away"), 20, "the last will")
         assert retained_status(broker.port, "plant/away") == "offline"
         # The box with an offline window went away and came back on its own.
-        wait_until(
+        wait_for(
             lambda: (
                 statuses(watcher, "plant/blink")[-3:]
                 == [("online", False), ("offline", False), ("online", False)]
             ),
+            20,
             "the offline window",
         )
 
@@ -294,7 +286,7 @@ def test_a_notice_sent_again_is_acted_on_once(
         "127.0.0.1", broker.port, [box("plant/once")], key[1], telemetry_interval_s=60
     )
     with SimulatorThread(simulator) as running:
-        wait_until(lambda: running.online_count() == 1, "the box online")
+        wait_for(lambda: running.online_count() == 1, 20, "the box online")
         message = notice(key[0], sequence=55, device="plant/once", rollout="r4")
         publish(watcher, message)
         assert final_report(watcher, "plant/once", 55)["outcome"] == "committed"
@@ -305,7 +297,7 @@ def test_a_notice_sent_again_is_acted_on_once(
         def ignored() -> list[dict[str, Any]]:
             return [r for r in reports(watcher, "plant/once") if r["outcome"] == "ignored"]
 
-        wait_until(lambda: len(ignored()) >= 2, "two ignored copies")
+        wait_for(lambda: len(ignored()) >= 2, 20, "two ignored copies")
         assert all("not newer than 55" in r["reason"] for r in ignored())
         assert running.acted("plant/once") == [(55, "defects", 2, False)]
 
@@ -320,7 +312,7 @@ def test_download_checks_size_and_sha256(
     boxes = [box("plant/dl1", download=True), box("plant/dl2", download=True)]
     simulator = Simulator("127.0.0.1", broker.port, boxes, key[1], telemetry_interval_s=60)
     with file_server(files) as (base, log), SimulatorThread(simulator) as running:
-        wait_until(lambda: running.online_count() == 2, "both boxes online")
+        wait_for(lambda: running.online_count() == 2, 20, "both boxes online")
         url = f"{base}/defects-2.bundle"
         good = hashlib.sha256(data).hexdigest()
         publish(
@@ -341,21 +333,21 @@ def test_a_slow_box_is_superseded_while_downloading_and_queues_during_probation(
     slow = box("plant/slow", install_s=2.5)  # half a second per step
     simulator = Simulator("127.0.0.1", broker.port, [slow], key[1], telemetry_interval_s=60)
     with SimulatorThread(simulator) as running:
-        wait_until(lambda: running.online_count() == 1, "the box online")
+        wait_for(lambda: running.online_count() == 1, 20, "the box online")
 
         def phase_of(sequence: int) -> str | None:
             found = [r for r in reports(watcher, "plant/slow") if r["sequence"] == sequence]
             return found[-1]["phase"] if found else None
 
         publish(watcher, notice(key[0], sequence=30, device="plant/slow", version=2))
-        wait_until(lambda: phase_of(30) == "downloading", "the first install downloading")
+        wait_for(lambda: phase_of(30) == "downloading", 20, "the first install downloading")
         publish(watcher, notice(key[0], sequence=31, device="plant/slow", version=3))
         superseded = final_report(watcher, "plant/slow", 30)
         assert superseded["outcome"] == "refused"
         assert superseded["reason"] == "superseded by sequence 31"
-        wait_until(lambda: phase_of(31) == "probation", "the second install in probation")
+        wait_for(lambda: phase_of(31) == "probation", 20, "the second install in probation")
         publish(watcher, notice(key[0], sequence=32, device="plant/slow", version=4))
-        queued = wait_until(lambda: phase_of(32), "the third notice's report")
+        queued = wait_for(lambda: phase_of(32), 20, "the third notice's report")
         assert queued == "probation"
         assert final_report(watcher, "plant/slow", 31)["outcome"] == "committed"
         assert final_report(watcher, "plant/slow", 32, timeout=30)["outcome"] == "committed"
@@ -381,10 +373,10 @@ def test_the_command_line_runs_a_generated_fleet_and_says_offline_when_stopped(
             refs = [f"cli-0/box{n}" for n in range(5)]
             return all(statuses(watcher, ref)[-1:] == [(status, False)] for ref in refs)
 
-        wait_until(lambda: last("online"), "five online boxes", timeout=30)
+        wait_for(lambda: last("online"), 30, "five online boxes")
         process.send_signal(signal.SIGTERM)
         assert process.wait(20) == 0
-        wait_until(lambda: last("offline"), "five boxes saying offline")
+        wait_for(lambda: last("offline"), 20, "five boxes saying offline")
     finally:
         if process.poll() is None:
             process.kill()

@@ -4,46 +4,22 @@ desktop widths are kept as test artefacts (tests/artifacts/, or $LINESIDE_ARTIFA
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.agent_support import build_bundle, make_keys, photo, run_agent
+from tests.browser_support import ARTIFACTS, headless_chromium, needs_browser
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
-)
-ARTIFACTS = Path(
-    os.environ.get("LINESIDE_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts")
-)
+pytestmark = needs_browser
 
 
 @pytest.fixture
 def browser() -> Iterator[object]:
-    webdriver = pytest.importorskip("selenium.webdriver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    profile = tempfile.mkdtemp(prefix="lineside-chromium-")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 f"--user-data-dir={profile}"):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(
-        service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)), options=options
-    )
-    try:
+    with headless_chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.mark.parametrize("width,height,name", [(390, 844, "phone"), (1280, 900, "desktop")])

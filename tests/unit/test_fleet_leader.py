@@ -7,7 +7,6 @@ The PostgreSQL cases run with LINESIDE_TEST_POSTGRES set, each with a lock key o
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 import sys
@@ -26,8 +25,7 @@ from fleet_controller import db, leader
 from fleet_controller.leader import AdvisoryLock, Elector, FileLock, Identity, SoleLock
 from fleet_controller.service import StandbyGuard
 from tests.fleet_support import wait_for
-
-LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+from tests.postgres_support import postgres_url
 
 
 @pytest.fixture
@@ -36,13 +34,6 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
     db.migrate(engine)
     yield engine
     engine.dispose()
-
-
-def postgres_url() -> str:
-    url = os.environ.get("LINESIDE_TEST_POSTGRES")
-    if not url:
-        pytest.skip("set LINESIDE_TEST_POSTGRES=1 (or a PostgreSQL URL) to test on PostgreSQL")
-    return LOCAL_POSTGRES if url == "1" else url
 
 
 # ---- the locks --------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ processes migrating at once apply each step once; a failing step leaves nothing 
 
 from __future__ import annotations
 
-import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,8 +22,8 @@ from sqlalchemy.engine import Connection, Engine
 from fleet_controller import db, leader, migrations, registry, rollouts, service
 from fleet_controller.errors import FleetError
 from fleet_controller.migrations import STEPS, Step
+from tests.postgres_support import postgres_schema, schema_of
 
-LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 # Every module that declares tables is imported (service imports them all): METADATA holds all.
 DECLARING = (registry, rollouts, leader, service)
@@ -53,37 +52,25 @@ def engines(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EngineFa
         for engine in made:
             engine.dispose()
         return
-    url = os.environ.get("LINESIDE_TEST_POSTGRES")
-    if not url:
-        pytest.skip("set LINESIDE_TEST_POSTGRES=1 (or a PostgreSQL URL) to test on PostgreSQL")
-    base = db.connect(LOCAL_POSTGRES if url == "1" else url)
-    schema = f"migrations_{uuid.uuid4().hex[:12]}"
-    with base.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    with postgres_schema("migrations") as scoped:
+        url = scoped.url.render_as_string(hide_password=False)
+        schema = schema_of(scoped)
 
-    def postgres_engine() -> Engine:
-        made.append(db.connect(str(base.url.render_as_string(hide_password=False))))
-        return made[-1].execution_options(schema_translate_map={None: schema})
+        def postgres_engine() -> Engine:
+            made.append(db.connect(url))
+            return made[-1].execution_options(schema_translate_map={None: schema})
 
-    try:
-        yield postgres_engine
-    finally:
-        for engine in made:
-            engine.dispose()
-        with base.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        base.dispose()
-
-
-def _schema(engine: Engine) -> str | None:
-    translate = engine.get_execution_options().get("schema_translate_map") or {}
-    return translate.get(None)
+        try:
+            yield postgres_engine
+        finally:
+            for engine in made:
+                engine.dispose()
 
 
 def shape(engine: Engine) -> dict[str, Any]:
     """Tables, columns (type, nullable, default), primary keys, indexes and foreign keys, as
     the database reports them (the schema's own name taken out)."""
-    schema = _schema(engine)
+    schema = schema_of(engine)
 
     def plain(value: Any) -> str:
         return str(value).replace(f"{schema}.", "") if schema else str(value)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import threading
 import time
 import uuid
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from edge_agent.device.models import selftest_json
@@ -27,21 +25,16 @@ from edge_agent.device.predictions import Photo
 from edge_agent.engine.selftest import SelfTestReport
 from edge_agent.metrics import AgentMetrics
 from edge_agent.mqtt.messages import to_json
-from fleet_controller import db, registry
+from fleet_controller import db, messages, registry
 from fleet_controller.cohorts import Selector
 from fleet_controller.errors import BadMessageError
-from fleet_controller.registry import (
-    Registry,
-    StatusMessage,
-    TelemetryMessage,
-    UpdateReport,
-    parse,
-)
+from fleet_controller.messages import StatusMessage, TelemetryMessage, UpdateReport, parse
+from fleet_controller.registry import Registry
 from tests.agent_support import build_bundle, jpeg, make_keys
+from tests.postgres_support import postgres_schema
 from tests.unit.agent_fixtures import agent_settings, clean_environment
 from tests.unit.device_fakes import FakePublisher, close_device, make_device
 
-LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 BASE = "lineside/v1/plant-a/box1"
 
@@ -170,7 +163,7 @@ def test_telemetry_of_agent_020_carries_fleet_fields_and_model_figures() -> None
         ("line1", "canary"),
     )
     defects = message.models[0]
-    assert defects.latency == registry.Latency(p50=3.0, p95=4.5, samples=120)
+    assert defects.latency == messages.Latency(p50=3.0, p95=4.5, samples=120)
     assert defects.outcomes == {"ok": 118, "error": 2}
 
 
@@ -180,7 +173,7 @@ def test_a_version_that_has_not_answered_yet_has_no_percentiles() -> None:
     body["models"][0].update(latency_ms={"p50": None, "p95": None, "samples": 0}, outcomes={})
     message = parse(f"{BASE}/telemetry", encode(body))
     assert isinstance(message, TelemetryMessage)
-    assert message.models[0].latency == registry.Latency(p50=None, p95=None, samples=0)
+    assert message.models[0].latency == messages.Latency(p50=None, p95=None, samples=0)
     assert message.models[0].outcomes == {}
 
 
@@ -352,21 +345,9 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
         yield engine
         engine.dispose()
         return
-    url = os.environ.get("LINESIDE_TEST_POSTGRES")
-    if not url:
-        pytest.skip("set LINESIDE_TEST_POSTGRES=1 (or a PostgreSQL URL) to test on PostgreSQL")
-    base = db.connect(LOCAL_POSTGRES if url == "1" else url)
-    schema = f"registry_{uuid.uuid4().hex[:12]}"
-    with base.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    engine = base.execution_options(schema_translate_map={None: schema})
-    try:
+    with postgres_schema("registry") as engine:
         db.create_tables(engine)
         yield engine
-    finally:
-        with base.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        base.dispose()
 
 
 @pytest.fixture
@@ -513,7 +494,7 @@ def test_rejections_are_counted_and_the_table_bounded(
     assert reg.rejection_counts() == {("update", "device_mismatch"): 4, ("unknown", "bad_topic"): 1}
     kept = reg.rejections()
     assert [r.at for r in kept] == [T0 + timedelta(seconds=i) for i in (4, 3, 2)]
-    assert kept[0].reason == "bad_topic" and len(kept[0].topic) <= registry.MAX_TOPIC_CHARS
+    assert kept[0].reason == "bad_topic" and len(kept[0].topic) <= messages.MAX_TOPIC_CHARS
     assert "plant-a/box5" in kept[1].message
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 
 from edge_bundle.release import ReleaseNotice, decode_notice
 from edge_bundle.signing import KeyRole, SigningKey, TrustStore
-from fleet_controller import db, rollouts  # rollouts: the table rollout_shadows refers to
+from fleet_controller import db, rollout_tables
 from fleet_controller.errors import BadMessageError, FleetError
 from fleet_controller.gates import BoxShadow, shadow_gates
 from fleet_controller.machine import (
@@ -207,7 +207,7 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
 
 
 def test_the_registry_keeps_the_latest_shadow_figures_per_box(engine: Engine) -> None:
-    assert rollouts.ROLLOUTS.name in db.METADATA.tables
+    assert rollout_tables.ROLLOUTS.name in db.METADATA.tables
     reg = Registry(engine)
     reg.record(parse(f"{BASE}/telemetry", telemetry(SHADOW)), now=at(0))
     later = {"defects": {**SHADOW["defects"], "compared": 200, "agreement": 0.6}}
