@@ -141,7 +141,13 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 # ---- API clients -----------------------------------------------------------------------------
-def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+def _call(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    body: Any = None,
+    params: dict[str, str] | None = None,
+) -> Any:
     if args.token_file is None:
         raise FleetError("no API token: pass --token-file FILE or set FLEET_CONTROLLER_TOKEN_FILE")
     try:
@@ -153,6 +159,7 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) ->
             method,
             args.api.rstrip("/") + path,
             json=body,
+            params=params,
             headers={"Authorization": f"Bearer {token}"},
             timeout=60,
         )
@@ -170,8 +177,8 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) ->
 
 def _devices(args: argparse.Namespace) -> int:
     query = {n: getattr(args, n) for n in ("site", "line", "group", "profile", "model")}
-    params = "&".join(f"{k}={v}" for k, v in query.items() if v)
-    answer = _call(args, "GET", "/v1/devices" + (f"?{params}" if params else ""))
+    params = {name: value for name, value in query.items() if value}
+    answer = _call(args, "GET", "/v1/devices", params=params)
     if args.json:
         _print_json(answer)
         return 0

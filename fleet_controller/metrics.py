@@ -116,8 +116,7 @@ class _FleetCollector(Collector):
             waves.add_metric([rollout], summary["waves"])
             if summary["status"] not in ACTIVE:
                 continue
-            status = self.rollouts.status(rollout)
-            for gate in [*status.get("shadow_gates", ()), *status["gates"]]:
+            for gate in self.rollouts.gates(rollout):
                 if gate.get("value") is not None:
                     value.add_metric([rollout, gate["name"]], float(gate["value"]))
                 failed.add_metric([rollout, gate["name"]], 1 if gate["status"] == "fail" else 0)

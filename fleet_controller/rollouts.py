@@ -305,6 +305,12 @@ class Rollouts:
         with db.transaction(self.engine) as conn:
             return {f"{row.site}/{row.device}" for row in conn.execute(query)}
 
+    def gates(self, rollout_id: str) -> tuple[dict[str, Any], ...]:
+        """The last gate results of a rollout, its shadow gate first (no box rows read)."""
+        with db.transaction(self.engine) as conn:
+            state = self._load(conn, rollout_id).state
+        return tuple(dict(result) for result in (*state.shadow_results, *state.gate_results))
+
     def _load(self, conn: Connection, rollout_id: str) -> Rollout:
         row = conn.execute(sa.select(ROLLOUTS).where(ROLLOUTS.c.id == rollout_id)).first()
         if row is None:

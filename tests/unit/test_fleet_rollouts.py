@@ -273,6 +273,8 @@ def test_a_bad_canary_halts_and_rolls_back_and_later_waves_never_get_the_release
     assert "install" in status["halt_reason"]
     install = next(gate for gate in status["gates"] if gate["name"] == "install")
     assert install["status"] == "fail" and install["value"] == 0.5
+    # What /metrics reads: the same results, without the box rows.
+    assert list(runner.gates("defects-2")) == [*status["shadow_gates"], *status["gates"]]
     halted = next(entry for entry in runner.audit("defects-2") if entry["what"] == "halted")
     assert halted["actor"] == "rule:install" and halted["figures"]["gates"]
     # Rollbacks go to the two that committed, not to those that rolled back on their own.
