@@ -3,4 +3,4 @@ the transports and the updater side by side (`http`, `mqtt`, `updater`), the dev
 use cases (`device`), the engine that runs models (`engine`), the runtimes (`runtimes`), and the
 ground modules (`errors`, `settings`, `metrics`, `faults`). See docs/architecture.md."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -154,6 +154,13 @@ class AgentMetrics:
             ["outcome"],
             registry=r,
         )
+        self.update_chunks = Counter(
+            "lineside_update_chunks_total",
+            "Bundle chunks and manifest pages over MQTT by outcome (requested, resent, fetched, "
+            "refused: failed their check, ignored: not asked for or already held)",
+            ["outcome"],
+            registry=r,
+        )
 
         self.feedback = Counter(
             "lineside_feedback_total", "Technicians' feedback by verdict", ["verdict"], registry=r

@@ -385,6 +385,26 @@ class AgentSettings(BaseSettings):
     update_min_free_mb: int = Field(
         default=64, ge=0, description="free disk space kept beyond twice the bundle's size"
     )
+    update_fetch: Literal["auto", "http", "mqtt"] = Field(
+        default="auto",
+        description="how bundles are fetched: auto (the URL when the notice has one, else chunks "
+        "over MQTT), mqtt (chunks over MQTT whenever offered: boxes that reach only the broker), "
+        "or http (URLs only)",
+    )
+    update_chunk_window: int = Field(
+        default=8, ge=1, le=256, description="chunk requests outstanding at once (MQTT delivery)"
+    )
+    update_chunk_timeout_s: float = Field(
+        default=10.0, gt=0, le=600, description="a chunk request unanswered this long is sent "
+        "again (doubling each time, up to 60 s)",
+    )  # fmt: skip
+    update_chunk_expiry_s: int = Field(
+        default=60, ge=1, le=86_400, description="MQTT 5 message expiry of chunk requests"
+    )
+    update_chunk_stall_s: float = Field(
+        default=300.0, gt=0, description="no chunk for this long while connected: the download "
+        "step fails and is retried (reported)",
+    )  # fmt: skip
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = Field(default=False, description="log every HTTP request (uvicorn)")

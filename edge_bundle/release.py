@@ -10,7 +10,10 @@ so later additions need no version 3). Because a reader ignores what it does not
 extension a reader must understand is named in `extensions.critical`: a reader refuses a notice
 whose critical list names an extension it does not know (`unknown_critical`). The one such
 extension so far is `shadow` (`{"max_s": N}`: install the version without activating it and shadow
-the active model with it for at most N seconds; agents from 0.3.0). Trust notices stay version 1.
+the active model with it for at most N seconds; agents from 0.3.0). The second is `mqtt_chunks`
+(`edge_bundle.chunks`: the bundle is fetched in chunks over MQTT, every chunk checked against a
+signed manifest digest; agents from 0.4.0): a notice that carries it may leave out `url`, and must
+then name it critical. Trust notices stay version 1.
 Both travel as one envelope, `{"notice": "<base64 of the notice bytes>", "signatures": [...]}`:
 the signatures cover the exact notice bytes, and `decode_notice` verifies them before it parses a
 single field, so a stolen broker password is never enough to steer a device. Whether a notice has
@@ -39,6 +42,7 @@ from pydantic import (
     model_validator,
 )
 
+from edge_bundle.chunks import MQTT_CHUNKS_EXTENSION, ChunkedDelivery
 from edge_bundle.encoding import b64, canonical_json, strict_json, unb64
 from edge_bundle.errors import (
     BundleError,
@@ -240,7 +244,7 @@ class ReleaseNotice(_Notice):
     Schema version 2 may also carry `rollout` and `extensions`; version 1 may carry neither.
     """
 
-    _OMITTED_WHEN_NONE: ClassVar[tuple[str, ...]] = ("rollout", "extensions")
+    _OMITTED_WHEN_NONE: ClassVar[tuple[str, ...]] = ("rollout", "extensions", "url")
 
     schema_version: Literal[1, 2] = SCHEMA_VERSION
     kind: Literal["release"] = "release"
@@ -248,7 +252,8 @@ class ReleaseNotice(_Notice):
     version: Annotated[StrictInt, Field(ge=1)]
     bundle_sha256: Sha256Hex
     bundle_size: Annotated[StrictInt, Field(gt=0)]
-    url: Url
+    # None only with the critical `mqtt_chunks` extension: the bundle comes over MQTT alone.
+    url: Url | None = None
     target: Target
     # A signed permission to install an older version than the one running.
     rollback: StrictBool = False
@@ -260,7 +265,7 @@ class ReleaseNotice(_Notice):
     @model_validator(mode="after")
     def _fields_of_the_version(self) -> Self:
         if self.schema_version == 1:
-            given = [f for f in self._OMITTED_WHEN_NONE if getattr(self, f) is not None]
+            given = [f for f in ("rollout", "extensions") if getattr(self, f) is not None]
             if given:
                 raise ValueError(
                     f"{' and '.join(given)} needs schema_version 2 (this notice says "
@@ -284,6 +289,15 @@ class ReleaseNotice(_Notice):
                     f"extensions.critical names {absent[0]!r}, which this notice's extensions "
                     "do not carry; add it or leave it out of the critical list"
                 )
+        if MQTT_CHUNKS_EXTENSION in extensions:
+            ChunkedDelivery.parse(extensions[MQTT_CHUNKS_EXTENSION], bundle_size=self.bundle_size)
+        if self.url is None and (
+            MQTT_CHUNKS_EXTENSION not in extensions or MQTT_CHUNKS_EXTENSION not in self.critical
+        ):
+            raise ValueError(
+                "url is required unless the notice is delivered over MQTT: give a url, or "
+                f"extensions.{MQTT_CHUNKS_EXTENSION} named in extensions.critical"
+            )
         if SHADOW_EXTENSION in extensions:
             ShadowExtension.parse(extensions[SHADOW_EXTENSION])
             if self.rollback:
@@ -303,6 +317,12 @@ class ReleaseNotice(_Notice):
         """The shadow extension, when the notice asks to shadow rather than activate."""
         value = (self.extensions or {}).get(SHADOW_EXTENSION)
         return ShadowExtension.parse(value) if value is not None else None
+
+    @property
+    def chunked(self) -> ChunkedDelivery | None:
+        """How to fetch the bundle in chunks over MQTT, when the notice offers that."""
+        value = (self.extensions or {}).get(MQTT_CHUNKS_EXTENSION)
+        return ChunkedDelivery.parse(value) if value is not None else None
 
     def unknown_critical(self, understood: frozenset[str]) -> tuple[str, ...]:
         """The critical extensions a reader that understands `understood` does not know."""

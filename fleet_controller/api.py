@@ -154,8 +154,8 @@ def create_app(
 
     @app.get("/v1/rollouts/{rollout_id}")
     def rollout_status(rollout_id: str, _who: Operator, boxes: bool = True) -> dict[str, Any]:
-        found = rollouts.status(rollout_id)
-        return found if boxes else {k: v for k, v in found.items() if k != "boxes"}
+        # Without boxes (what the fleet page polls) the status is made from counts alone.
+        return rollouts.status(rollout_id, boxes=boxes)
 
     @app.get("/v1/rollouts/{rollout_id}/audit")
     def rollout_audit(rollout_id: str, _who: Operator) -> dict[str, Any]:

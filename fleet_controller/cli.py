@@ -8,8 +8,10 @@
     fleet-controller rollout pause|resume|cancel|halt|rollback ID [--why TEXT]
     fleet-controller rollout audit ID
     fleet-controller simulate --config sim.toml
+    fleet-controller chunk-server --config /etc/lineside/fleet.toml
+    fleet-controller chunks add BUNDLE [--chunk-size N] [--config fleet.toml | --store DIR]
 
-Every command but `serve` and `simulate` is a client of the HTTP API: `--api` (or
+Every command but `serve`, `simulate`, `chunk-server` and `chunks` is a client of the HTTP API: `--api` (or
 `FLEET_CONTROLLER_API`, default http://127.0.0.1:8700) and a token from `--token-file` (or
 `FLEET_CONTROLLER_TOKEN_FILE`, a file holding the bare token). Exit status: 0 done, 1 the
 controller refused (the message says why), 2 bad usage or unreachable controller.
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     # The service logs what it does; a client command prints its answer and nothing else.
-    service = args.run in (_serve, _simulate)
+    service = args.run in (_serve, _simulate, _chunk_server)
     logging.basicConfig(
         level=logging.INFO if service else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -64,6 +66,26 @@ def _parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate", help="run simulated boxes against a broker")
     simulate.add_argument("--config", type=Path, required=True, help="the simulator's TOML")
     simulate.set_defaults(run=_simulate)
+
+    chunk_server = sub.add_parser(
+        "chunk-server", help="serve bundles in chunks over MQTT from the chunk store"
+    )
+    chunk_server.add_argument("--config", type=Path, required=True, help="the TOML config")
+    chunk_server.set_defaults(run=_chunk_server)
+
+    chunks = sub.add_parser("chunks", help="the chunk store of bundles delivered over MQTT")
+    chunks_sub = chunks.add_subparsers(required=True, metavar="ACTION")
+    chunks_add = chunks_sub.add_parser(
+        "add", help="copy a bundle into the chunk store; print its mqtt_chunks extension"
+    )
+    chunks_add.add_argument("bundle", type=Path)
+    chunks_add.add_argument(
+        "--chunk-size", type=int, default=None, help="bytes per chunk (default 262144)"
+    )
+    where = chunks_add.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", type=Path, help="the TOML config naming [chunks] store")
+    where.add_argument("--store", type=Path, help="the chunk store directory")
+    chunks_add.set_defaults(run=_chunks_add)
 
     devices = sub.add_parser("devices", help="list the boxes the controller knows")
     _client_options(devices)
@@ -138,6 +160,38 @@ def _simulate(args: argparse.Namespace) -> int:
     from fleet_controller.simulator.cli import main as simulate
 
     return int(simulate(["--config", str(args.config)]))
+
+
+# ---- chunks --------------------------------------------------------------------------------
+def _chunk_server(args: argparse.Namespace) -> int:
+    from fleet_controller.chunks.run import run_chunk_server
+    from fleet_controller.config import Config
+
+    return run_chunk_server(Config.load(args.config))
+
+
+def _chunks_add(args: argparse.Namespace) -> int:
+    from edge_bundle.chunks import DEFAULT_CHUNK_SIZE, MQTT_CHUNKS_EXTENSION
+    from fleet_controller.chunks.store import ChunkStore
+    from fleet_controller.config import Config
+
+    directory = args.store if args.store is not None else Config.load(args.config).chunks.store
+    chunk_size = args.chunk_size if args.chunk_size is not None else DEFAULT_CHUNK_SIZE
+    bundle, delivery = ChunkStore(directory).publish(args.bundle, chunk_size)
+    print(
+        json.dumps(
+            {
+                "bundle_sha256": bundle.sha256,
+                "bundle_size": bundle.size,
+                "extensions": {
+                    "critical": [MQTT_CHUNKS_EXTENSION],
+                    MQTT_CHUNKS_EXTENSION: delivery.to_json(),
+                },
+            },
+            indent=2,
+        )
+    )
+    return 0
 
 
 # ---- API clients -----------------------------------------------------------------------------

@@ -17,6 +17,9 @@ port = 8700
 [keys]
 bundle_keys = ["/etc/lineside/bundle.pub"]   # bundles must be signed by one of these
 release_key = "release.key"                  # fallback path; the credential `release_key` wins
+
+[chunks]                                     # bundles delivered over MQTT (docs/mqtt-delivery.md)
+store = "/var/lib/lineside-fleet/chunks"     # shared by the controller and the chunk server
 ```
 
 Secrets never live in the file: the release signing key, the MQTT password and the API tokens
@@ -35,6 +38,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edge_bundle.chunks import SERVER_GROUP
 from edge_bundle.signing import KeyRole, SigningKey, TrustStore, read_signing_key
 from fleet_controller.errors import FleetError
 
@@ -60,6 +64,12 @@ class MqttConfig(_Section):
     # the controller is down: a restart loses no report.
     session_expiry_s: int = Field(default=7 * 86400, ge=0)
     publish_timeout_s: float = Field(default=10.0, gt=0)
+    # Several controller instances consuming the boxes' reports (docs/fleet-scale.md): each
+    # subscribes as `$share/GROUP/...`, under its own client id `CLIENT_ID-INSTANCE`.
+    shared_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # This instance's stable name in the group (default: HOSTNAME-HTTPPORT), so that a restart
+    # resumes its own session and the reports the broker kept for it.
+    instance: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class DatabaseConfig(_Section):
@@ -81,6 +91,30 @@ class ControllerConfig(_Section):
     tick_s: float = Field(default=1.0, gt=0, le=60)
     stale_after_s: float = Field(default=600.0, gt=0)
     samples_per_model: int = Field(default=50, ge=1, le=10_000)
+    # Ingest: up to this many messages waiting are stored in one transaction, then acknowledged.
+    batch_max: int = Field(default=500, ge=1, le=10_000)
+    # ... after waiting at most this long for more to arrive behind the first one.
+    batch_wait_s: float = Field(default=0.005, ge=0, le=1)
+
+
+class ChunksConfig(_Section):
+    """`[chunks]`: the chunk store, and the chunk server that serves it over MQTT
+    (docs/mqtt-delivery.md). The server connects with the `[mqtt]` section's broker, TLS and
+    password, under its own client id."""
+
+    store: Path = Path("chunks")
+    group: str = Field(default=SERVER_GROUP, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # Each server instance needs its own (a second connection with the same id drops the first).
+    client_id: str = Field(default="fleet-chunk-server", min_length=1, max_length=64)
+    # The broker user of the chunk server (default: [mqtt] username); its password is the
+    # chunk server unit's credential `mqtt_password`.
+    username: str | None = None
+    workers: int = Field(default=4, ge=1, le=64)
+    # Requests the broker may have in flight to this server (MQTT 5 Receive Maximum): the rest
+    # wait at the broker, so the server's memory stays bounded.
+    receive_maximum: int = Field(default=32, ge=1, le=65535)
+    # How long the broker keeps the server's session and queues requests while it is down.
+    session_expiry_s: int = Field(default=3600, ge=0)
 
 
 class Config(_Section):
@@ -89,6 +123,7 @@ class Config(_Section):
     http: HttpConfig = HttpConfig()
     keys: KeysConfig = KeysConfig()
     controller: ControllerConfig = ControllerConfig()
+    chunks: ChunksConfig = ChunksConfig()
 
     @classmethod
     def load(cls, path: Path) -> Config:
@@ -124,7 +159,8 @@ class Config(_Section):
                 for name in ("password_file", "tls_ca", "tls_cert", "tls_key")
             }
         )
-        return self.model_copy(update={"keys": keys, "mqtt": mqtt})
+        chunks = self.chunks.model_copy(update={"store": (base / self.chunks.store).resolve()})
+        return self.model_copy(update={"keys": keys, "mqtt": mqtt, "chunks": chunks})
 
     # ---- secrets --------------------------------------------------------------------------
     def release_key(self) -> SigningKey:

@@ -5,6 +5,11 @@ false, a long session expiry): while the controller is down the broker queues th
 reports, and nothing is acknowledged before the controller has stored it (manual acks: the
 consumer calls `ack` after its database write), so a crash at any point loses no report.
 
+Behind a shared subscription (`[mqtt] shared_group`, docs/fleet-scale.md) the link subscribes
+to the same topics as `$share/GROUP/TOPIC`: the broker hands each message to one of the group's
+instances, each connected under its own client id. Every message is stamped with when it was
+received (`Inbound.received_at`), from which the controller measures its ingest lag.
+
 Notices leave retained at QoS 1 and `publish` returns only once the broker has acknowledged
 them; a failure raises `PublishError` and the caller tries again later with the same bytes.
 """
@@ -15,6 +20,7 @@ import logging
 import queue
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 
 import paho.mqtt.client as paho
@@ -33,6 +39,14 @@ SUBSCRIPTIONS = (
     "lineside/v1/+/+/update",
 )
 INBOX_LIMIT = 100_000
+SHARE_PREFIX = "$share"
+
+
+def subscriptions(shared_group: str | None) -> tuple[str, ...]:
+    """The topic filters the controller subscribes to, shared in `shared_group` when given."""
+    if shared_group is None:
+        return SUBSCRIPTIONS
+    return tuple(f"{SHARE_PREFIX}/{shared_group}/{topic}" for topic in SUBSCRIPTIONS)
 
 
 class PublishError(Exception):
@@ -45,18 +59,22 @@ class Inbound:
     payload: bytes
     mid: int
     qos: int
+    received_at: float = 0.0  # time.time() when it arrived from the broker (0: unknown)
 
 
 class Link:
     """Connects, subscribes, queues what arrives in `inbox`, publishes retained notices."""
 
-    def __init__(self, config: MqttConfig, *, password: str | None = None) -> None:
+    def __init__(
+        self, config: MqttConfig, *, password: str | None = None, client_id: str | None = None
+    ) -> None:
         self.config = config
+        self.client_id = client_id or config.client_id
         self.inbox: queue.Queue[Inbound] = queue.Queue(INBOX_LIMIT)
         self.connected = threading.Event()
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=config.client_id,
+            client_id=self.client_id,
             protocol=MQTTProtocolVersion.MQTTv5,
             manual_ack=True,
         )
@@ -127,7 +145,7 @@ class Link:
         if reason.is_failure:
             log.error("the broker refused the connection: %s", reason)
             return
-        client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])
+        client.subscribe([(topic, 1) for topic in subscriptions(self.config.shared_group)])
         self.connected.set()
         log.info("connected to %s:%d", self.config.host, self.config.port)
 
@@ -145,4 +163,4 @@ class Link:
     def _on_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
         # Blocks the network thread when the consumer is far behind: the broker then holds
         # the rest (flow control), which is what a full inbox should do.
-        self.inbox.put(Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
+        self.inbox.put(Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos, time.time()))

@@ -9,14 +9,22 @@ Telemetry's `shadow` (per model: the candidate's version and bundle digest, phot
 agreement, per-class disagreements, the candidate's p50/p95) becomes `ShadowReport`s.
 
 A telemetry message's and an update report's `at` is the box's own clock.
+
+An update report carries an idempotency `key` (`report_key`): the digest of the box's
+`message_id` (agents and the simulator give every report one, kept across their outbox's
+re-publications) or, from a box that sends none, of the payload's bytes (a QoS 1 redelivery is
+byte-identical). The registry stores it under a unique constraint per box, so a report delivered
+twice (a redelivery, or a second controller instance behind a shared subscription) is applied
+once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -121,6 +129,8 @@ class UpdateReport:
     at: datetime | None
     rollout_id: str | None = None
     wave: int | None = None
+    #: The idempotency key (`report_key`); None for a report built in code, never deduplicated.
+    key: str | None = field(default=None, compare=False)
 
 
 Message = StatusMessage | TelemetryMessage | UpdateReport
@@ -144,7 +154,15 @@ def parse(topic: str, payload: bytes) -> Message:
         return _status(fields, site, device)
     if kind == "telemetry":
         return _telemetry(fields, site, device)
-    return _report(fields, site, device)
+    return _report(fields, site, device, payload)
+
+
+def report_key(message_id: object, payload: bytes) -> str:
+    """A report's idempotency key: sha256 of its `message_id` when it is a non-empty string,
+    else of its payload (64 hex digits either way, whatever the box sent)."""
+    if isinstance(message_id, str) and message_id:
+        return hashlib.sha256(b"message_id:" + message_id.encode()).hexdigest()
+    return hashlib.sha256(b"payload:" + payload).hexdigest()
 
 
 def _parse_topic(topic: str) -> tuple[str, str, str]:
@@ -401,7 +419,7 @@ def _latency(fields: _Fields) -> Latency:
     )
 
 
-def _report(fields: _Fields, site: str, device: str) -> UpdateReport:
+def _report(fields: _Fields, site: str, device: str, payload: bytes) -> UpdateReport:
     fields.same("device", f"{site}/{device}")
     outcome = fields.text("outcome", required=True)
     if outcome not in OUTCOMES:
@@ -422,6 +440,7 @@ def _report(fields: _Fields, site: str, device: str) -> UpdateReport:
         at=fields.time("at"),
         rollout_id=rollout_id,
         wave=rollout.integer("wave", required=True, minimum=1) if rollout is not None else None,
+        key=report_key(fields.body.get("message_id"), payload),
     )
 
 

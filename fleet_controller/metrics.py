@@ -13,14 +13,23 @@ stale and a restarted controller shows them at once; message counters live in th
     fleet_messages_total{kind}                 messages stored, by kind
     fleet_rejected_total{kind,reason}          messages rejected, by why
     fleet_leader                               1 while this process leads, 0 on a standby
+    fleet_ingest_lag_seconds                   histogram: stored (committed) minus received
+                                               from the broker, per message
+    fleet_ingest_age_seconds                   histogram: stored minus the box's own `at`
+                                               (telemetry and reports that carry one)
+    fleet_ingest_lag_p95_seconds               p95 of the ingest lag over the last 1000
+    fleet_ingest_batch_messages                histogram: messages per ingest transaction
+    fleet_duplicates_total{kind}               reports already stored, skipped (redeliveries)
 """
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -30,6 +39,10 @@ from fleet_controller.registry import Message, Registry, StatusMessage, Telemetr
 from fleet_controller.rollouts import Rollouts
 
 ACTIVE = ("running", "paused", "halted", "rolling_back")
+#: Seconds: from a few milliseconds (keeping up) to past the telemetry period (falling behind).
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+RECENT_LAGS = 1000
 
 
 class FleetMetrics:
@@ -57,7 +70,62 @@ class FleetMetrics:
             ["kind", "reason"],
             registry=self.prometheus,
         )
+        self.lag = Histogram(
+            "fleet_ingest_lag_seconds",
+            "Stored minus received from the broker, per message",
+            buckets=LAG_BUCKETS,
+            registry=self.prometheus,
+        )
+        self.age = Histogram(
+            "fleet_ingest_age_seconds",
+            "Stored minus the box's own timestamp, per message that carries one",
+            buckets=LAG_BUCKETS,
+            registry=self.prometheus,
+        )
+        self.batches = Histogram(
+            "fleet_ingest_batch_messages",
+            "Messages stored per ingest transaction",
+            buckets=BATCH_BUCKETS,
+            registry=self.prometheus,
+        )
+        self.duplicates = Counter(
+            "fleet_duplicates",
+            "Reports already stored, skipped (redeliveries)",
+            ["kind"],
+            registry=self.prometheus,
+        )
+        self._recent: deque[float] = deque(maxlen=RECENT_LAGS)
+        self._recent_lock = threading.Lock()
+        recent = Gauge(
+            "fleet_ingest_lag_p95_seconds",
+            f"p95 of the ingest lag over the last {RECENT_LAGS} messages",
+            registry=self.prometheus,
+        )
+        recent.set_function(self.recent_lag_p95)
         self.prometheus.register(_FleetCollector(registry, rollouts, stale_after_s))
+
+    def ingested(self, lag_s: float | None, age_s: float | None) -> None:
+        """One message stored: its lag since it arrived, and since the box stamped it."""
+        if lag_s is not None:
+            self.lag.observe(max(0.0, lag_s))
+            with self._recent_lock:
+                self._recent.append(max(0.0, lag_s))
+        if age_s is not None:
+            self.age.observe(max(0.0, age_s))
+
+    def batch(self, size: int) -> None:
+        self.batches.observe(size)
+
+    def duplicate(self, kind: str) -> None:
+        self.duplicates.labels(kind).inc()
+
+    def recent_lag_p95(self) -> float:
+        """p95 of the last `RECENT_LAGS` ingest lags (0 before any)."""
+        with self._recent_lock:
+            lags = sorted(self._recent)
+        if not lags:
+            return 0.0
+        return lags[min(len(lags) - 1, int(0.95 * len(lags)))]
 
     def received(self, message: Message) -> None:
         if isinstance(message, StatusMessage):

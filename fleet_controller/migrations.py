@@ -247,10 +247,38 @@ def _v3_shadow_phase(conn: Connection) -> None:
     v3.create_all(conn, tables=[shadow_samples, rollout_shadows], checkfirst=False)
 
 
+def _v4_scale(conn: Connection) -> None:
+    """10,000 boxes and several consuming instances (issue #18): update reports' idempotency
+    key, unique per box (a report delivered twice is stored and applied once); the rollout
+    boxes by wave and state (a tick reads only the current wave), and by unacknowledged notice
+    (a tick re-publishes without reading every box)."""
+    # Each change only where missing: a database adopted at version 1 (made by `create_all`
+    # before migrations existed) may already have them.
+    inspector = sa.inspect(conn)
+    schema = _schema(conn)
+    columns = {c["name"] for c in inspector.get_columns("device_updates", schema=schema)}
+    if "report_key" not in columns:
+        add_column(conn, "device_updates", sa.Column("report_key", sa.String(64)))
+    indexes = {
+        str(index["name"])
+        for table in ("device_updates", "rollout_boxes")
+        for index in inspector.get_indexes(table, schema=schema)
+    }
+    wanted = (
+        ("device_updates_by_key", "device_updates", ("site", "device", "report_key"), True),
+        ("rollout_boxes_by_wave", "rollout_boxes", ("rollout_id", "wave", "state"), False),
+        ("rollout_boxes_unsent", "rollout_boxes", ("rollout_id", "sent_at"), False),
+    )
+    for name, table, listed, unique in wanted:
+        if name not in indexes:
+            create_index(conn, name, table, *listed, unique=unique)
+
+
 STEPS: tuple[Step, ...] = (
     Step(1, "the registry's and the rollouts' tables (issue #16)", _v1_initial),
     Step(2, "the leadership table (high availability)", _v2_leadership),
     Step(3, "the shadow phase's tables: shadow_samples, rollout_shadows", _v3_shadow_phase),
+    Step(4, "report idempotency keys; rollout box indexes for 10,000 boxes", _v4_scale),
 )
 LATEST = STEPS[-1].version
 
@@ -264,11 +292,14 @@ def add_column(conn: Connection, table: str, column: sa.Column[Any]) -> None:
     conn.exec_driver_sql(f"ALTER TABLE {_target(conn, table)} ADD COLUMN {rendered}")
 
 
-def create_index(conn: Connection, name: str, table: str, *columns: str) -> None:
-    """`CREATE INDEX name ON table (columns)` (for a later step)."""
+def create_index(
+    conn: Connection, name: str, table: str, *columns: str, unique: bool = False
+) -> None:
+    """`CREATE [UNIQUE] INDEX name ON table (columns)` (for a later step)."""
     quote = conn.dialect.identifier_preparer.quote
     listed = ", ".join(quote(column) for column in columns)
-    conn.exec_driver_sql(f"CREATE INDEX {quote(name)} ON {_target(conn, table)} ({listed})")
+    kind = "UNIQUE INDEX" if unique else "INDEX"
+    conn.exec_driver_sql(f"CREATE {kind} {quote(name)} ON {_target(conn, table)} ({listed})")
 
 
 def _target(conn: Connection, table: str) -> str:

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Final, Self
+from typing import Annotated, Any, Final, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -32,11 +32,13 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_core import ErrorDetails
 
+from edge_bundle.chunks import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from edge_bundle.release import MAX_SHADOW_S, Notes, Segment, Url
 from fleet_controller.errors import FleetError
 
@@ -54,6 +56,7 @@ _RANGE = re.compile(
 )
 _TOML_KEYS: Final = frozenset(
     {"name", "bundle", "url", "cohort", "notes", "waves", "windows", "gates", "on_halt", "shadow"}
+    | {"delivery", "chunk_size"}
 )
 _MOVABLE = ("soak_s", "deadline_s")  # documented under [waves]; accepted at the top level too
 _EXAMPLE_WAVES = (
@@ -282,10 +285,11 @@ def _as_utc(now: datetime) -> datetime:
 
 
 class PreviousBundle(_Model):
-    """A bundle a rollback may go back to: its file (verified at creation) and its URL."""
+    """A bundle a rollback may go back to: its file (verified at creation) and its URL (which a
+    plan delivering over MQTT may leave out: the bundle then goes into the chunk store too)."""
 
     bundle: Path
-    url: Url
+    url: Url | None = None
 
 
 class RolloutPlan(_Model):
@@ -293,7 +297,12 @@ class RolloutPlan(_Model):
 
     name: Segment
     bundle: Path
-    url: Url
+    # "mqtt": the controller puts the bundle in its chunk store and the notices carry the
+    # critical `mqtt_chunks` extension (docs/mqtt-delivery.md); boxes need agent 0.4.0.
+    delivery: Literal["http", "mqtt"] = "http"
+    chunk_size: Annotated[StrictInt, Field(ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)] | None = None
+    # Required unless delivery is "mqtt"; with both, boxes that reach HTTP may use the URL.
+    url: Url | None = Field(default=None, validate_default=True)
     cohort: dict[str, Any]
     waves: WavesSpec
     soak_s: Annotated[float, Field(ge=0, le=MAX_SOAK_S)] = 900.0
@@ -306,6 +315,32 @@ class RolloutPlan(_Model):
     previous: list[PreviousBundle] = Field(default_factory=list)
     notes: Notes | None = None
     shadow: ShadowSpec | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url_unless_mqtt(cls, value: Url | None, info: ValidationInfo) -> Url | None:
+        if value is None and info.data.get("delivery") == "http":  # absent: delivery was wrong
+            raise ValueError(f'missing; {_HINTS["url"]}, or deliver over MQTT: delivery = "mqtt"')
+        return value
+
+    @model_validator(mode="after")
+    def _delivered_somehow(self) -> Self:
+        if self.delivery == "http":
+            if self.chunk_size is not None:
+                raise ValueError(
+                    'chunk_size is for delivery = "mqtt"; remove it or add delivery = "mqtt"'
+                )
+            unreachable = [str(entry.bundle) for entry in self.previous if entry.url is None]
+            if unreachable:
+                raise ValueError(
+                    f"on_halt.previous: {unreachable[0]} has no url; give its url, or deliver "
+                    'over MQTT (delivery = "mqtt") so rollbacks come from the chunk store too'
+                )
+        return self
+
+    @property
+    def over_mqtt(self) -> bool:
+        return self.delivery == "mqtt"
 
     @property
     def shadow_max_s(self) -> float | None:
@@ -379,8 +414,8 @@ def _flatten_toml(data: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(data) - _TOML_KEYS - set(_MOVABLE))
     if unknown:
         raise FleetError(
-            f"rollout plan: unknown field {unknown[0]!r}; a plan has name, bundle, url, cohort, "
-            "notes and the tables [waves], [windows], [gates], [on_halt], [shadow] "
+            f"rollout plan: unknown field {unknown[0]!r}; a plan has name, bundle, url, delivery, "
+            "chunk_size, cohort, notes and the tables [waves], [windows], [gates], [on_halt], [shadow] "
             "(see docs/fleet.md)"
         )
     fields = {key: value for key, value in data.items() if key != "on_halt"}
@@ -420,6 +455,8 @@ _HINTS: Final[dict[str, str]] = {
     "name": 'write 1-64 letters, digits, "_", "." or "-", e.g. name = "defects-4"',
     "bundle": 'write the bundle file\'s path, relative to the plan, e.g. bundle = "dist/defects-4.bundle"',
     "url": 'write where boxes download it, e.g. url = "https://files.plant.example/defects-4.bundle"',
+    "delivery": 'write delivery = "http" (the url) or delivery = "mqtt" (chunks over the broker)',
+    "chunk_size": f"write bytes per chunk from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}, e.g. chunk_size = 262144",
     "cohort": 'write a selector table, e.g. cohort = { group = "line1" }',
     "waves": f"write a [waves] table with {_EXAMPLE_WAVES}",
     "percent": "write cumulative shares ending at 100, e.g. percent = [5, 25, 100]",

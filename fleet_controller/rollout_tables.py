@@ -75,6 +75,10 @@ ROLLOUT_BOXES = sa.Table(
     sa.Column("rollback_state", sa.String(16)),
     sa.Column("rollback_reason", sa.Text),
     sa.Index("rollout_boxes_by_device", "site", "device"),
+    # A tick reads the current wave's boxes, and the notices not yet acknowledged, through these
+    # (schema version 4): its cost follows the wave, not the whole rollout.
+    sa.Index("rollout_boxes_by_wave", "rollout_id", "wave", "state"),
+    sa.Index("rollout_boxes_unsent", "rollout_id", "sent_at"),
 )
 AUDIT = sa.Table(
     "audit",
@@ -104,11 +108,13 @@ class Rollout:
     id: str
     plan: RolloutPlan
     facts: BundleFacts
-    url: str
+    url: str | None  # None: delivered over MQTT alone
     state: RolloutState
     created_at: datetime
     updated_at: datetime
     created_by: str
+    # `extensions.mqtt_chunks` of its notices, when the plan delivers over MQTT.
+    mqtt_chunks: dict[str, Any] | None = None
 
 
 # ---- rows -----------------------------------------------------------------------------------
@@ -117,8 +123,92 @@ def box_key(rollout_id: str, site: str, device: str) -> tuple[Any, ...]:
     return (c.rollout_id == rollout_id, c.site == site, c.device == device)
 
 
-def box_row(conn: Connection, rollout_id: str, site: str, device: str) -> sa.Row[Any] | None:
-    return conn.execute(sa.select(ROLLOUT_BOXES).where(*box_key(rollout_id, site, device))).first()
+def box_row(
+    conn: Connection, rollout_id: str, site: str, device: str, *, lock: bool = False
+) -> sa.Row[Any] | None:
+    """One box's row; with `lock`, locked until the transaction ends (SELECT ... FOR UPDATE on
+    PostgreSQL, so two instances applying reports on one box take turns; SQLite's writer lock
+    already serialises them)."""
+    query = sa.select(ROLLOUT_BOXES).where(*box_key(rollout_id, site, device))
+    return conn.execute(query.with_for_update() if lock else query).first()
+
+
+#: A box row's columns without the stored notices (which are ~1 KiB each): what a tick's view,
+#: the status's counts and the gates read.
+LIGHT_COLUMNS = tuple(
+    column for column in ROLLOUT_BOXES.c if column.name not in ("notice", "rollback_notice")
+)
+
+
+def wave_rows(conn: Connection, rollout_id: str, wave: int) -> list[sa.Row[Any]]:
+    """The boxes of one wave, without their notices (index `rollout_boxes_by_wave`)."""
+    c = ROLLOUT_BOXES.c
+    query = (
+        sa.select(*LIGHT_COLUMNS)
+        .where(c.rollout_id == rollout_id, c.wave == wave)
+        .order_by(c.site, c.device)
+    )
+    return list(conn.execute(query).all())
+
+
+def light_rows(
+    conn: Connection, rollout_id: str, *, up_to_wave: int | None = None
+) -> list[sa.Row[Any]]:
+    """Every box of the rollout (of waves up to `up_to_wave`), without their notices."""
+    c = ROLLOUT_BOXES.c
+    query = sa.select(*LIGHT_COLUMNS).where(c.rollout_id == rollout_id)
+    if up_to_wave is not None:
+        query = query.where(c.wave <= up_to_wave)
+    return list(conn.execute(query.order_by(c.wave, c.site, c.device)).all())
+
+
+def rollback_rows(conn: Connection, rollout_id: str) -> list[sa.Row[Any]]:
+    """The boxes a rollback concerns (sent the release, and not themselves refusing or rolling
+    back), without their notices."""
+    c = ROLLOUT_BOXES.c
+    query = sa.select(*LIGHT_COLUMNS).where(
+        c.rollout_id == rollout_id,
+        c.sequence.is_not(None),
+        c.state.not_in(sorted(NOT_ROLLED_BACK)),
+    )
+    return list(conn.execute(query.order_by(c.site, c.device)).all())
+
+
+def unsent_rows(
+    conn: Connection, rollout_id: str, *, rollback: bool
+) -> list[sa.Row[Any, Any, Any]]:
+    """Boxes whose stored release (or rollback) notice the broker has not acknowledged yet,
+    with the notice (index `rollout_boxes_unsent` for releases)."""
+    c = ROLLOUT_BOXES.c
+    notice, sent_at = (c.rollback_notice, c.rollback_sent_at) if rollback else (c.notice, c.sent_at)
+    query = sa.select(c.site, c.device, notice.label("payload")).where(
+        c.rollout_id == rollout_id, sent_at.is_(None), notice.is_not(None)
+    )
+    return list(conn.execute(query.order_by(c.site, c.device)).all())
+
+
+def wave_counts(conn: Connection, rollout_id: str) -> dict[int, dict[str, int]]:
+    """wave -> box state -> boxes (one GROUP BY, no rows read out)."""
+    c = ROLLOUT_BOXES.c
+    counts: dict[int, dict[str, int]] = {}
+    query = (
+        sa.select(c.wave, c.state, sa.func.count())
+        .where(c.rollout_id == rollout_id)
+        .group_by(c.wave, c.state)
+    )
+    for wave, state, count in conn.execute(query):
+        counts.setdefault(int(wave), {})[state] = int(count)
+    return counts
+
+
+def rollback_counts(conn: Connection, rollout_id: str) -> dict[str, int]:
+    c = ROLLOUT_BOXES.c
+    query = (
+        sa.select(c.rollback_state, sa.func.count())
+        .where(c.rollout_id == rollout_id, c.rollback_state.is_not(None))
+        .group_by(c.rollback_state)
+    )
+    return {str(state): int(count) for state, count in conn.execute(query)}
 
 
 def box_rows(conn: Connection, rollout_id: str) -> list[sa.Row[Any]]:
@@ -204,11 +294,12 @@ def read_rollout(row: sa.Row[Any]) -> Rollout:
         id=row.id,
         plan=RolloutPlan.from_json(db.loads(row.plan)),
         facts=facts_from_json(bundle),
-        url=str(bundle["url"]),
+        url=str(bundle["url"]) if bundle.get("url") else None,
         state=RolloutState.from_json(db.loads(row.state)),
         created_at=utc(row.created_at),
         updated_at=utc(row.updated_at),
         created_by=row.created_by,
+        mqtt_chunks=bundle.get("mqtt_chunks"),
     )
 
 
@@ -243,19 +334,38 @@ def full_status(
 ) -> dict[str, Any]:
     """The rollout in full; `shadow` and `shadow_boxes` (by ref) are the shadow phase's counts
     and per-box fields (`fleet_controller.shadowing`), merged in as they are."""
+    per_wave: dict[int, Counter[str]] = {}
+    for row in rows:
+        per_wave.setdefault(row.wave, Counter())[row.state] += 1
+    rollback = Counter(r.rollback_state for r in rows if r.rollback_state)
+    return {
+        **brief_status(rollout, per_wave, rollback, shadow=shadow),
+        "boxes": [{**box_json(row), **shadow_boxes.get(box_ref(row), {})} for row in rows],
+    }
+
+
+def brief_status(
+    rollout: Rollout,
+    per_wave: Mapping[int, Mapping[str, int]],
+    rollback: Mapping[str, int],
+    *,
+    shadow: dict[str, int] | None,
+) -> dict[str, Any]:
+    """`full_status` without `boxes`, from counts alone (`wave_counts`, `rollback_counts`):
+    what the fleet page asks for every few seconds, at the same cost for any fleet's size."""
     state = rollout.state
-    per_wave = []
+    overall: Counter[str] = Counter()
+    waves = []
     for number in range(1, state.policy.waves + 1):
-        wave = [row for row in rows if row.wave == number]
-        counts = Counter(row.state for row in wave)
-        per_wave.append(
+        counts = per_wave.get(number, {})
+        overall.update(counts)
+        waves.append(
             {
                 "wave": number,
-                "total": len(wave),
+                "total": sum(counts.values()),
                 "counts": {n: counts.get(n, 0) for n in BOX_STATES},
             }
         )
-    overall = Counter(row.state for row in rows)
     return {
         **summary(rollout, overall),
         "phase_since": iso(state.phase_since),
@@ -263,17 +373,18 @@ def full_status(
         "paused_from": state.paused_from,
         "halt_reason": state.halt_reason,
         "finished_at": iso(state.finished_at),
-        "total": len(rows),
-        "per_wave": per_wave,
-        "rollback": dict(
-            sorted(Counter(r.rollback_state for r in rows if r.rollback_state).items())
-        ),
+        "total": sum(overall.values()),
+        "per_wave": waves,
+        "rollback": dict(sorted(rollback.items())),
         "gates": [dict(result) for result in state.gate_results],
         "shadow_gates": [dict(result) for result in state.shadow_results],
         "shadow": shadow,
-        "bundle_facts": {**rollout.facts.to_json(), "url": rollout.url},
+        "bundle_facts": {
+            **rollout.facts.to_json(),
+            "url": rollout.url,
+            "mqtt_chunks": rollout.mqtt_chunks,
+        },
         "plan": rollout.plan.to_json(),
-        "boxes": [{**box_json(row), **shadow_boxes.get(box_ref(row), {})} for row in rows],
     }
 
 

@@ -26,6 +26,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from edge_bundle.chunks import ChunkedDelivery
 from edge_bundle.release import MAX_VALIDITY
 from edge_bundle.signing import SigningKey, TrustStore
 from fleet_controller import db, faults, shadowing
+from fleet_controller.chunks.store import ChunkStore
 from fleet_controller.cohorts import Selector, preview, select
 from fleet_controller.errors import BadMessageError, ConflictError, FleetError, NotFoundError
 from fleet_controller.gates import BoxPair, evaluate, shadow_gates
@@ -62,9 +65,13 @@ from fleet_controller.machine import (
 from fleet_controller.notices import (
     BundleFacts,
     build_notice,
+    delivery_for,
     inspect_bundle,
     notice_topic,
+    put_in_chunk_store,
+    refuse_agents_without_mqtt,
     speaks_v2,
+    stored_delivery,
     understands_shadow,
 )
 from fleet_controller.plan import RolloutPlan, assign_waves, wave_sizes
@@ -72,7 +79,6 @@ from fleet_controller.registry import Registry, UpdateReport
 from fleet_controller.rollout_tables import (
     AUDIT,
     IN_FLIGHT,
-    NOT_ROLLED_BACK,
     OUTCOMES,
     ROLLOUT_BOXES,
     ROLLOUTS,
@@ -84,18 +90,25 @@ from fleet_controller.rollout_tables import (
     box_ref,
     box_row,
     box_rows,
+    brief_status,
     facts_from_json,
     facts_json,
     full_status,
     insert_audit,
+    light_rows,
     mark_timed_out,
     maybe_utc,
     read_rollout,
     ref_device,
     ref_site,
+    rollback_counts,
+    rollback_rows,
     row_by_sequence,
     summary,
+    unsent_rows,
     update_box,
+    wave_counts,
+    wave_rows,
     with_state,
 )
 
@@ -125,8 +138,12 @@ class Rollouts:
         bundle_trust: TrustStore,
         publish: Callable[[str, bytes], None],
         clock: Callable[[], datetime] = utc_now,
+        chunk_store: ChunkStore | None = None,
     ) -> None:
         self.engine = engine
+        # Where plans with delivery = "mqtt" put their bundles (docs/mqtt-delivery.md).
+        self.chunk_store = chunk_store
+        self._chunked: dict[str, ChunkedDelivery | None] = {}  # rollout id -> its mqtt_chunks
         self.registry = registry
         self.key = key
         self.bundle_trust = bundle_trust
@@ -135,18 +152,28 @@ class Rollouts:
         self._lock = threading.RLock()
         db.migrate(engine)
 
+    def serialised(self) -> AbstractContextManager[Any]:
+        """The lock every mutation of this runner holds (re-entrant): the controller's batched
+        ingest holds it while it applies reports in its own transaction."""
+        return self._lock
+
     # ---- creating ----
     def preview(self, plan: RolloutPlan) -> dict[str, Any]:
         """The cohort `plan` would take now and how it splits into waves; sends nothing."""
         selector = Selector.parse(plan.cohort)
         found = preview(self.registry, selector)
+        if plan.over_mqtt and plan.url is None:
+            refuse_agents_without_mqtt(select(self.registry.devices(), selector))
         waves = assign_waves(found["refs"], wave_sizes(plan.waves, found["count"]), plan.name)
         return {**found, "wave_sizes": [len(wave) for wave in waves], "waves": waves}
 
     def create(self, plan: RolloutPlan, *, actor: str) -> dict[str, Any]:
         """Verify the bundle, freeze the cohort into waves and store the rollout, running."""
         facts = inspect_bundle(plan.bundle, self.bundle_trust)
-        previous = [self._previous(facts, entry.bundle, str(entry.url)) for entry in plan.previous]
+        previous = [
+            self._previous(facts, entry.bundle, str(entry.url or ""), plan)
+            for entry in plan.previous
+        ]
         selector = Selector.parse(plan.cohort)
         found = preview(self.registry, selector)
         if found["missing"]:
@@ -159,6 +186,13 @@ class Rollouts:
         refs = [device.ref for device in chosen]
         if plan.shadow is not None:
             _refuse_old_agents(chosen)
+        if plan.over_mqtt and plan.url is None:
+            refuse_agents_without_mqtt(chosen)
+        chunked = (
+            put_in_chunk_store(self.chunk_store, plan.bundle, facts, plan.chunk_size)
+            if plan.over_mqtt
+            else {}
+        )
         if not refs:
             raise FleetError(
                 f"the cohort {db.dumps(selector.to_json())} picks no box; preview it with "
@@ -186,8 +220,10 @@ class Rollouts:
                     id=rollout_id,
                     name=plan.name,
                     plan=db.dumps(plan.to_json()),
+                    # "url": "" when the bundle is delivered over MQTT alone.
                     bundle=db.dumps(
-                        {**facts_json(facts), "url": str(plan.url), "previous": previous}
+                        {**facts_json(facts), "url": str(plan.url or ""), "previous": previous}
+                        | chunked
                     ),
                     state=db.dumps(state.to_json()),
                     status=state.status,
@@ -216,15 +252,23 @@ class Rollouts:
         faults.hit("rollout.state")
         return self.status(rollout_id)
 
-    def _previous(self, facts: BundleFacts, path: Path, url: str) -> dict[str, Any]:
-        """A verified bundle a rollback may go back to: the same model, an older version."""
+    def _previous(
+        self, facts: BundleFacts, path: Path, url: str, plan: RolloutPlan
+    ) -> dict[str, Any]:
+        """A verified bundle a rollback may go back to: the same model, an older version (in
+        the chunk store too when the plan delivers over MQTT)."""
         older = inspect_bundle(path, self.bundle_trust)
         if older.name != facts.name or older.version >= facts.version:
             raise FleetError(
                 f"[on_halt] previous lists {older.name}@{older.version} ({path}); a rollback "
                 f"target must be an older version of {facts.name} than {facts.version}"
             )
-        return {**facts_json(older), "url": url}
+        chunked = (
+            put_in_chunk_store(self.chunk_store, path, older, plan.chunk_size)
+            if plan.over_mqtt
+            else {}
+        )
+        return {**facts_json(older), "url": url} | chunked
 
     def _refuse_overlap(self, conn: Connection, refs: Iterable[str], own: str | None) -> None:
         wanted = set(refs)
@@ -272,18 +316,30 @@ class Rollouts:
             counts = box_counts(conn)
         return [summary(read_rollout(row), counts.get(row.id, {})) for row in rows]
 
-    def status(self, rollout_id: str) -> dict[str, Any]:
-        """One rollout in full: plan, bundle, state, per-wave counts, gate results, boxes."""
+    def status(self, rollout_id: str, *, boxes: bool = True) -> dict[str, Any]:
+        """One rollout in full: plan, bundle, state, per-wave counts, gate results, boxes
+        (without `boxes`: from counts alone, no box row read out)."""
+        if not boxes:
+            return self._brief_status(rollout_id)
         with db.transaction(self.engine) as conn:
             rollout = self._load(conn, rollout_id)
-            boxes = box_rows(conn, rollout_id)
+            rows = box_rows(conn, rollout_id)
             shadows = shadowing.rows(conn, rollout_id)
         return full_status(
             rollout,
-            boxes,
+            rows,
             shadow=shadowing.counts(shadows) if shadows else None,
             shadow_boxes={box_ref(shadow): shadowing.box_json(shadow) for shadow in shadows},
         )
+
+    def _brief_status(self, rollout_id: str) -> dict[str, Any]:
+        with db.transaction(self.engine) as conn:
+            rollout = self._load(conn, rollout_id)
+            per_wave = wave_counts(conn, rollout_id)
+            rollback = rollback_counts(conn, rollout_id)
+            shadows = shadowing.rows(conn, rollout_id) if rollout.plan.shadow is not None else []
+        shadow = shadowing.counts(shadows) if shadows else None
+        return brief_status(rollout, per_wave, rollback, shadow=shadow)
 
     def audit(self, rollout_id: str) -> _Entries:
         """The rollout's audit trail, oldest first."""
@@ -404,12 +460,11 @@ class Rollouts:
 
     # ---- the current view ----
     def _view(self, conn: Connection, rollout: Rollout, now: datetime) -> View:
-        rows = box_rows(conn, rollout.id)
         state = rollout.state
         sendable: list[str] = []
         waiting = final = 0
         in_flight: list[tuple[str, datetime | None]] = []
-        for row in (r for r in rows if r.wave == state.wave):
+        for row in wave_rows(conn, rollout.id, state.wave):
             if row.state == "pending":
                 if rollout.plan.site_open(row.site, now):
                     sendable.append(box_ref(row))
@@ -423,9 +478,7 @@ class Rollouts:
         rb_in_flight: list[tuple[str, datetime | None]] = []
         rb_final = 0
         if state.status == "rolling_back":
-            for row in (
-                r for r in rows if r.sequence is not None and r.state not in NOT_ROLLED_BACK
-            ):
+            for row in rollback_rows(conn, rollout.id):
                 if row.rollback_state is None:
                     rb_sendable.append(box_ref(row))
                 elif row.rollback_state in IN_FLIGHT:
@@ -471,7 +524,8 @@ class Rollouts:
                 v2 = speaks_v2(known.agent_version if known else None)
                 sequence = allocate_sequence(conn, now)
                 payload = build_notice(
-                    facts=facts, url=rollout.url, site=site, device=device, sequence=sequence,
+                    facts=facts, **self._delivery(rollout, known), site=site, device=device,
+                    sequence=sequence,
                     issued_at=now, expires_at=now + NOTICE_VALIDITY, rollout_id=rollout.id,
                     wave=row.wave, rollback=False, v2=v2, key=self.key,
                 )  # fmt: skip
@@ -504,7 +558,8 @@ class Rollouts:
                     continue
                 sequence = allocate_sequence(conn, now)
                 payload = build_notice(
-                    facts=facts, url=rollout.url, site=site, device=device, sequence=sequence,
+                    facts=facts, **self._delivery(rollout, known), site=site, device=device,
+                    sequence=sequence,
                     issued_at=now, expires_at=now + NOTICE_VALIDITY, rollout_id=rollout.id,
                     wave=row.wave, rollback=False, v2=True, key=self.key,
                     shadow_max_s=rollout.plan.shadow_max_s,
@@ -542,11 +597,12 @@ class Rollouts:
                         Audit("rollback-skipped", f"{ref}: {target}", figures={"box": ref}),
                     )
                     continue
-                facts, url = target
+                facts, bundle = target
                 v2 = speaks_v2(known.agent_version if known else None)
                 sequence = allocate_sequence(conn, now)
                 payload = build_notice(
-                    facts=facts, url=url, site=site, device=device, sequence=sequence,
+                    facts=facts, **_delivery_of(bundle, known), site=site, device=device,
+                    sequence=sequence,
                     issued_at=now, expires_at=now + NOTICE_VALIDITY, rollout_id=rollout.id,
                     wave=row.wave, rollback=True, v2=v2, key=self.key,
                 )  # fmt: skip
@@ -559,8 +615,8 @@ class Rollouts:
 
     def _rollback_target(
         self, conn: Connection, rollout: Rollout, old_version: int | None
-    ) -> tuple[BundleFacts, str] | str:
-        """The bundle to roll a box back to, or why there is none."""
+    ) -> tuple[BundleFacts, Mapping[str, Any]] | str:
+        """The bundle to roll a box back to (its facts and stored JSON), or why there is none."""
         name = rollout.facts.name
         if old_version is None:
             return (
@@ -574,18 +630,30 @@ class Rollouts:
         )
         for bundle in own.get("previous", ()):
             if bundle["name"] == name and bundle["version"] == old_version:
-                return facts_from_json(bundle), str(bundle["url"])
+                return facts_from_json(bundle), bundle
         for (text,) in conn.execute(
             sa.select(ROLLOUTS.c.bundle).order_by(ROLLOUTS.c.created_at.desc())
         ):
             bundle = db.loads(text)
             if bundle["name"] == name and bundle["version"] == old_version:
-                return facts_from_json(bundle), str(bundle["url"])
+                return facts_from_json(bundle), bundle
         return (
             f"{name}@{old_version} is neither listed in the plan's [on_halt] previous nor was "
             "it rolled out by this controller, so its bundle's URL and digest are unknown; "
             "roll the box back with `model-packager publish --rollback`"
         )
+
+    def _delivery(self, rollout: Rollout, known: Any) -> dict[str, Any]:
+        """`url` and `chunks` of `build_notice` for one box of `rollout`."""
+        if rollout.id not in self._chunked:
+            with db.transaction(self.engine) as conn:
+                text = conn.execute(
+                    sa.select(ROLLOUTS.c.bundle).where(ROLLOUTS.c.id == rollout.id)
+                ).scalar_one()
+            self._chunked[rollout.id] = stored_delivery(db.loads(text))[1]
+        agent = known.agent_version if known else None
+        url, chunks = delivery_for(rollout.url or None, self._chunked[rollout.id], agent)
+        return {"url": url, "chunks": chunks}
 
     def _publish(
         self,
@@ -633,31 +701,37 @@ class Rollouts:
 
     def _republish(self, rollout_id: str) -> None:
         """Publish again, byte-identical, every stored notice the broker never acknowledged."""
+        # Only the unacknowledged rows are read (by index), not every box: a tick of a rollout
+        # to 10,000 boxes costs what its unacknowledged notices cost.
         with db.transaction(self.engine) as conn:
-            status = self._load(conn, rollout_id).state.status
-            rows = box_rows(conn, rollout_id)
-            shadows = shadowing.rows(conn, rollout_id)
+            rollout = self._load(conn, rollout_id)
+            status = rollout.state.status
+            sending = status in ("running", "paused")
+            shadows = (
+                shadowing.rows(conn, rollout_id)
+                if sending and rollout.plan.shadow is not None
+                else []
+            )
+            releases = unsent_rows(conn, rollout_id, rollback=False) if sending else []
+            rollbacks = (
+                unsent_rows(conn, rollout_id, rollback=True) if status == "rolling_back" else []
+            )
         for shadow in shadows:
-            if status in ("running", "paused") and shadow.notice and shadow.sent_at is None:
+            if shadow.notice and shadow.sent_at is None:
                 self._publish(
                     rollout_id, shadow.site, shadow.device, shadow.notice,
                     rollback=False, shadow=True,
                 )  # fmt: skip
-        for row in rows:
-            if status in ("running", "paused") and row.notice is not None and row.sent_at is None:
-                self._publish(rollout_id, row.site, row.device, row.notice, rollback=False)
-            if (
-                status == "rolling_back"
-                and row.rollback_notice is not None
-                and row.rollback_sent_at is None
-            ):
-                self._publish(rollout_id, row.site, row.device, row.rollback_notice, rollback=True)
+        for row in releases:
+            self._publish(rollout_id, row.site, row.device, row.payload, rollback=False)
+        for row in rollbacks:
+            self._publish(rollout_id, row.site, row.device, row.payload, rollback=True)
 
     # ---- gates ----
     def _gates(self, rollout: Rollout, wave: int) -> tuple[dict[str, Any], ...]:
         """Gate results over every wave up to `wave`, from outcomes and telemetry."""
         with db.transaction(self.engine) as conn:
-            rows = [row for row in box_rows(conn, rollout.id) if row.wave <= wave]
+            rows = light_rows(conn, rollout.id, up_to_wave=wave)
         spec = rollout.plan.gates
         name, version = rollout.facts.name, rollout.facts.version
         pairs = []
@@ -697,20 +771,24 @@ class Rollouts:
         BadMessageError when it names an unknown rollout, or a sequence that rollout never sent
         to that box."""
         with db.transaction(self.engine) as conn:
-            if report.rollout_id is None:
-                row = row_by_sequence(conn, report.site, report.device, report.sequence)
-                return row.rollout_id if row is not None else None
-            known = conn.execute(
-                sa.select(ROLLOUTS.c.id).where(ROLLOUTS.c.id == report.rollout_id)
-            ).first()
-            if known is None:
-                raise BadMessageError(
-                    "update", "unknown-rollout",
-                    f"{report.site}/{report.device} reports on rollout {report.rollout_id!r}, "
-                    "which this controller never created",
-                )  # fmt: skip
-            row = box_row(conn, report.rollout_id, report.site, report.device)
-            shadow = shadowing.row(conn, report.rollout_id, report.site, report.device)
+            return self.attribute_in(conn, report)
+
+    def attribute_in(self, conn: Connection, report: UpdateReport) -> str | None:
+        """`attribute` inside the caller's transaction (a batch of messages stored at once)."""
+        if report.rollout_id is None:
+            found = row_by_sequence(conn, report.site, report.device, report.sequence)
+            return found.rollout_id if found is not None else None
+        known = conn.execute(
+            sa.select(ROLLOUTS.c.id).where(ROLLOUTS.c.id == report.rollout_id)
+        ).first()
+        if known is None:
+            raise BadMessageError(
+                "update", "unknown-rollout",
+                f"{report.site}/{report.device} reports on rollout {report.rollout_id!r}, "
+                "which this controller never created",
+            )  # fmt: skip
+        row = box_row(conn, report.rollout_id, report.site, report.device)
+        shadow = shadowing.row(conn, report.rollout_id, report.site, report.device)
         if (
             shadow is not None
             and shadow.sequence is not None
@@ -729,22 +807,26 @@ class Rollouts:
         """Record what an attributed report says about its box (shadow, release or rollback)."""
         if rollout_id is None:
             return
-        now = self.clock()
         with self._lock, db.transaction(self.engine) as conn:
-            shadow = shadowing.row(conn, rollout_id, report.site, report.device)
-            if shadow is not None and shadow.sequence == report.sequence:
-                state = shadowing.next_state(shadow.state, report.phase, report.outcome)
-                if state is not None:
-                    shadowing.update(
-                        conn, rollout_id, report.site, report.device,
-                        state=state, reason=report.reason, outcome_at=report.at or now,
-                    )  # fmt: skip
-            else:
-                row = box_row(conn, rollout_id, report.site, report.device)
-                if row is None:
-                    return
-                _record_box_report(conn, rollout_id, row, report, report.at or now)
+            self.apply_report(conn, report, rollout_id)
         faults.hit("report.stored")
+
+    def apply_report(self, conn: Connection, report: UpdateReport, rollout_id: str) -> None:
+        """`on_report` inside the caller's transaction, the one that stores the report: a report
+        is applied exactly when it is stored. The box's row is locked first (PostgreSQL), so two
+        instances applying two reports of one box take turns instead of losing one update."""
+        now = self.clock()
+        row = box_row(conn, rollout_id, report.site, report.device, lock=True)
+        shadow = shadowing.row(conn, rollout_id, report.site, report.device)
+        if shadow is not None and shadow.sequence == report.sequence:
+            state = shadowing.next_state(shadow.state, report.phase, report.outcome)
+            if state is not None:
+                shadowing.update(
+                    conn, rollout_id, report.site, report.device,
+                    state=state, reason=report.reason, outcome_at=report.at or now,
+                )  # fmt: skip
+        elif row is not None:
+            _record_box_report(conn, rollout_id, row, report, report.at or now)
 
     def _refs(self, conn: Connection, rollout_id: str) -> _Refs:
         return [box_ref(row) for row in box_rows(conn, rollout_id)]
@@ -773,6 +855,13 @@ def _record_box_report(
                 conn, rollout_id, report.site, report.device,
                 rollback_state=state, rollback_reason=report.reason,
             )  # fmt: skip
+
+
+def _delivery_of(bundle: Mapping[str, Any], known: Any) -> dict[str, Any]:
+    """`url` and `chunks` of `build_notice` for a box rolled back to a stored bundle."""
+    url, chunks = stored_delivery(bundle)
+    url, chunks = delivery_for(url, chunks, known.agent_version if known else None)
+    return {"url": url, "chunks": chunks}
 
 
 def _refuse_old_agents(devices: Iterable[Any]) -> None:

@@ -89,7 +89,7 @@ def release_key(directory: Path, name: str = "release") -> tuple[SigningKey, Pat
 def signed_notice(
     key: SigningKey,
     bundle: Path,
-    url: str,
+    url: str | None,
     *,
     sequence: int,
     device: str | None = "plant/box1",

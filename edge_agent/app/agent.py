@@ -3,7 +3,8 @@
 One `Agent` per process wires the engine (the inference lane, the classification core, shadow
 runs, text generation), the device (its model lifecycle and the one API both transports use),
 the MQTT service (which is also the device's publisher), the updater (handed the model
-lifecycle, the publisher, the metrics and its keys) and the HTTP app over the device. Nothing
+lifecycle, the publisher, the metrics, its keys and the MQTT chunk link its bundles may come
+through) and the HTTP app over the device. Nothing
 imports this module but the server and the CLI. Loading happens in the background after start-up,
 so `/healthz` answers while a model loads and `/readyz` turns ready only once every active model
 has passed its golden self-test.
@@ -35,6 +36,7 @@ from edge_agent.engine.records import RequestRecords
 from edge_agent.engine.shadow import ShadowRunner
 from edge_agent.errors import ConfigError
 from edge_agent.metrics import AgentMetrics
+from edge_agent.mqtt.chunk_link import MqttChunkLink
 from edge_agent.mqtt.handlers import MqttHandlers
 from edge_agent.mqtt.routes import Routes
 from edge_agent.mqtt.service import MqttService
@@ -155,6 +157,7 @@ class Agent:
                 _keys(settings.root_keys),
                 after_outcome=self.device.telemetry.publish_soon,
                 shadow=self.device.shadow,
+                chunks=MqttChunkLink(self.mqtt) if self.mqtt is not None else None,
             )
         self.handlers: MqttHandlers | None = None
         if self.mqtt is not None:

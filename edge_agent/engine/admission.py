@@ -19,8 +19,8 @@ none holds a slot: one inference already spreads over every core of a small box,
 in flight gains little throughput and doubles the wait (bench/bench_overload.py). `refusal`
 reads the decision without taking anything, for the HTTP edge to refuse before routing
 (`edge_agent.http.middleware`). A slot also carries a deadline: work that is still waiting for
-the inference thread long after the budget promised (`LATE_FACTOR`) is dropped before it runs
-(`raise_if_late`) rather than answered late.
+the inference thread long after the budget promised (`LATE_FACTOR`, never sooner than
+`LATE_MIN_S`) is dropped before it runs (`raise_if_late`) rather than answered late.
 
 Single event loop, so no lock is needed; the clock is injectable for tests.
 """
@@ -43,6 +43,10 @@ SERVICE_WEIGHT = 0.2
 #: taken is dropped: the estimate was badly wrong (a burst of large photos, a slower model swapped
 #: in). Generous, so that the ordinary hiccups of a busy box never drop work.
 LATE_FACTOR = 4.0
+#: ...and never sooner than this after it was taken: with a small model a few service times are a
+#: few milliseconds, less than a thread at lowered priority may wait for a core on a shared box,
+#: and a lone prediction on an idle lane must never be dropped as late.
+LATE_MIN_S = 0.5
 
 Clock = Callable[[], float]
 
@@ -160,7 +164,8 @@ class Admission:
         service = self.service.seconds
         deadline = None
         if service is not None:
-            deadline = taken + LATE_FACTOR * (self.budget.seconds(service) + service)
+            late_s = LATE_FACTOR * (self.budget.seconds(service) + service)
+            deadline = taken + max(LATE_MIN_S, late_s)
         self.in_flight += 1
         self._idle.clear()
         try:

@@ -133,12 +133,18 @@ class MqttLink:
 
         self.call(command)
 
-    def publish_now(self, topic: Topic, payload: bytes, *, qos: int = 0) -> None:
-        """A best-effort publish that bypasses the outbox (shed notices)."""
+    def publish_now(
+        self, topic: Topic, payload: bytes, *, qos: int = 0, expiry_s: int | None = None
+    ) -> None:
+        """A best-effort publish that bypasses the outbox (shed notices, chunk requests); lost
+        when not connected. `expiry_s` sets the MQTT 5 message expiry (3.1.1 has none)."""
 
         def command(client: paho.Client, _generation: int) -> None:
             if self.connected:
-                client.publish(str(topic), payload, qos=qos, properties=self._json_properties())
+                properties = self._json_properties()
+                if properties is not None and expiry_s is not None:
+                    properties.MessageExpiryInterval = expiry_s
+                client.publish(str(topic), payload, qos=qos, properties=properties)
 
         self.call(command)
 

@@ -1,7 +1,8 @@
 """Which topics this agent listens on and where its answers may go, from the settings.
 
 The service subscribes to `subscriptions()`, the handlers route each message by the same filters
-(requests, generation, feedback, event mappings, release and trust notices), and both check an
+(requests, generation, feedback, event mappings, release and trust notices; replies to the
+updater's chunk requests go straight to the updater, `chunk_topic`), and both check an
 MQTT 5 response topic against the allowed ones with `reply_topic` (the service does too, to send
 an `overloaded` notice to a message it sheds).
 """
@@ -12,6 +13,7 @@ from edge_agent.errors import AgentError, BadRequestError
 from edge_agent.mqtt.link import Inbound
 from edge_agent.mqtt.topics import Topic, TopicFilter, TopicScheme
 from edge_agent.settings import AgentSettings, EventMapping
+from edge_bundle.chunks import reply_topic as chunk_reply_topic
 from edge_bundle.release import TRUST_TOPIC
 
 
@@ -27,7 +29,10 @@ class Routes:
         ]
         self.allowed_replies = [TopicFilter(f) for f in settings.mqtt_response_topics]
         self.release_filters: list[TopicFilter] = []
+        #: Where this box's chunk replies arrive (bundles fetched over MQTT), when updates are on.
+        self.chunk_topic: str | None = None
         if settings.release_keys:
+            self.chunk_topic = chunk_reply_topic(settings.site, settings.device)
             self.release_filters = [
                 TopicFilter(f"{self.scheme.base}/release"),
                 TopicFilter(TRUST_TOPIC),
@@ -46,7 +51,8 @@ class Routes:
         ]
         if self.settings.mqtt_shared_group:
             found.append(self.scheme.shared_infer_filter(self.settings.mqtt_shared_group))
-        return found + self.release_filters
+        chunks = [TopicFilter(self.chunk_topic)] if self.chunk_topic else []
+        return found + self.release_filters + chunks
 
     def is_notice(self, topic: str) -> bool:
         return any(f.matches(topic) for f in self.release_filters)

@@ -30,6 +30,10 @@ left unacknowledged, for the broker to deliver again.
 
 The service is also the device's `Publisher`: results of HTTP predictions, feedback, update
 reports and telemetry go out through the same outbox.
+
+Messages on a *direct* topic (`direct`: the replies to the updater's chunk requests) skip all of
+that: they are acknowledged at once and handed to their callback. A lost one is simply asked for
+again, they are never answered, and the updater bounds how many it asks for at once.
 """
 
 from __future__ import annotations
@@ -140,7 +144,9 @@ class Link(Protocol):
 
     def ack(self, message: Inbound) -> None: ...
 
-    def publish_now(self, topic: Topic, payload: bytes, *, qos: int = 0) -> None: ...
+    def publish_now(
+        self, topic: Topic, payload: bytes, *, qos: int = 0, expiry_s: int | None = None
+    ) -> None: ...
 
 
 LinkFactory = Callable[
@@ -208,6 +214,9 @@ class MqttService:
         self._stopping = False
         #: Called on the event loop each time the link (re)connects.
         self.on_connected: list[Callable[[], None]] = []
+        #: Topics whose messages go straight to a callback (on the event loop), acknowledged at
+        #: once, outside the workers, the outbox and the dedupe (chunk replies).
+        self.direct: dict[str, Callable[[bytes], None]] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self, handling: Handling | Handler) -> None:
@@ -256,6 +265,14 @@ class MqttService:
     def _take(self, message: Inbound) -> None:
         if not self._accepting:
             return  # not acknowledged: the broker delivers it again (here after a restart, or elsewhere)
+        direct = self.direct.get(message.topic)
+        if direct is not None:
+            self.link.ack(message)
+            try:
+                direct(message.payload)
+            except Exception:  # a bug there must never take the loop down
+                log.exception("handling a message on %s failed", message.topic)
+            return
         # QoS 0 beyond capacity is a flood: shed it. QoS 1 beyond it means the broker overshot
         # the Receive Maximum the link announced (mosquitto 2.0 does, under load): keep up to
         # BROKER_SLACK times more, unacknowledged, before shedding those too.

@@ -4,7 +4,8 @@ The file grows as `NAME-VERSION-SHA.part` beside a small JSON note of where it c
 validator the server gave (ETag or Last-Modified). A restart resumes with a range request guarded
 by `If-Range`, so content that changed on the server starts over instead of mixing two files. The
 download aborts as soon as more bytes arrive than the notice declared, and the finished file must
-have exactly the declared size and sha256.
+have exactly the declared size and sha256. (A bundle fetched in chunks over MQTT grows in the same
+`.part` file, with side files of its own: `chunk_files`; `discard` removes them too.)
 """
 
 from __future__ import annotations
@@ -50,9 +51,18 @@ def download(
 ) -> Downloaded:
     """Fetch `release.url` into `directory`, resuming a partial file; check size and sha256.
     `transport` replaces the network (an `httpx.MockTransport` in tests)."""
+    if release.url is None:
+        raise DownloadError(
+            "the notice has no URL (its bundle comes only over MQTT); set update_fetch to "
+            "'auto' or 'mqtt'",
+            retry=False,
+        )
+    url = release.url
     directory.mkdir(parents=True, exist_ok=True)
     part = part_path(directory, release)
     note = part.with_suffix(".json")
+    # A chunked fetch's record says nothing about what HTTP writes into the same file.
+    part.with_suffix(".have").unlink(missing_ok=True)
     offset, validator = _resume_point(part, note, release)
     headers = {}
     if offset:
@@ -63,13 +73,13 @@ def download(
     try:
         with (
             httpx.Client(transport=transport, timeout=timeout, follow_redirects=True) as client,
-            client.stream("GET", release.url, headers=headers) as response,
+            client.stream("GET", url, headers=headers) as response,
         ):
             if response.status_code >= 500 or response.status_code == 429:
                 raise DownloadError(f"the server answered {response.status_code}", retry=True)
             if response.status_code not in (200, 206):
                 raise DownloadError(
-                    f"the server answered {response.status_code} for {release.url}; check the URL "
+                    f"the server answered {response.status_code} for {url}; check the URL "
                     "in the release notice",
                     retry=False,
                 )
@@ -97,7 +107,7 @@ def download(
                 handle.flush()
                 os.fsync(handle.fileno())
     except httpx.HTTPError as exc:
-        raise DownloadError(f"the download from {release.url} failed: {exc}", retry=True) from exc
+        raise DownloadError(f"the download from {url} failed: {exc}", retry=True) from exc
     except DownloadError as exc:
         if not exc.retry:
             _discard(part, note)
@@ -117,8 +127,12 @@ def download(
 
 
 def discard(directory: Path, release: Release) -> None:
+    """Remove a download and whatever was kept beside it (an HTTP note, a chunked fetch's
+    manifest and record)."""
     part = part_path(directory, release)
     _discard(part, part.with_suffix(".json"))
+    for suffix in (".manifest", ".have"):
+        part.with_suffix(suffix).unlink(missing_ok=True)
 
 
 def _resume_point(part: Path, note: Path, release: Release) -> tuple[int, str | None]:

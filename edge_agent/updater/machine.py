@@ -25,6 +25,11 @@ rollback, and not a version that already failed here.
 
 A release that came with a fleet rollout (schema version 2 notices) remembers it, and every report
 about that release names it, so the controller can tie each outcome to its rollout and wave.
+
+A notice with the `mqtt_chunks` extension (agents from 0.4.0) offers the bundle in chunks over
+MQTT, with or without a URL. Which path a box takes is `fetch_path` (the setting `update_fetch`:
+"auto" takes the URL when there is one, "mqtt" prefers MQTT whenever it is offered, "http" never
+uses it); a notice this box has no usable path for is refused before anything is fetched.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from edge_agent import __version__
+from edge_bundle.chunks import MQTT_CHUNKS_EXTENSION, ChunkedDelivery
 
 Phase = Literal[
     "idle", "downloading", "verifying", "staging", "shadowing", "activating", "probation",
@@ -43,7 +49,10 @@ BUSY: frozenset[str] = frozenset(
     {"downloading", "verifying", "staging", "shadowing", "activating", "probation"}
 )
 #: The notice extensions this agent understands (a critical one it does not: refused).
-UNDERSTOOD_EXTENSIONS: frozenset[str] = frozenset({"shadow"})
+UNDERSTOOD_EXTENSIONS: frozenset[str] = frozenset({"shadow", MQTT_CHUNKS_EXTENSION})
+#: The setting `update_fetch`: how this box prefers to fetch bundles.
+FetchSetting = Literal["auto", "http", "mqtt"]
+FetchPath = Literal["http", "mqtt"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,7 @@ class Release:
     version: int
     sha256: str
     size: int
-    url: str
+    url: str | None  # None: the bundle comes only in chunks over MQTT (`chunked`)
     sequence: int
     issued_at: datetime
     expires_at: datetime
@@ -77,6 +86,7 @@ class Release:
     rollout: RolloutRef | None = None
     critical: tuple[str, ...] = ()  # extensions the notice needs understood
     shadow_s: float | None = None  # a shadow notice: shadow for at most this long, not activate
+    chunked: ChunkedDelivery | None = None  # the notice offers the bundle in chunks over MQTT
 
     def to_json(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -84,6 +94,7 @@ class Release:
         data["expires_at"] = self.expires_at.isoformat()
         data["rollout"] = self.rollout.to_json() if self.rollout else None
         data["critical"] = list(self.critical)
+        data["chunked"] = self.chunked.to_json() if self.chunked else None
         return data
 
     @classmethod
@@ -94,7 +105,14 @@ class Release:
         # A state.json written before rollouts (or shadow notices) existed lacks their keys.
         rollout = values.pop("rollout", None)
         values["critical"] = tuple(str(name) for name in values.get("critical", ()))
-        return cls(**values, rollout=RolloutRef.from_json(rollout) if rollout else None)
+        # ... and one written before chunked delivery lacks `chunked` (and always has a url).
+        chunked = values.pop("chunked", None)
+        values["url"] = values.get("url")
+        return cls(
+            **values,
+            rollout=RolloutRef.from_json(rollout) if rollout else None,
+            chunked=ChunkedDelivery.parse(chunked) if chunked else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -148,6 +166,8 @@ class NoticeReceived:
     release: Release
     now: datetime
     active_version: int | None  # of the release's model name, None if not installed
+    fetch: FetchSetting = "auto"  # the setting update_fetch
+    mqtt_chunks: bool = False  # whether this agent can fetch chunks over MQTT
 
 
 @dataclass(frozen=True)
@@ -318,6 +338,8 @@ def check_notice(state: UpdateState, event: NoticeReceived) -> str | None:
             f"this notice needs the {unknown[0]!r} extension, which agent {__version__} does not "
             "understand; upgrade the agent"
         )
+    if fetch_path(release, event.fetch, event.mqtt_chunks) is None:
+        return no_path_reason(release, event.fetch, event.mqtt_chunks)
     floor = state.clock_floor
     now = max(event.now, floor) if floor is not None else event.now
     if now >= release.expires_at:
@@ -337,6 +359,31 @@ def check_notice(state: UpdateState, event: NoticeReceived) -> str | None:
                 "going back needs a notice published with --rollback"
             )
     return None
+
+
+def fetch_path(release: Release, setting: FetchSetting, mqtt_chunks: bool) -> FetchPath | None:
+    """How this box fetches `release`'s bundle, or None when it has no usable path."""
+    over_mqtt = release.chunked is not None and mqtt_chunks and setting != "http"
+    if over_mqtt and (setting == "mqtt" or release.url is None):
+        return "mqtt"
+    if release.url is not None:
+        return "http"
+    return None
+
+
+def no_path_reason(release: Release, setting: FetchSetting, mqtt_chunks: bool) -> str:
+    """Why `fetch_path` found no path (a notice that offers the bundle only over MQTT)."""
+    if release.chunked is None:
+        return "the notice offers the bundle neither by URL nor over MQTT; publish it with one"
+    if setting == "http":
+        return (
+            "the notice offers the bundle only in chunks over MQTT, but update_fetch is 'http'; "
+            "set update_fetch to 'auto' or 'mqtt', or publish the bundle with a URL"
+        )
+    return (
+        "the notice offers the bundle only in chunks over MQTT, which this agent cannot fetch "
+        "(MQTT is off); enable MQTT or publish the bundle with a URL"
+    )
 
 
 def transition(state: UpdateState, event: Event) -> tuple[UpdateState, list[Action]]:

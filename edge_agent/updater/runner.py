@@ -13,12 +13,17 @@ tasks and report back with an event; one lock keeps events in order.
 A shadow notice's version is installed into the store without being activated and shadows the
 active model through the device's `ShadowRunner`; a later notice for the very same bundle (same
 sha256) finds it in the store and is verified from there instead of being downloaded again.
+
+A bundle comes over HTTP(S) (`download`) or in chunks over MQTT (`chunked`, through the
+`ChunkLink` port the MQTT side implements), as `machine.fetch_path` decides from the notice and
+the setting `update_fetch`; verification, staging and activation do not care which.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import shutil
 import time
@@ -33,13 +38,14 @@ import numpy as np
 from edge_agent import faults
 from edge_agent.device.install import Candidate, check_fits, prepare, record_reference
 from edge_agent.device.models import Models
-from edge_agent.device.ports import Publisher
+from edge_agent.device.ports import ChunkLink, Publisher
 from edge_agent.engine.shadow import ShadowRunner
 from edge_agent.engine.types import ModelState
 from edge_agent.errors import AgentError
 from edge_agent.metrics import AgentMetrics
 from edge_agent.settings import AgentSettings
 from edge_agent.updater import persist
+from edge_agent.updater.chunked import ChunkFetcher, FetchOptions
 from edge_agent.updater.download import DownloadError, discard, download, part_path
 from edge_agent.updater.machine import (
     Action,
@@ -62,6 +68,8 @@ from edge_agent.updater.machine import (
     StepFailed,
     StopShadow,
     Verify,
+    fetch_path,
+    no_path_reason,
     transition,
 )
 from edge_bundle.errors import BundleError
@@ -107,6 +115,7 @@ class Updater:
         transport: httpx.BaseTransport | None = None,
         after_outcome: Callable[[], None] | None = None,
         shadow: ShadowRunner | None = None,
+        chunks: ChunkLink | None = None,
     ) -> None:
         self.settings = settings
         self.models = models
@@ -118,6 +127,12 @@ class Updater:
         # telemetry then).
         self.after_outcome = after_outcome
         self.shadow = shadow  # None: shadow notices are refused when they reach shadowing
+        # None: bundles come only by URL (notices offering them only over MQTT are refused).
+        self.fetcher = (
+            ChunkFetcher(chunks, FetchOptions.from_settings(settings), metrics) if chunks else None
+        )
+        if chunks is not None:
+            chunks.listen(self.on_chunk)
         self.directory = settings.updater_dir
         self.state_path = self.directory / "state.json"
         self.downloads = self.directory / "downloads"
@@ -188,8 +203,20 @@ class Updater:
             reason = f"for another target ({notice.target})"
             await self._report(Report.about(release, "idle", "ignored", reason))
             return
-        await self.handle(
-            NoticeReceived(release, datetime.now(UTC), self.store.active_version(release.name))
+        await self.handle(self._notice_event(release))
+
+    def on_chunk(self, payload: bytes) -> None:
+        """A message on this box's chunk topic (a reply to a chunk request)."""
+        if self.fetcher is not None:
+            self.fetcher.on_reply(payload)
+
+    def _notice_event(self, release: Release) -> NoticeReceived:
+        return NoticeReceived(
+            release,
+            datetime.now(UTC),
+            self.store.active_version(release.name),
+            fetch=self.settings.update_fetch,
+            mqtt_chunks=self.fetcher is not None,
         )
 
     def _restore_trust(self) -> None:
@@ -303,8 +330,7 @@ class Updater:
         elif isinstance(action, Discard):
             await asyncio.to_thread(self._discard, action.release)
         elif isinstance(action, Resubmit):
-            active = self.store.active_version(action.release.name)
-            await self.handle(NoticeReceived(action.release, datetime.now(UTC), active))
+            await self.handle(self._notice_event(action.release))
 
     async def _step(self, phase: str, work: Any, release: Release) -> None:
         event: Event
@@ -325,6 +351,13 @@ class Updater:
         # This step's work is over: a retry or the next step may start a task of its own.
         if self._steps.get(phase) is asyncio.current_task():
             del self._steps[phase]
+        current = self.state.release
+        if current != release:
+            # Superseded while it ran: its outcome is moot, and the newer release's same step,
+            # which could not start beside this one, starts now.
+            if current is not None and self.state.phase == phase:
+                self._start_step(phase, work, current)
+            return
         await self.handle(event)
 
     # ---- steps ---------------------------------------------------------------------------
@@ -350,7 +383,26 @@ class Updater:
                 "needed (twice the bundle plus the reserve); free space or raise nothing",
                 retry=False,
             )
-        await asyncio.to_thread(download, release, self.downloads, transport=self.transport)
+        path = fetch_path(release, self.settings.update_fetch, self.fetcher is not None)
+        if path is None:
+            reason = no_path_reason(release, self.settings.update_fetch, self.fetcher is not None)
+            raise DownloadError(reason, retry=False)
+        if path == "http":
+            await asyncio.to_thread(download, release, self.downloads, transport=self.transport)
+            return
+        assert self.fetcher is not None
+
+        async def progress(held: int, total: int, held_bytes: int, note: str) -> None:
+            report = Report.about(release, "downloading", "progress", note)
+            extra = {"chunks": held, "chunks_total": total, "bytes": held_bytes}
+            await self._report(dataclasses.replace(report, extra=extra))
+
+        await self.fetcher.fetch(
+            release,
+            self.downloads,
+            progress=progress,
+            wanted=lambda: self.state.release == release and self.state.phase == "downloading",
+        )
 
     async def _verify(self, release: Release) -> None:
         def work() -> None:
@@ -565,6 +617,7 @@ def _release_of(notice: ReleaseNotice) -> Release:
         sha256=notice.bundle_sha256,
         size=notice.bundle_size,
         url=notice.url,
+        chunked=notice.chunked,
         sequence=notice.sequence,
         issued_at=notice.issued_at,
         expires_at=notice.expires_at,

@@ -8,18 +8,21 @@ durable outbox, though only in memory). Notices are verified with `edge_bundle`,
 `rules.BoxUpdates`, and installed by a task that walks the agent's steps in `install_s` and ends
 as the box's `Behaviour` says. A box from agent 0.3.0 shadows the active model with a shadow
 notice's version after staging (its telemetry then carries `shadow` figures) until `max_s` has
-passed or a newer notice arrives; older boxes ignore the shadow extension and activate.
+passed or a newer notice arrives; older boxes ignore the shadow extension and activate. A box
+from agent 0.4.0 subscribes to its chunk topic and, with `download`, fetches a bundle offered in
+chunks over MQTT (`download.MqttFetcher`) when its behaviour's `fetch` says so or the notice has
+no URL. Each box counts the messages it publishes and receives, and the releases it was sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,11 +31,15 @@ from typing import Any
 
 import httpx
 
+from edge_bundle.chunks import reply_topic
 from edge_bundle.errors import BundleError
 from edge_bundle.release import ReleaseNotice, decode_notice, peek_notice
 from edge_bundle.signing import TrustStore
+from fleet_controller.simulator.download import MqttFetcher, MqttPort, RetryError, fetch_http
+from fleet_controller.simulator.fetch import FetchSettings
 from fleet_controller.simulator.link import AsyncLink, LinkEvents, Will
 from fleet_controller.simulator.rules import (
+    CHUNK_AGENT_EXTENSIONS,
     SHADOW_STEPS,
     STEPS,
     BoxUpdates,
@@ -100,10 +107,6 @@ def probation_reason(behaviour: Behaviour, version: int, previous: int | None) -
     return None
 
 
-class _RetryError(Exception):
-    """A download problem that trying again later may cure."""
-
-
 class SimBox:
     """One box; every method runs on the simulator's event loop."""
 
@@ -116,6 +119,8 @@ class SimBox:
         *,
         telemetry_interval_s: float,
         clock: Callable[[], float] = time.time,
+        fetch: FetchSettings | None = None,
+        keepalive_s: int = 30,
     ) -> None:
         self.spec = spec
         self.broker = broker
@@ -124,7 +129,18 @@ class SimBox:
         self.telemetry_interval_s = telemetry_interval_s
         self.clock = clock
         self.base = f"lineside/v1/{spec.site}/{spec.device}"
+        self.keepalive_s = keepalive_s
         self.updates = BoxUpdates(active=dict(spec.models))
+        if spec.understands_chunks:
+            self.updates.understood = CHUNK_AGENT_EXTENSIONS
+            self.updates.agent_version = spec.agent_version
+        self.chunk_topic = reply_topic(spec.site, spec.device)
+        port = MqttPort(lambda: self.online, self._publish_request, self._stalled)
+        self.mqtt = MqttFetcher(self.chunk_topic, port, fetch or FetchSettings())
+        # What this box published / received, and the releases (name, version) it was sent.
+        self.sent = 0
+        self.received = 0
+        self.releases: set[tuple[str, int]] = set()
         self.link: AsyncLink | None = None
         self.want_online = False
         self._loop = asyncio.get_running_loop()
@@ -170,7 +186,7 @@ class SimBox:
                     await task
         link, self.link = self.link, None
         if link is not None and link.connected:
-            mid = link.publish(f"{self.base}/status", self._status("offline"), retain=True)
+            mid = self._publish(link, f"{self.base}/status", self._status("offline"), retain=True)
             await self._acknowledged(mid, timeout=2.0)
             link.close()
         elif link is not None:
@@ -188,7 +204,8 @@ class SimBox:
             return
         events = LinkEvents(self._connected, self._message, self._published, self._lost)
         will = Will(f"{self.base}/status", self._status("offline"))
-        link = AsyncLink(f"lineside-sim-{self.spec.site}-{self.spec.device}", will, events)
+        client_id = f"lineside-sim-{self.spec.site}-{self.spec.device}"
+        link = AsyncLink(client_id, will, events, keepalive_s=self.keepalive_s)
         self.link = link
         try:
             link.connect(*self.broker)
@@ -203,14 +220,17 @@ class SimBox:
         self._attempts = 0
         topics = [f"{self.base}/release"]
         topics += [f"lineside/v1/fleet/{group}/release" for group in self.spec.groups]
+        if self.spec.understands_chunks:
+            topics.append(self.chunk_topic)
         link.subscribe(topics)
-        link.publish(f"{self.base}/status", self._status("online"), retain=True)
+        self._publish(link, f"{self.base}/status", self._status("online"), retain=True)
         self._flush()
         if not self.spec.old_agent:
             self.publish_telemetry()
 
     def _lost(self) -> None:
         self.link = None
+        self.mqtt.on_lost()
         self._requeue()
         self._retry_later()
 
@@ -235,6 +255,21 @@ class SimBox:
         return json.dumps({"status": state, "client_id": client_id, "at": self.clock()}).encode()
 
     # ---- outgoing ------------------------------------------------------------------------
+    def _publish(self, link: AsyncLink, topic: str, payload: bytes, *, retain: bool = False) -> int:
+        self.sent += 1
+        return link.publish(topic, payload, retain=retain)
+
+    def _publish_request(self, topic: str, payload: bytes) -> None:
+        """A chunk request (QoS 1; a lost one is asked for again after its timeout)."""
+        link = self.link
+        if link is not None and link.connected:
+            self._publish(link, topic, payload)
+
+    def _stalled(self, reason: str) -> None:
+        release = self.updates.current
+        if release is not None:
+            self._report("downloading", "progress", release.sequence, reason, release)
+
     def _send(self, topic: str, body: dict[str, Any]) -> None:
         self._outbox.append((topic, json.dumps(body).encode()))
         self._flush()
@@ -243,7 +278,7 @@ class SimBox:
         link = self.link
         while self._outbox and link is not None and link.connected:
             topic, payload = self._outbox.popleft()
-            self._inflight[link.publish(topic, payload)] = (topic, payload)
+            self._inflight[self._publish(link, topic, payload)] = (topic, payload)
 
     def _published(self, mid: int) -> None:
         self._inflight.pop(mid, None)
@@ -272,10 +307,14 @@ class SimBox:
             uptime_s=now - self._started,
             shadows=shadows,
         )
-        link.publish(f"{self.base}/telemetry", json.dumps(figures).encode())
+        self._publish(link, f"{self.base}/telemetry", json.dumps(figures).encode())
 
     async def _telemetry_loop(self) -> None:
+        # Each box at its own phase of the interval, so a large fleet does not publish at once.
+        phase = (zlib.crc32(self.spec.ref.encode()) % 1000) / 1000
+        await asyncio.sleep(self.telemetry_interval_s * phase)
         while True:
+            self.publish_telemetry()
             await asyncio.sleep(self.telemetry_interval_s)
             self.publish_telemetry()
 
@@ -306,6 +345,10 @@ class SimBox:
 
     # ---- notices -------------------------------------------------------------------------
     def _message(self, topic: str, payload: bytes) -> None:
+        self.received += 1
+        if topic == self.chunk_topic:
+            self.mqtt.on_reply(payload)
+            return
         if not payload:
             return  # a cleared retained notice
         try:
@@ -315,16 +358,33 @@ class SimBox:
                     f"notice schema_version {notice.schema_version} is newer than this code "
                     "understands (1); upgrade the agent"
                 )
+            if isinstance(notice, ReleaseNotice) and notice.url is None:
+                self._needs_url()
         except BundleError as exc:
             self._refuse_unverified(topic, payload, exc)
             return
         if not isinstance(notice, ReleaseNotice):
             return  # trust notices are not simulated
+        self.releases.add((notice.name, notice.version))
         if not targets(notice, self.spec.site, self.spec.device, self.spec.groups):
             reason = f"for another target ({notice.target})"
             self._report("idle", "ignored", notice.sequence, reason, Release.of(notice))
             return
-        self.consider(Release.of(notice, extensions=self.spec.understands_shadow))
+        self.consider(
+            Release.of(
+                notice,
+                extensions=self.spec.understands_shadow,
+                chunks=self.spec.understands_chunks,
+            )
+        )
+
+    def _needs_url(self) -> None:
+        """Agents before 0.3.0 read no extensions: a notice without a URL is invalid to them."""
+        if not self.spec.understands_shadow:
+            raise BundleError(
+                "the release notice is not valid: url is required (agent "
+                f"{self.spec.agent_version} cannot fetch over MQTT); upgrade the agent"
+            )
 
     def _refuse_unverified(self, topic: str, payload: bytes, exc: BundleError) -> None:
         claimed = peek_notice(payload)
@@ -436,15 +496,18 @@ class SimBox:
             self.consider(pending)
 
     async def _download(self, release: Release) -> str | None:
-        """GET the bundle and check it like the box: None when good, else the refusal."""
+        """Fetch the bundle and check it like the box: None when good, else the refusal."""
+        chunked = release.chunked
+        if chunked is not None and (release.url is None or self.spec.behaviour.fetch == "mqtt"):
+            return await self.mqtt.fetch(release, chunked)
         attempt = 0
         while True:
             try:
-                return await self._fetch(release)
-            except (_RetryError, httpx.HTTPError) as exc:
+                return await fetch_http(self.http, release)
+            except (RetryError, httpx.HTTPError) as exc:
                 reason = (
                     str(exc)
-                    if isinstance(exc, _RetryError)
+                    if isinstance(exc, RetryError)
                     else (f"the download from {release.url} failed: {exc}")
                 )
                 self._report(
@@ -452,34 +515,6 @@ class SimBox:
                 )
                 await asyncio.sleep(DOWNLOAD_RETRY_S[min(attempt, len(DOWNLOAD_RETRY_S) - 1)])
                 attempt += 1
-
-    async def _fetch(self, release: Release) -> str | None:
-        digest = hashlib.sha256()
-        received = 0
-        async with self.http.stream("GET", release.url) as response:
-            if response.status_code >= 500 or response.status_code == 429:
-                raise _RetryError(f"the server answered {response.status_code}")
-            if response.status_code != 200:
-                return (
-                    f"the server answered {response.status_code} for {release.url}; check the "
-                    "URL in the release notice"
-                )
-            async for chunk in response.aiter_bytes():
-                received += len(chunk)
-                if received > release.size:
-                    return (
-                        f"the server sent more than the {release.size:,} bytes the notice "
-                        "declares; the download was aborted"
-                    )
-                digest.update(chunk)
-        if received < release.size:
-            raise _RetryError(f"the download stopped at {received:,} of {release.size:,} bytes")
-        if digest.hexdigest() != release.sha256:
-            return (
-                "the downloaded file's sha256 does not match the release notice (a wrong or "
-                "tampered file on the server)"
-            )
-        return None
 
     def describe(self) -> dict[str, Any]:
         return {**self.updates.describe(), "online": self.online, "want_online": self.want_online}

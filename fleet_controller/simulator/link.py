@@ -1,8 +1,9 @@
 """One MQTT 5 connection driven by the running asyncio loop: paho without a thread of its own.
 
 paho's external-loop hooks register its socket with the loop (`add_reader` / `add_writer`), and
-a timer calls `loop_misc` for keepalive, so hundreds of connections share one event loop and one
-thread. `drop` ends a connection the way a box losing power or network does: the socket is shut
+a timer calls `loop_misc` for keepalive (every quarter of the keepalive, at least every second:
+once a second per connection would be 10,000 wake-ups a second at 10,000 boxes), so thousands of
+connections share one event loop and one thread. `drop` ends a connection the way a box losing power or network does: the socket is shut
 down without a DISCONNECT packet, so the broker publishes the last will at once.
 """
 
@@ -22,7 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 log = logging.getLogger(__name__)
-MISC_INTERVAL_S = 1.0
+MIN_MISC_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class AsyncLink:
         self._loop = asyncio.get_running_loop()
         self._events = events
         self._keepalive_s = keepalive_s
+        self._misc_interval_s = max(MIN_MISC_INTERVAL_S, keepalive_s / 4)
         self._misc: asyncio.TimerHandle | None = None
         self._closed = False
         self.connected = False
@@ -83,7 +85,7 @@ class AsyncLink:
         self._client.connect(
             host, port, keepalive=self._keepalive_s, clean_start=True, properties=properties
         )
-        self._misc = self._loop.call_later(MISC_INTERVAL_S, self._tick)
+        self._misc = self._loop.call_later(self._misc_interval_s, self._tick)
 
     def subscribe(self, topics: list[str]) -> None:
         self._client.subscribe([(topic, 1) for topic in topics])
@@ -140,7 +142,7 @@ class AsyncLink:
         if self._client.socket() is None:
             return
         self._client.loop_misc()
-        self._misc = self._loop.call_later(MISC_INTERVAL_S, self._tick)
+        self._misc = self._loop.call_later(self._misc_interval_s, self._tick)
 
     def _stop_timer(self) -> None:
         if self._misc is not None:

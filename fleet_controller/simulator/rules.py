@@ -7,7 +7,8 @@ verified notice leads to: refused or ignored with the agent's own reasons, queue
 activation or probation, or started (superseding an install still downloading, verifying or
 staging, or shadowing). Every notice a box starts installing is recorded in `acted`. A box from
 agent 0.3.0 reads a shadow notice (`Release.shadow_s`) and refuses one whose critical extensions
-it does not know; older boxes ignore the extensions, exactly as the real agents do.
+it does not know; older boxes ignore the extensions, exactly as the real agents do. A box from
+0.4.0 also understands `mqtt_chunks` (`Release.chunked`: the bundle comes in chunks over MQTT).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from edge_bundle.release import ReleaseNotice
+from edge_bundle.chunks import MQTT_CHUNKS_EXTENSION, ChunkedDelivery
+from edge_bundle.release import SHADOW_EXTENSION, ReleaseNotice
 
 #: The steps of an install, in order; a box may be superseded only in the first three.
 STEPS: tuple[str, ...] = ("downloading", "verifying", "staging", "activating", "probation")
@@ -24,7 +26,9 @@ STEPS: tuple[str, ...] = ("downloading", "verifying", "staging", "activating", "
 SHADOW_STEPS: tuple[str, ...] = ("downloading", "verifying", "staging")
 SUPERSEDABLE = frozenset({*STEPS[:3], "shadowing"})
 #: The notice extensions an agent from 0.3.0 understands.
-UNDERSTOOD_EXTENSIONS = frozenset({"shadow"})
+UNDERSTOOD_EXTENSIONS = frozenset({SHADOW_EXTENSION})
+#: ... and one from 0.4.0.
+CHUNK_AGENT_EXTENSIONS = frozenset({SHADOW_EXTENSION, MQTT_CHUNKS_EXTENSION})
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class Release:
     version: int
     sha256: str
     size: int
-    url: str
+    url: str | None  # None: the bundle comes over MQTT only (`chunked`)
     sequence: int
     issued_at: datetime
     expires_at: datetime
@@ -43,10 +47,14 @@ class Release:
     rollout: dict[str, Any] | None  # {"id", "wave"} of a v2 notice, else None
     critical: tuple[str, ...] = ()  # read only by boxes that understand extensions (0.3.0)
     shadow_s: float | None = None  # a shadow notice, for a box that understands it
+    chunked: ChunkedDelivery | None = None  # chunks over MQTT, for a box that understands it
 
     @classmethod
-    def of(cls, notice: ReleaseNotice, *, extensions: bool = False) -> Release:
-        """What a box keeps of a notice; `extensions`: the box reads them (agent 0.3.0)."""
+    def of(
+        cls, notice: ReleaseNotice, *, extensions: bool = False, chunks: bool = False
+    ) -> Release:
+        """What a box keeps of a notice; `extensions`: the box reads them (agent 0.3.0);
+        `chunks`: it fetches over MQTT too (agent 0.4.0)."""
         rollout = notice.rollout.model_dump(mode="json") if notice.rollout is not None else None
         shadow = notice.shadow if extensions else None
         return cls(
@@ -62,6 +70,7 @@ class Release:
             rollout=rollout,
             critical=notice.critical if extensions else (),
             shadow_s=shadow.max_s if shadow is not None else None,
+            chunked=notice.chunked if chunks else None,
         )
 
 
@@ -99,6 +108,9 @@ class BoxUpdates:
     previous: int | None = None
     pending: Release | None = None
     acted: list[tuple[int, str, int, bool]] = field(default_factory=list)
+    # The critical extensions this box knows, and the agent version its refusals name.
+    understood: frozenset[str] = UNDERSTOOD_EXTENSIONS
+    agent_version: str = "0.3.0"
 
     def refusal(self, release: Release, now: datetime) -> str | None:
         """Why the box refuses `release` (the agent's `check_notice` wording), or None."""
@@ -107,11 +119,11 @@ class BoxUpdates:
                 f"sequence {release.sequence} is not newer than {self.last_sequence}, the newest "
                 "already seen (a replayed or stale notice)"
             )
-        unknown = [name for name in release.critical if name not in UNDERSTOOD_EXTENSIONS]
+        unknown = [name for name in release.critical if name not in self.understood]
         if unknown:
             return (
-                f"this notice needs the {unknown[0]!r} extension, which agent 0.3.0 does not "
-                "understand; upgrade the agent"
+                f"this notice needs the {unknown[0]!r} extension, which agent "
+                f"{self.agent_version} does not understand; upgrade the agent"
             )
         floor = self.clock_floor
         judged = max(now, floor) if floor is not None else now

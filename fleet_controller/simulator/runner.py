@@ -1,14 +1,17 @@
 """The simulator: many simulated boxes on one asyncio loop, and a thread around it for tests.
 
 `Simulator` owns the boxes, the shared HTTP client for downloads, and the offline windows of
-each box's behaviour (timers relative to its start). `SimulatorThread` runs a simulator's loop
-in one background thread and hands calls to it thread-safely.
+each box's behaviour (timers relative to its start). It connects the boxes in batches, and with
+`connect_per_s` paces the batches with jitter so thousands of CONNECTs do not reach the broker at
+once; `stats` sums what its boxes did. `SimulatorThread` runs a simulator's loop in one background
+thread and hands calls to it thread-safely.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -19,6 +22,7 @@ import httpx
 
 from edge_bundle.signing import TrustStore
 from fleet_controller.simulator.box import SimBox
+from fleet_controller.simulator.fetch import FetchSettings
 from fleet_controller.simulator.spec import BoxSpec, SpecError
 
 T = TypeVar("T")
@@ -37,7 +41,12 @@ class Simulator:
         *,
         telemetry_interval_s: float = 5.0,
         clock: Callable[[], float] = time.time,
+        fetch: FetchSettings | None = None,
+        connect_per_s: float | None = None,
+        keepalive_s: int = 30,
     ) -> None:
+        if connect_per_s is not None and connect_per_s <= 0:
+            raise SpecError(f"connect_per_s must be > 0 (or left out), not {connect_per_s}")
         self.host = host
         self.port = port
         self.specs = list(boxes)
@@ -48,6 +57,9 @@ class Simulator:
         self.release_trust = release_trust
         self.telemetry_interval_s = telemetry_interval_s
         self.clock = clock
+        self.fetch = fetch or FetchSettings()
+        self.connect_per_s = connect_per_s
+        self.keepalive_s = keepalive_s
         self.boxes: dict[str, SimBox] = {}
         self._http: httpx.AsyncClient | None = None
         self._timers: list[asyncio.TimerHandle] = []
@@ -67,6 +79,8 @@ class Simulator:
                 self._http,
                 telemetry_interval_s=self.telemetry_interval_s,
                 clock=self.clock,
+                fetch=self.fetch,
+                keepalive_s=self.keepalive_s,
             )
             self.boxes[spec.ref] = box
             if not _offline_at_start(spec):
@@ -76,7 +90,13 @@ class Simulator:
                 if end is not None:
                     self._timers.append(loop.call_later(end, box.go_online))
             if index % CONNECT_BATCH == CONNECT_BATCH - 1:
-                await asyncio.sleep(0)
+                await asyncio.sleep(self._pause())
+
+    def _pause(self) -> float:
+        """Between two batches of connects: the paced gap with +-50 % jitter, or just a yield."""
+        if self.connect_per_s is None:
+            return 0.0
+        return CONNECT_BATCH / self.connect_per_s * random.uniform(0.5, 1.5)  # noqa: S311 (jitter)
 
     async def stop(self) -> None:
         """Every box says offline and disconnects cleanly."""
@@ -123,6 +143,33 @@ class Simulator:
 
     def online_count(self) -> int:
         return sum(1 for box in self.boxes.values() if box.online)
+
+    def stats(self) -> dict[str, Any]:
+        """What the boxes did, summed: messages, chunk fetches, phases, releases, versions."""
+        boxes = list(self.boxes.values())
+        chunks: dict[str, int] = {}
+        for box in boxes:
+            for name, value in vars(box.mqtt.totals).items():
+                chunks[name] = chunks.get(name, 0) + value
+        phases: dict[str, int] = {}
+        releases: dict[str, int] = {}
+        active: dict[str, int] = {}
+        for box in boxes:
+            phases[box.updates.phase] = phases.get(box.updates.phase, 0) + 1
+            for name, version in box.releases:
+                releases[f"{name}@{version}"] = releases.get(f"{name}@{version}", 0) + 1
+            for name, version in box.updates.active.items():
+                active[f"{name}@{version}"] = active.get(f"{name}@{version}", 0) + 1
+        return {
+            "boxes": len(boxes),
+            "online": sum(1 for box in boxes if box.online),
+            "sent": sum(box.sent for box in boxes),
+            "received": sum(box.received for box in boxes),
+            "chunks": chunks,
+            "phases": phases,
+            "boxes_sent_release": releases,
+            "active": active,
+        }
 
 
 def _offline_at_start(spec: BoxSpec) -> bool:

@@ -18,11 +18,15 @@ from fleet_controller.errors import FleetError
 
 Outcome = Literal["commit", "refuse", "fail_probation", "fail_staging"]
 OUTCOMES: tuple[str, ...] = get_args(Outcome)
+#: Where a box fetches a bundle when its notice offers both a URL and chunks over MQTT.
+Fetch = Literal["http", "mqtt"]
 #: The agent versions the simulator speaks like: 0.2.0 reads v2 notices, 0.1.0 refuses them,
-#: 0.3.0 also understands the critical `shadow` extension (0.2.0 ignores it and activates).
-AGENT_VERSIONS: tuple[str, ...] = ("0.1.0", "0.2.0", "0.3.0")
+#: 0.3.0 also understands the critical `shadow` extension (0.2.0 ignores it and activates),
+#: 0.4.0 also the critical `mqtt_chunks` extension (bundles fetched in chunks over MQTT).
+AGENT_VERSIONS: tuple[str, ...] = ("0.1.0", "0.2.0", "0.3.0", "0.4.0")
 OLD_AGENT = "0.1.0"
-SHADOW_AGENTS: frozenset[str] = frozenset({"0.3.0"})
+SHADOW_AGENTS: frozenset[str] = frozenset({"0.3.0", "0.4.0"})
+CHUNK_AGENTS: frozenset[str] = frozenset({"0.4.0"})
 
 #: An offline window, in seconds after the simulator started; an end of None: never back.
 Window = tuple[float, float | None]
@@ -59,8 +63,13 @@ class Behaviour:
     agreement: float = 1.0
     agreement_by_version: Mapping[int, float] = field(default_factory=dict)
     disagreement: tuple[str, str] = ("ok", "scratch")
+    # With `download`: over MQTT or HTTP when the notice offers both (agent 0.4.0; a notice
+    # offering one way is fetched that way).
+    fetch: Fetch = "mqtt"
 
     def __post_init__(self) -> None:
+        if self.fetch not in get_args(Fetch):
+            raise SpecError(f"fetch {self.fetch!r} is not one of {', '.join(get_args(Fetch))}")
         for outcome in (self.outcome, *self.outcome_by_version.values()):
             if outcome not in OUTCOMES:
                 raise SpecError(f"outcome {outcome!r} is not one of {', '.join(OUTCOMES)}")
@@ -136,6 +145,11 @@ class BoxSpec:
         """An agent from 0.3.0: acts on the critical `shadow` extension (others ignore it)."""
         return self.agent_version in SHADOW_AGENTS
 
+    @property
+    def understands_chunks(self) -> bool:
+        """An agent from 0.4.0: fetches bundles in chunks over MQTT (`mqtt_chunks`)."""
+        return self.agent_version in CHUNK_AGENTS
+
     @classmethod
     def from_toml(cls, table: Mapping[str, Any]) -> BoxSpec:
         """A spec from a `[[boxes]]` table (its `behaviour` a sub-table)."""
@@ -202,7 +216,7 @@ def generate(table: Mapping[str, Any]) -> list[BoxSpec]:
 
     Keys: `count`, `site` (a pattern with `{site}`, `sites` of them, boxes spread round-robin),
     `device` (a pattern with `{n}`), `sites`, `groups`, `line`, `profile`, `models`,
-    `old_agents` (a fraction), `fractions` ({outcome or "offline": fraction}), `behaviour`
+    `agent_version` (of every box but the old ones, default 0.2.0), `old_agents` (a fraction), `fractions` ({outcome or "offline": fraction}), `behaviour`
     (a base behaviour table) and `offline` (the windows of the "offline" fraction).
     Assignment is by index, so the same table always gives the same fleet.
     """
@@ -216,6 +230,7 @@ def generate(table: Mapping[str, Any]) -> list[BoxSpec]:
         "line",
         "profile",
         "models",
+        "agent_version",
         "old_agents",
         "fractions",
         "behaviour",
@@ -229,6 +244,7 @@ def generate(table: Mapping[str, Any]) -> list[BoxSpec]:
     olds = set(_evenly(float(values.get("old_agents", 0.0)), count))
     base = dict(values.get("behaviour", {}))
     offline = values.get("offline", [[5.0, 15.0]])
+    agent_version = str(values.get("agent_version", "0.2.0"))
     boxes = []
     for n in range(count):
         behaviour = dict(base)
@@ -245,7 +261,7 @@ def generate(table: Mapping[str, Any]) -> list[BoxSpec]:
                     "line": values.get("line"),
                     "groups": list(values.get("groups", [])),
                     "profile": values.get("profile", "generic-x86-64-avx2"),
-                    "agent_version": OLD_AGENT if n in olds else "0.2.0",
+                    "agent_version": OLD_AGENT if n in olds else agent_version,
                     "models": values.get("models", {"defects": 1}),
                     "behaviour": behaviour,
                 }

@@ -1,6 +1,9 @@
 """`model-packager publish`: sign a release notice for a bundle and send it to a group or device.
 
 Also the delivery options that `trust` shares: sequence, expiry, `--out` and the broker.
+`--over-mqtt` signs the `mqtt_chunks` extension (docs/mqtt-delivery.md) so boxes fetch the bundle
+in chunks over MQTT from a chunk server (`fleet-controller chunks add` puts it in the store); the
+notice is then schema version 2, read by agents from 0.4.0, and `--url` becomes optional.
 """
 
 from __future__ import annotations
@@ -15,6 +18,14 @@ from pathlib import Path
 
 from edge_bundle.archive import extract_archive
 from edge_bundle.bundle import open_bundle
+from edge_bundle.chunks import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    MQTT_CHUNKS_EXTENSION,
+    ChunkError,
+    describe,
+)
 from edge_bundle.errors import IntegrityError, WrongRoleError
 from edge_bundle.files import write_atomically
 from edge_bundle.hashing import sha256_and_size
@@ -46,7 +57,23 @@ def register(subparsers: Subparsers) -> None:
         type=Path,
         help="release-signing private key (keygen --role release)",
     )
-    parser.add_argument("--url", required=True, help="where devices download the bundle (http/s)")
+    parser.add_argument(
+        "--url", help="where devices download the bundle (http/s); optional with --over-mqtt"
+    )
+    parser.add_argument(
+        "--over-mqtt",
+        action="store_true",
+        help="also (or, without --url, only) deliver the bundle in chunks over MQTT: boxes from "
+        "agent 0.4.0 fetch it from a chunk server (fleet-controller chunks add BUNDLE)",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        metavar="BYTES",
+        help=f"with --over-mqtt: chunk size, {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} "
+        f"(default {DEFAULT_CHUNK_SIZE}); the broker's max_packet_size must exceed it by 1 KiB",
+    )
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--group", help="a fleet group, e.g. line3")
     target.add_argument("--device", metavar="SITE/DEVICE", help="one device, e.g. plant/box1")
@@ -156,9 +183,23 @@ def deliver(args: argparse.Namespace, topic: str, data: bytes, expires_at: datet
 
 def run(args: argparse.Namespace) -> int:
     check_delivery(args)
+    if args.url is None and not args.over_mqtt:
+        args.usage_error("give --url, --over-mqtt, or both: how devices get the bundle")
+    if not MIN_CHUNK_SIZE <= args.chunk_size <= MAX_CHUNK_SIZE:
+        args.usage_error(f"--chunk-size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes")
     key = signing_key(args.key, KeyRole.RELEASE, "model-packager keygen --role release")
     manifest, digest, size = _read_bundle(args.bundle, args.bundle_key)
     target = Target.create(group=args.group, device=args.device)
+    over_mqtt: dict[str, object] = {}
+    if args.over_mqtt:
+        try:
+            chunked = describe(args.bundle, args.chunk_size)
+        except ChunkError as exc:
+            raise PublishError(str(exc)) from exc
+        extensions: dict[str, object] = {MQTT_CHUNKS_EXTENSION: chunked.to_json()}
+        if args.url is None:  # MQTT alone: a reader that cannot fetch over MQTT must refuse it
+            extensions["critical"] = [MQTT_CHUNKS_EXTENSION]
+        over_mqtt = {"schema_version": 2, "extensions": extensions}
     notice = ReleaseNotice.create(
         name=manifest.name,
         version=manifest.version,
@@ -168,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
         target=target,
         rollback=args.rollback,
         notes=args.notes,
+        **over_mqtt,
         **notice_window(args),
     )
     data = encode_notice(notice, key)
@@ -177,6 +219,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"topic    {topic}")
     print(f"sequence {notice.sequence}")
     print(f"sha256   {digest}")
+    if args.over_mqtt:
+        print(
+            f"over MQTT: put it in the chunk store with  fleet-controller chunks add {args.bundle}"
+        )
     return 0
 
 

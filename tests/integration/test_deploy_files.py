@@ -177,28 +177,34 @@ def test_private_keys_stay_out_of_the_image() -> None:
 
 
 FLEET_UNIT = ROOT / "systemd" / "fleet-controller.service"
+CHUNK_UNIT = ROOT / "systemd" / "fleet-chunk-server.service"
 INSTALLED_FLEET = "/opt/lineside/.venv/bin/fleet-controller"
+FLEET_UNITS = {
+    FLEET_UNIT: "serve --config /etc/lineside/fleet.toml",
+    CHUNK_UNIT: "chunk-server --config /etc/lineside/fleet.toml",
+}
 
 
-def _staged_fleet_unit(tmp_path: Path) -> Path:
-    text = FLEET_UNIT.read_text()
+def _staged_fleet_unit(tmp_path: Path, source: Path = FLEET_UNIT) -> Path:
+    text = source.read_text()
     exec_lines = [line for line in text.splitlines() if line.startswith("ExecStart=")]
-    assert exec_lines == [f"ExecStart={INSTALLED_FLEET} serve --config /etc/lineside/fleet.toml"]
+    assert exec_lines == [f"ExecStart={INSTALLED_FLEET} {FLEET_UNITS[source]}"]
     stand_in = tmp_path / "fleet-controller"
     stand_in.write_text("#!/bin/sh\nexit 0\n")
     stand_in.chmod(0o755)
-    unit = tmp_path / FLEET_UNIT.name
+    unit = tmp_path / source.name
     unit.write_text(text.replace(f"ExecStart={INSTALLED_FLEET}", f"ExecStart={stand_in}"))
     return unit
 
 
 @needs_systemd_analyze
-def test_the_fleet_controller_unit_verifies_and_is_locked_down(tmp_path: Path) -> None:
-    unit = _staged_fleet_unit(tmp_path)
+@pytest.mark.parametrize("source", list(FLEET_UNITS), ids=lambda p: p.name)
+def test_the_fleet_units_verify_and_are_locked_down(tmp_path: Path, source: Path) -> None:
+    unit = _staged_fleet_unit(tmp_path, source)
     result = _systemd_analyze("verify", str(unit), cwd=tmp_path)
     output = result.stdout + result.stderr
-    ours = [line for line in output.splitlines() if FLEET_UNIT.name in line]
-    assert ours == [], f"systemd-analyze verify complains about the fleet unit:\n{output}"
+    ours = [line for line in output.splitlines() if source.name in line]
+    assert ours == [], f"systemd-analyze verify complains about {source.name}:\n{output}"
     assert result.returncode == 0, output
     if not _supports_offline_security():
         return
@@ -218,3 +224,4 @@ def test_the_example_fleet_config_is_valid() -> None:
     config = Config.load(ROOT / "systemd" / "fleet.toml")
     assert config.database.url.startswith("sqlite:////var/lib/lineside-fleet/")
     assert config.mqtt.tls_ca is not None
+    assert str(config.chunks.store).startswith("/var/lib/lineside-fleet/")

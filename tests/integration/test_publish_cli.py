@@ -137,6 +137,33 @@ def test_publish_to_one_device_to_a_file(
     assert notice.expires_at - notice.issued_at == timedelta(hours=12)
 
 
+def test_publish_over_mqtt_signs_the_chunk_manifest(
+    ws: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge_bundle.chunks import MQTT_CHUNKS_EXTENSION, build_manifest
+
+    keys, out = ws["keys"], tmp_path / "notice.json"
+    argv = ["publish", str(ws["bundle"]), "--key", str(keys / "release.key"), "--over-mqtt"]
+    argv += ["--chunk-size", "4096", "--group", "line3", "--out", str(out)]
+    assert main(argv) == 0
+    assert "fleet-controller chunks add" in capsys.readouterr().out
+    notice, _ = decode_notice(out.read_bytes(), release_trust(ws))
+    assert isinstance(notice, ReleaseNotice) and notice.url is None
+    assert notice.schema_version == 2 and notice.critical == (MQTT_CHUNKS_EXTENSION,)
+    chunked = notice.chunked
+    assert chunked is not None and chunked.chunk_size == 4096
+    chunked.check_manifest(build_manifest(ws["bundle"], 4096))
+    # With a URL too, MQTT is offered but not required: older agents download from the URL.
+    assert main(publish_args(ws, "--over-mqtt", "--group", "line3", "--out", str(out))) == 0
+    both, _ = decode_notice(out.read_bytes(), release_trust(ws))
+    assert isinstance(both, ReleaseNotice) and both.url == URL and both.critical == ()
+    assert both.chunked is not None
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main([*argv[:4], "--group", "line3", "--out", str(out)])  # neither --url nor --over-mqtt
+    assert info.value.code == 2 and "give --url, --over-mqtt, or both" in capsys.readouterr().err
+
+
 def test_default_sequence_grows_across_runs(
     ws: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
