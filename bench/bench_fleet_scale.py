@@ -65,6 +65,7 @@ BROKER_EXTRA = (
     "sys_interval 1\n"
     "autosave_interval 60\n"
 )
+SAMPLE_EVERY_S = 2.0
 QUERIES = ("/v1/overview?limit=50", "/v1/rollouts", "/v1/rollouts/{id}?boxes=false")
 
 
@@ -271,6 +272,7 @@ class Fleet:
         args = self.args
         plan = self._plan("fleet-scale", self.bundles[2], [1, 10, 50, 100], gates=False)
         cpu_before = _cpu_s(self.controller.process.pid)
+        broker_cpu, broker_before = 0.0, self._broker_cpu_s()
         sys_before = _sys_counts(self.broker.port)
         sampler = QuerySampler(self.api)
         restart: dict[str, Any] = {}
@@ -290,7 +292,9 @@ class Fleet:
                     at_95 = now
                 if not args.no_restart and not restart and status["wave"] >= 3:
                     sys_segments.append(_sys_counts(self.broker.port))
+                    broker_cpu += self._broker_cpu_s() - broker_before
                     restart = self._restart_broker(now)
+                    broker_before = self._broker_cpu_s()
                 if status["status"] in ("completed", "halted", "cancelled"):
                     break
                 time.sleep(0.5)
@@ -301,6 +305,7 @@ class Fleet:
             first, second = _delta(sys_before, sys_segments[0]), _delta(sys_after_restart, sys_end)
             messages = (first[0] + second[0], first[1] + second[1])
         cpu = _cpu_s(self.controller.process.pid) - cpu_before
+        broker_cpu += self._broker_cpu_s() - broker_before
         return {
             "id": rollout_id,
             "status": status.get("status"),
@@ -315,11 +320,18 @@ class Fleet:
             },
             "controller_cpu_s": round(cpu, 2),
             "controller_cpu_ms_per_box": round(cpu / args.boxes * 1000, 2),
+            # Mosquitto is single-threaded: its mean share of one core over the rollout.
+            "broker_cpu_s": round(broker_cpu, 2),
+            "broker_core_share": round(broker_cpu / finished, 3),
             "page_queries_ms": sampler.summary(),
             "ingest_lag_p95_s": sampler.lag_summary(),
             "broker_restart": restart or None,
             "simulator": self._sim_rollup(),
         }
+
+    def _broker_cpu_s(self) -> float:
+        assert self.broker.process is not None
+        return _cpu_s(self.broker.process.pid)
 
     def _restart_broker(self, at_s: float) -> dict[str, Any]:
         self.broker.stop()
@@ -427,7 +439,10 @@ class Fleet:
 
 
 class QuerySampler:
-    """The fleet page's queries, one round every 0.5 s, plus /metrics every 5 s, in a thread."""
+    """The fleet page's queries, one round every `SAMPLE_EVERY_S`, plus /metrics every 5 s, in a
+    thread: the page itself refreshes every 5 s, so this is two or three operators with it open
+    (an earlier version polled every 0.5 s, ten operators' worth, and at 10,000 boxes its own
+    overview requests took a large share of the controller's one core)."""
 
     def __init__(self, api: httpx.Client) -> None:
         self.api = httpx.Client(base_url=str(api.base_url), headers=dict(api.headers), timeout=30)
@@ -449,7 +464,7 @@ class QuerySampler:
 
     def _loop(self) -> None:
         last_metrics = 0.0
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(SAMPLE_EVERY_S):
             for query in QUERIES:
                 if "{id}" in query and self.rollout_id is None:
                     continue
@@ -588,6 +603,7 @@ def _print(results: dict[str, Any]) -> None:
     rollout = results.get("rollout") or {}
     for key in ("status", "wave_sizes", "to_95_percent_committed_s", "to_completed_s",
                 "broker_messages_per_box", "controller_cpu_s", "controller_cpu_ms_per_box",
+                "broker_cpu_s", "broker_core_share",
                 "ingest_lag_p95_s", "broker_restart"):  # fmt: skip
         if key in rollout:
             rows.append((f"rollout {key}", rollout[key]))

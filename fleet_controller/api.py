@@ -23,7 +23,13 @@ from fleet_controller import __version__
 from fleet_controller.cohorts import Selector, preview
 from fleet_controller.config import ApiTokens
 from fleet_controller.errors import FleetError, NotFoundError
-from fleet_controller.page import BoxState, add_fleet_page, overview
+from fleet_controller.page import (
+    OVERVIEW_MAX_AGE_S,
+    BoxState,
+    Snapshots,
+    add_fleet_page,
+    overview,
+)
 from fleet_controller.plan import RolloutPlan
 from fleet_controller.registry import Registry
 from fleet_controller.rollouts import Rollouts
@@ -57,11 +63,13 @@ def create_app(
     *,
     metrics: Callable[[], tuple[bytes, str]],
     ready: Callable[[], dict[str, Any]],
+    overview_max_age_s: float = OVERVIEW_MAX_AGE_S,
 ) -> FastAPI:
     """The API over one registry and one rollouts runner."""
     app = FastAPI(title="Lineside fleet controller", version=__version__)
     app.state.tokens = tokens
     add_fleet_page(app)
+    snapshots = Snapshots(registry.devices, overview_max_age_s)
 
     @app.exception_handler(FleetError)
     async def fleet_error(_request: Request, exc: FleetError) -> JSONResponse:
@@ -123,9 +131,7 @@ def create_app(
         criteria = {"site": site, "line": line, "group": group, "profile": profile}
         given = {k: v for k, v in criteria.items() if v}
         selector = _selector(given) if given else None
-        return overview(
-            registry.devices(), selector, state=state, query=q, offset=offset, limit=limit
-        )
+        return overview(snapshots.get(), selector, state=state, query=q, offset=offset, limit=limit)
 
     @app.get("/v1/devices/{site}/{device}")
     def device(site: str, device: str, _who: Operator) -> dict[str, Any]:

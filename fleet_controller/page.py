@@ -9,13 +9,22 @@ never sniffed. docs/fleet.md "Fleet page" describes what it shows.
 
 `overview` is pure: from the registry's boxes it counts boxes per model version (online and
 offline), lists the values each filter can take, and returns one page of boxes, offline first, so
-that a fleet of 10,000 boxes is summarised without sending every box to a phone.
+that a fleet of 10,000 boxes is summarised without sending every box to a phone. What does not
+depend on the request (reading and decoding every box, their order, the filters' values) is done
+once per `Snapshot`, and `Snapshots` shares one snapshot between the requests of the next
+`OVERVIEW_MAX_AGE_S` (one read at a time; the others wait for it): the page refreshes every 5 s,
+so several operators' pages, or one page's several calls, cost one read of the registry, and the
+view is at most that old (`as_of` says when it was read).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Literal
 
@@ -27,6 +36,8 @@ from fleet_controller.registry import Device, DeviceFilter
 BoxState = Literal["all", "online", "offline"]
 #: The most boxes one overview page lists.
 MAX_PAGE = 500
+#: How old the registry read behind an overview may be (the page refreshes every 5 s).
+OVERVIEW_MAX_AGE_S = 1.0
 
 CONTENT_SECURITY_POLICY = "; ".join(
     (
@@ -69,8 +80,45 @@ def _serve(app: FastAPI, path: str, body: bytes, media_type: str) -> None:
     app.add_api_route(path, static_file, methods=["GET"], include_in_schema=False)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """Every box, offline first then by ref, the filters' values, and when they were read."""
+
+    devices: tuple[Device, ...]
+    facets: dict[str, list[str]]
+    as_of: datetime
+
+    @classmethod
+    def of(cls, devices: Sequence[Device]) -> Snapshot:
+        ordered = tuple(sorted(devices, key=lambda d: (d.online, d.site, d.device)))
+        return cls(ordered, _facets(ordered), datetime.now(UTC))
+
+
+class Snapshots:
+    """One `Snapshot` at a time, read again once older than `max_age_s`; thread-safe."""
+
+    def __init__(
+        self,
+        read: Callable[[], Sequence[Device]],
+        max_age_s: float = OVERVIEW_MAX_AGE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.read = read
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._current: tuple[float, Snapshot] | None = None
+
+    def get(self) -> Snapshot:
+        with self._lock:  # one read at a time: concurrent requests share it
+            now = self.clock()
+            if self._current is None or now - self._current[0] > self.max_age_s:
+                self._current = (now, Snapshot.of(self.read()))
+            return self._current[1]
+
+
 def overview(
-    devices: Sequence[Device],
+    devices: Sequence[Device] | Snapshot,
     selector: DeviceFilter | None = None,
     *,
     state: BoxState = "all",
@@ -81,22 +129,26 @@ def overview(
     """The fleet at a glance: boxes per model version among those `selector` picks, the filters'
     possible values over the whole fleet, and boxes `offset`.. of those picked (narrowed further
     by online `state` and a `query` substring of their ref), offline first."""
-    picked = [d for d in devices if selector is None or selector.matches(d)]
+    snapshot = devices if isinstance(devices, Snapshot) else Snapshot.of(devices)
+    everyone = snapshot.devices
+    picked = everyone if selector is None else [d for d in everyone if selector.matches(d)]
     online = sum(1 for d in picked if d.online)
+    needle = query.lower()
     listed = [
         d
         for d in picked
-        if (state == "all" or d.online == (state == "online")) and query.lower() in d.ref.lower()
+        if (state == "all" or d.online == (state == "online"))
+        and (not needle or needle in d.ref.lower())
     ]
-    listed.sort(key=lambda d: (d.online, d.site, d.device))
     limit = max(1, min(limit, MAX_PAGE))
     return {
-        "fleet": len(devices),
+        "fleet": len(everyone),
+        "as_of": snapshot.as_of.isoformat(),
         "total": len(picked),
         "online": online,
         "offline": len(picked) - online,
         "versions": _versions(picked),
-        "facets": _facets(devices),
+        "facets": snapshot.facets,
         "boxes": {
             "count": len(listed),
             "offset": offset,

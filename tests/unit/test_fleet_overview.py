@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fleet_controller.cohorts import Selector
-from fleet_controller.page import CONTENT_SECURITY_POLICY, FILES, overview
+from fleet_controller.page import CONTENT_SECURITY_POLICY, FILES, Snapshots, overview
 from fleet_controller.registry import Device, ModelState
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -82,3 +82,23 @@ def test_the_page_is_three_same_origin_files_under_a_strict_policy() -> None:
     assert set(FILES) == {"/fleet", "/fleet/fleet.css", "/fleet/fleet.js"}
     assert "script-src 'self'" in CONTENT_SECURITY_POLICY
     assert "unsafe" not in CONTENT_SECURITY_POLICY
+
+
+def test_requests_within_the_max_age_share_one_registry_read() -> None:
+    reads: list[int] = []
+    now = [0.0]
+
+    def read() -> list[Device]:
+        reads.append(1)
+        return [box(n, online=bool(len(reads) % 2)) for n in range(4)]
+
+    snapshots = Snapshots(read, max_age_s=1.0, clock=lambda: now[0])
+    first = snapshots.get()
+    now[0] = 0.9
+    assert snapshots.get() is first and len(reads) == 1  # shared: no second read
+    now[0] = 1.5
+    second = snapshots.get()
+    assert second is not first and len(reads) == 2  # older than the max age: read again
+    found = overview(second)
+    assert found["as_of"] == second.as_of.isoformat() and found["offline"] == 4
+    assert found["facets"]["site"] == ["plant-a", "plant-b"]
