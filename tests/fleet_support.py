@@ -246,6 +246,16 @@ def wait_for_end(api: httpx.Client, name: str, what: str) -> dict[str, Any]:
     return wait_for(ended, 120, what)
 
 
+def wait_for_rollout(controller: Any, rollout_id: str, timeout: float) -> dict[str, Any]:
+    """An in-process controller's status of a rollout once it completed, halted or rolled back."""
+
+    def ended() -> dict[str, Any] | None:
+        status: dict[str, Any] = controller.rollouts.status(rollout_id)
+        return status if status["status"] in ("completed", "halted", "rolled_back") else None
+
+    return wait_for(ended, timeout, f"rollout {rollout_id} to finish")
+
+
 def assert_each_box_acted_once(
     done: dict[str, Any], acted: dict[str, list[tuple[int, str, int, bool]]], count: int
 ) -> None:

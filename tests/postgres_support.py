@@ -42,6 +42,22 @@ def postgres_schema(prefix: str) -> Iterator[Engine]:
         base.dispose()
 
 
+@contextlib.contextmanager
+def postgres_database(prefix: str) -> Iterator[str]:
+    """The URL of a new, empty database `PREFIX_<random>` on the test server, for tests whose
+    processes each connect on their own (a schema map cannot reach them); dropped afterwards."""
+    admin = sa.create_engine(postgres_url(), isolation_level="AUTOCOMMIT")
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
 def schema_of(engine: Engine) -> str | None:
     """The schema an engine from `postgres_schema` puts its tables in (None: the default)."""
     translate = engine.get_execution_options().get("schema_translate_map") or {}

@@ -38,6 +38,7 @@ from edge_bundle.chunks import (
     chunk_count,
     manifest_page,
 )
+from edge_bundle.files import fsync_directory
 from fleet_controller.errors import FleetError
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -132,7 +133,7 @@ class ChunkStore:
                     "changed or is not the bundle the plan names: publish the right file"
                 )
             Path(temporary).replace(self.bundle_path(sha256))
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
         finally:
             Path(temporary).unlink(missing_ok=True)
         return self.get(sha256)
@@ -256,14 +257,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
             target.flush()
             os.fsync(target.fileno())
         Path(temporary).replace(path)
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
     finally:
         Path(temporary).unlink(missing_ok=True)
 
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

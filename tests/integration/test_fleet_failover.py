@@ -17,14 +17,12 @@ import re
 import signal
 import time
 import tomllib
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
 from fleet_controller.simulator import SimulatorThread
 from tests.fleet_support import (
@@ -46,7 +44,7 @@ from tests.fleet_support import (
     write_config,
 )
 from tests.mqtt_support import Broker, running_broker
-from tests.postgres_support import postgres_url
+from tests.postgres_support import postgres_database
 from tests.update_support import file_server
 
 pytestmark = pytest.mark.slow
@@ -57,16 +55,8 @@ TAKEOVER_S = 15.0  # the issue's bound
 @pytest.fixture
 def database() -> Iterator[str]:
     """The URL of a fresh PostgreSQL database, dropped afterwards."""
-    admin = sa.create_engine(postgres_url(), isolation_level="AUTOCOMMIT")
-    name = f"fleet_failover_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield admin.url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with postgres_database("fleet_failover") as url:
+        yield url
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from fleet_controller.plan import RolloutPlan
 from fleet_controller.simulator import Behaviour, BoxSpec, Simulator, SimulatorThread
 from tests.agent_support import Keys, build_bundle, install_bundle, jpeg, run_agent
 from tests.chunk_support import running_chunk_server
-from tests.fleet_support import fleet_keys, in_process, wait_for, write_config
+from tests.fleet_support import fleet_keys, in_process, wait_for, wait_for_rollout, write_config
 from tests.mqtt_support import running_broker
 
 pytestmark = pytest.mark.slow
@@ -101,15 +101,7 @@ def test_a_rollout_over_mqtt_reaches_real_agents_and_simulated_boxes(
             setup["root"],
         )
         created = controller.rollouts.create(plan, actor="test")
-        done = wait_for(
-            lambda: (
-                (s := controller.rollouts.status(created["id"]))["status"]
-                in ("completed", "halted", "rolled_back")
-                and s
-            ),
-            180,
-            "the rollout to finish",
-        )
+        done = wait_for_rollout(controller, created["id"], 180)
         assert done["status"] == "completed", done
         assert len(done["boxes"]) == total
         assert {b["state"] for b in done["boxes"]} == {"committed"}

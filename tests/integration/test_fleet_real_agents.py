@@ -26,7 +26,14 @@ from edge_bundle.signing import TrustStore
 from fleet_controller.plan import RolloutPlan
 from fleet_controller.simulator import Behaviour, BoxSpec, Simulator, SimulatorThread
 from tests.agent_support import AgentProcess, Keys, build_bundle, install_bundle, jpeg, run_agent
-from tests.fleet_support import FleetKeys, fleet_keys, in_process, wait_for, write_config
+from tests.fleet_support import (
+    FleetKeys,
+    fleet_keys,
+    in_process,
+    wait_for,
+    wait_for_rollout,
+    write_config,
+)
 from tests.mqtt_support import Broker, running_broker
 from tests.update_support import file_server, slow_model
 
@@ -173,15 +180,7 @@ def test_a_good_release_reaches_real_agents_and_simulated_boxes(
             "percent = [5, 40, 100]\nsoak_s = 1\ndeadline_s = 120", "min_boxes = 2",
         )  # fmt: skip
         created = controller.rollouts.create(rollout, actor="test")
-        done = wait_for(
-            lambda: (
-                (s := controller.rollouts.status(created["id"]))["status"]
-                in ("completed", "halted", "rolled_back")
-                and s
-            ),
-            180,
-            "the rollout to finish",
-        )
+        done = wait_for_rollout(controller, created["id"], 180)
         assert done["status"] == "completed", done
         assert {b["state"] for b in done["boxes"]} == {"committed"}
         assert all(b["v2"] for b in done["boxes"])

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from tests.fleet_support import (
     write_config,
 )
 from tests.mqtt_support import Broker, TestClient, running_broker
-from tests.postgres_support import postgres_url
+from tests.postgres_support import postgres_database
 from tests.update_support import file_server
 
 pytestmark = pytest.mark.slow
@@ -60,16 +59,8 @@ def database(tmp_path: Path) -> Iterator[str]:
     if not os.environ.get("LINESIDE_TEST_POSTGRES"):
         yield f"sqlite:///{tmp_path / 'shared.db'}"
         return
-    admin = sa.create_engine(postgres_url(), isolation_level="AUTOCOMMIT")
-    name = f"fleet_shared_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield admin.url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with postgres_database("fleet_shared") as url:
+        yield url
 
 
 @pytest.fixture
