@@ -260,4 +260,3 @@ def _write_atomically(path: Path, data: bytes) -> None:
         fsync_directory(path.parent)
     finally:
         Path(temporary).unlink(missing_ok=True)
-
