@@ -134,7 +134,12 @@ class Fleet:
         self.keys = fleet_keys(_mkdir(self.dir / "keys"))
         self.bundles = signed_bundles(self.dir / "files", self.keys, 2, 3)
         store = self.dir / "chunks"
-        self.config = write_config(self.dir / "controller", self.keys, self.broker.port)
+        self.config = write_config(
+            self.dir / "controller",
+            self.keys,
+            self.broker.port,
+            mqtt="max_inflight = 100",  # the broker's max_inflight_messages (BROKER_EXTRA)
+        )
         with self.config.path.open("a") as config:
             config.write(f'\n[chunks]\nstore = "{store}"\nworkers = 4\n')
         self.controller = spawn_controller(self.config)
@@ -256,8 +261,10 @@ class Fleet:
             max(5.0, min(30.0, self.args.telemetry_interval))
         )  # steady state: telemetry only
         before = self._sim_figures()
+        controller_before = _cpu_s(self.controller.process.pid)
         time.sleep(10.0)
         after = self._sim_figures()
+        self.controller_idle_cores = (_cpu_s(self.controller.process.pid) - controller_before) / 10
         cpu = sum(a["cpu_s"] - b["cpu_s"] for a, b in zip(after, before, strict=True)) / 10.0
         return {
             "all_online_after_s": round(connected_s, 1),
@@ -266,6 +273,8 @@ class Fleet:
             "simulator_rss_mib": [round(f["rss_kib"] / 1024, 1) for f in figures],
             "simulator_idle_cpu_cores": round(cpu, 3),
             "simulator_idle_cpu_us_per_box_s": round(cpu / self.args.boxes * 1e6, 2),
+            # The controller with telemetry and status only (no rollout): its ingest's share.
+            "controller_idle_cpu_cores": round(self.controller_idle_cores, 3),
         }
 
     def good_rollout(self) -> dict[str, Any]:
@@ -320,6 +329,11 @@ class Fleet:
             },
             "controller_cpu_s": round(cpu, 2),
             "controller_cpu_ms_per_box": round(cpu / args.boxes * 1000, 2),
+            # Less what telemetry alone costs over as long (measured before the rollout): the
+            # rollout's own steps, reports and page queries, per box.
+            "controller_rollout_cpu_ms_per_box": round(
+                max(0.0, cpu - self.controller_idle_cores * finished) / args.boxes * 1000, 2
+            ),
             # Mosquitto is single-threaded: its mean share of one core over the rollout.
             "broker_cpu_s": round(broker_cpu, 2),
             "broker_core_share": round(broker_cpu / finished, 3),

@@ -69,7 +69,7 @@ def create_app(
     app = FastAPI(title="Lineside fleet controller", version=__version__)
     app.state.tokens = tokens
     add_fleet_page(app)
-    snapshots = Snapshots(registry.devices, overview_max_age_s)
+    snapshots = Snapshots(registry.devices_changed, overview_max_age_s)
 
     @app.exception_handler(FleetError)
     async def fleet_error(_request: Request, exc: FleetError) -> JSONResponse:

@@ -64,6 +64,9 @@ class MqttConfig(_Section):
     # the controller is down: a restart loses no report.
     session_expiry_s: int = Field(default=7 * 86400, ge=0)
     publish_timeout_s: float = Field(default=10.0, gt=0)
+    # Notices in flight at once (published, PUBACK awaited) when a wave goes out: not above the
+    # broker's Receive Maximum (Mosquitto's max_inflight_messages, 20 by default).
+    max_inflight: int = Field(default=20, ge=1, le=65535)
     # Several controller instances consuming the boxes' reports (docs/fleet-scale.md): each
     # subscribes as `$share/GROUP/...`, under its own client id `CLIENT_ID-INSTANCE`.
     shared_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")

@@ -12,6 +12,8 @@ received (`Inbound.received_at`), from which the controller measures its ingest 
 
 Notices leave retained at QoS 1 and `publish` returns only once the broker has acknowledged
 them; a failure raises `PublishError` and the caller tries again later with the same bytes.
+`publish_many` sends a batch pipelined (up to `max_inflight` unacknowledged at once) and then
+waits for every PUBACK, so a wave of notices costs no broker round trip per box.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import queue
 import ssl
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import paho.mqtt.client as paho
@@ -89,6 +92,7 @@ class Link:
             )
         self._client.reconnect_delay_set(1, 30)
         self._client.max_queued_messages_set(0)
+        self._client.max_inflight_messages_set(config.max_inflight)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -128,6 +132,40 @@ class Link:
                 f"{self.config.publish_timeout_s:g} s; it is published again later"
             )
 
+    def publish_many(self, items: Sequence[tuple[str, bytes]]) -> list[PublishError | None]:
+        """Publish every (topic, payload) retained at QoS 1 without waiting in between (paho
+        keeps up to `max_inflight` of them in flight), then wait for the PUBACKs, all within one
+        `publish_timeout_s`: per item, None once acknowledged or the `PublishError` saying why
+        not. Raises `PublishError` at once when not connected."""
+        if not self.connected.is_set():
+            raise PublishError(f"not connected to the broker; {len(items)} notices go out later")
+        sent: list[paho.MQTTMessageInfo | PublishError] = []
+        for topic, payload in items:
+            try:
+                sent.append(self._client.publish(topic, payload, qos=1, retain=True))
+            except (RuntimeError, ValueError) as exc:
+                sent.append(PublishError(f"publishing {topic} failed: {exc}"))
+        deadline = time.monotonic() + self.config.publish_timeout_s
+        results: list[PublishError | None] = []
+        for (topic, _payload), info in zip(items, sent, strict=True):
+            if isinstance(info, PublishError):
+                results.append(info)
+                continue
+            try:
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            except (RuntimeError, ValueError) as exc:
+                results.append(PublishError(f"publishing {topic} failed: {exc}"))
+                continue
+            results.append(
+                None
+                if info.is_published()
+                else PublishError(
+                    f"the broker did not acknowledge {topic} within "
+                    f"{self.config.publish_timeout_s:g} s; it is published again later"
+                )
+            )
+        return results
+
     def ack(self, message: Inbound) -> None:
         """Acknowledge a QoS 1 message once what it said is stored."""
         if message.qos > 0:
@@ -140,11 +178,21 @@ class Link:
         _userdata: object,
         _flags: object,
         reason: ReasonCode,
-        _properties: Properties | None,
+        properties: Properties | None,
     ) -> None:
         if reason.is_failure:
             log.error("the broker refused the connection: %s", reason)
             return
+        # paho does not honour the broker's Receive Maximum (and cannot change its own once
+        # connected): past it the broker refuses a publish, which is then published again later.
+        receive_maximum = int(getattr(properties, "ReceiveMaximum", None) or 65535)
+        if receive_maximum < self.config.max_inflight:
+            log.warning(
+                "the broker accepts %d unacknowledged publishes, fewer than [mqtt] max_inflight "
+                "= %d: lower max_inflight (or raise the broker's max_inflight_messages)",
+                receive_maximum,
+                self.config.max_inflight,
+            )
         client.subscribe([(topic, 1) for topic in subscriptions(self.config.shared_group)])
         self.connected.set()
         log.info("connected to %s:%d", self.config.host, self.config.port)

@@ -274,11 +274,20 @@ def _v4_scale(conn: Connection) -> None:
             create_index(conn, name, table, *listed, unique=unique)
 
 
+def _v5_device_changes(conn: Connection) -> None:
+    """When each box's row last changed (`devices.changed_at`): the fleet page then reads only
+    the boxes changed since its last read, not all 10,000 every second."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("devices", schema=_schema(conn))}
+    if "changed_at" not in columns:
+        add_column(conn, "devices", sa.Column("changed_at", _TIME))
+
+
 STEPS: tuple[Step, ...] = (
     Step(1, "the registry's and the rollouts' tables (issue #16)", _v1_initial),
     Step(2, "the leadership table (high availability)", _v2_leadership),
     Step(3, "the shadow phase's tables: shadow_samples, rollout_shadows", _v3_shadow_phase),
     Step(4, "report idempotency keys; rollout box indexes for 10,000 boxes", _v4_scale),
+    Step(5, "when each box's row last changed, for the fleet page", _v5_device_changes),
 )
 LATEST = STEPS[-1].version
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType, SimpleNamespace
@@ -281,6 +281,8 @@ DEVICES = sa.Table(
     sa.Column("last_seen", _TIME),
     sa.Column("first_seen", _TIME, nullable=False),
     sa.Column("last_telemetry_at", _TIME),
+    # Stamped by every write to the row (migration step 5): what the fleet page reads again.
+    sa.Column("changed_at", _TIME),
 )
 
 DEVICE_UPDATES = sa.Table(
@@ -433,6 +435,7 @@ class Registry:
     def _upsert_device(
         self, conn: Connection, site: str, device: str, now: datetime, changes: dict[str, Any]
     ) -> None:
+        changes = {**changes, "changed_at": now}
         statement = self._upserts.get(tuple(changes))
         if statement is None:
             statement = self._upsert_statement(tuple(changes))
@@ -607,6 +610,32 @@ class Registry:
         with db.transaction(self.engine) as conn:
             row = conn.execute(query).first()
         return _device(row) if row is not None else None
+
+    def devices_at(self, refs: Sequence[str]) -> dict[str, Device]:
+        """The known boxes among `refs` ("site/device"), by ref: one query for a batch."""
+        if not refs:
+            return {}
+        pairs = [tuple(ref.split("/", 1)) for ref in refs]
+        query = sa.select(DEVICES).where(sa.tuple_(DEVICES.c.site, DEVICES.c.device).in_(pairs))
+        with db.transaction(self.engine) as conn:
+            found = [_device(row) for row in conn.execute(query)]
+        return {device.ref: device for device in found}
+
+    def devices_changed(self, since: datetime | None) -> tuple[list[Device], datetime | None]:
+        """The boxes whose rows changed at or after `since` (every box when None), and the
+        newest change among them (None when none is stamped): to read again from there."""
+        query = sa.select(DEVICES)
+        if since is not None:
+            query = query.where(DEVICES.c.changed_at >= since)
+        newest: datetime | None = None
+        found: list[Device] = []
+        with db.transaction(self.engine) as conn:
+            for row in conn.execute(query):
+                found.append(_device(row))
+                if row.changed_at is not None:
+                    changed = _utc(row.changed_at)
+                    newest = changed if newest is None or changed > newest else newest
+        return found, newest
 
     def devices(self, selector: DeviceFilter | None = None) -> list[Device]:
         """Every known box (those `selector` picks, when given), sorted by ref."""

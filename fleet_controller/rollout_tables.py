@@ -12,7 +12,7 @@ into the status JSON. When to read or write them is the runner's (`fleet_control
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -235,6 +235,58 @@ def update_box(conn: Connection, rollout_id: str, site: str, device: str, **valu
     conn.execute(ROLLOUT_BOXES.update().where(*box_key(rollout_id, site, device)).values(**values))
 
 
+def box_rows_at(conn: Connection, rollout_id: str, refs: Sequence[str]) -> dict[str, sa.Row[Any]]:
+    """The rows of the boxes `refs` (with their notices), by ref: one query for a batch."""
+    return rows_at(conn, ROLLOUT_BOXES, rollout_id, refs)
+
+
+def rows_at(
+    conn: Connection, table: sa.Table, rollout_id: str, refs: Sequence[str]
+) -> dict[str, sa.Row[Any]]:
+    """Rows of a per-box rollout table (`rollout_boxes`, `rollout_shadows`) for `refs`, by ref."""
+    if not refs:
+        return {}
+    c = table.c
+    pairs = [(ref_site(ref), ref_device(ref)) for ref in refs]
+    query = sa.select(table).where(
+        c.rollout_id == rollout_id, sa.tuple_(c.site, c.device).in_(pairs)
+    )
+    return {box_ref(row): row for row in conn.execute(query)}
+
+
+def mark_sent(
+    conn: Connection,
+    rollout_id: str,
+    items: Sequence[tuple[str, str, bytes]],
+    *,
+    rollback: bool,
+    at: datetime,
+) -> None:
+    """Stamp `sent_at` (or `rollback_sent_at`) on the boxes of `items` (site, device, the notice
+    the broker acknowledged), where it is unset and the stored notice is still that one."""
+    c = ROLLOUT_BOXES.c
+    column = "rollback_sent_at" if rollback else "sent_at"
+    notice = c.rollback_notice if rollback else c.notice
+    statement = (
+        ROLLOUT_BOXES.update()
+        .where(
+            c.rollout_id == rollout_id,
+            c.site == sa.bindparam("b_site"),
+            c.device == sa.bindparam("b_device"),
+            c[column].is_(None),
+            notice == sa.bindparam("b_notice"),
+        )
+        .values({column: at})
+    )
+    conn.execute(
+        statement,
+        [
+            {"b_site": site, "b_device": device, "b_notice": payload}
+            for site, device, payload in items
+        ],
+    )
+
+
 def mark_timed_out(conn: Connection, rollout_id: str, action: MarkTimedOut, now: datetime) -> None:
     c = ROLLOUT_BOXES.c
     column, reason_column = (
@@ -259,13 +311,23 @@ def mark_timed_out(conn: Connection, rollout_id: str, action: MarkTimedOut, now:
 
 def allocate_sequence(conn: Connection, now: datetime) -> int:
     """`max(now_ms, last + 1)`, recorded in the caller's transaction (with the notice it signs)."""
-    last = conn.execute(sa.select(SEQUENCES.c.last).where(SEQUENCES.c.id == 1)).scalar()
-    sequence = next_sequence(last, now)
-    if last is None:
-        conn.execute(SEQUENCES.insert().values(id=1, last=sequence))
-    else:
-        conn.execute(SEQUENCES.update().where(SEQUENCES.c.id == 1).values(last=sequence))
+    (sequence,) = allocate_sequences(conn, now, 1)
     return sequence
+
+
+def allocate_sequences(conn: Connection, now: datetime, count: int) -> list[int]:
+    """`count` consecutive sequences from `max(now_ms, last + 1)`, recorded in the caller's
+    transaction (with the notices they sign): what `count` calls of `allocate_sequence` give."""
+    if count <= 0:
+        return []
+    last = conn.execute(sa.select(SEQUENCES.c.last).where(SEQUENCES.c.id == 1)).scalar()
+    first = next_sequence(last, now)
+    final = next_sequence(first + count - 2, now) if count > 1 else first
+    if last is None:
+        conn.execute(SEQUENCES.insert().values(id=1, last=final))
+    else:
+        conn.execute(SEQUENCES.update().where(SEQUENCES.c.id == 1).values(last=final))
+    return list(range(first, final + 1))
 
 
 def insert_audit(conn: Connection, rollout_id: str, now: datetime, audit: Audit) -> None:

@@ -8,7 +8,8 @@ performs the actions (docs/fleet.md "Crash safety"):
 - a notice is signed and its bytes stored (with a freshly allocated sequence, in the same
   transaction) before it is first published; `sent_at` is set only after the broker's PUBACK;
   a stored notice without `sent_at` is re-published byte-identical on every tick until it is
-  acknowledged, so after a crash a box gets the same sequence and acts on it once;
+  acknowledged, so after a crash a box gets the same sequence and acts on it once. Notices go
+  out in batches, stored, published and marked together (`fleet_controller.sending`);
 - gates are a read, evaluated again when a restart finds a wave gating.
 
 A plan with a `[shadow]` table gives every wave a shadow phase first (docs/fleet.md "Shadow
@@ -25,17 +26,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from edge_bundle.chunks import ChunkedDelivery
-from edge_bundle.release import MAX_VALIDITY
 from edge_bundle.signing import SigningKey, TrustStore
 from fleet_controller import db, faults, shadowing
 from fleet_controller.chunks.store import ChunkStore
@@ -64,14 +63,9 @@ from fleet_controller.machine import (
 )
 from fleet_controller.notices import (
     BundleFacts,
-    build_notice,
-    delivery_for,
     inspect_bundle,
-    notice_topic,
     put_in_chunk_store,
     refuse_agents_without_mqtt,
-    speaks_v2,
-    stored_delivery,
     understands_shadow,
 )
 from fleet_controller.plan import RolloutPlan, assign_waves, wave_sizes
@@ -83,15 +77,12 @@ from fleet_controller.rollout_tables import (
     ROLLOUT_BOXES,
     ROLLOUTS,
     Rollout,
-    allocate_sequence,
     audit_json,
     box_counts,
-    box_key,
     box_ref,
     box_row,
     box_rows,
     brief_status,
-    facts_from_json,
     facts_json,
     full_status,
     insert_audit,
@@ -105,16 +96,20 @@ from fleet_controller.rollout_tables import (
     rollback_rows,
     row_by_sequence,
     summary,
-    unsent_rows,
     update_box,
     wave_counts,
     wave_rows,
     with_state,
 )
+from fleet_controller.sending import (
+    NotAcknowledgedError,
+    NoticeSender,
+    PublishMany,
+    one_by_one,
+)
 
 log = logging.getLogger(__name__)
 
-NOTICE_VALIDITY = min(MAX_VALIDITY, timedelta(days=30))
 MAX_STEPS_PER_TICK = 1000  # a rollout moves at most this many transitions in one tick
 SHOWN_CONFLICTS = 10
 _Actions = list[Action]  # aliases: `Rollouts.list` shadows the builtin in the class body
@@ -137,18 +132,25 @@ class Rollouts:
         key: SigningKey,
         bundle_trust: TrustStore,
         publish: Callable[[str, bytes], None],
+        publish_many: PublishMany | None = None,
         clock: Callable[[], datetime] = utc_now,
         chunk_store: ChunkStore | None = None,
     ) -> None:
         self.engine = engine
         # Where plans with delivery = "mqtt" put their bundles (docs/mqtt-delivery.md).
         self.chunk_store = chunk_store
-        self._chunked: dict[str, ChunkedDelivery | None] = {}  # rollout id -> its mqtt_chunks
         self.registry = registry
         self.key = key
         self.bundle_trust = bundle_trust
         self.publish = publish
         self.clock = clock
+        self.sender = NoticeSender(
+            engine,
+            registry,
+            key=key,
+            publish_many=publish_many or one_by_one(publish),
+            clock=lambda: self.clock(),
+        )
         self._lock = threading.RLock()
         db.migrate(engine)
 
@@ -400,9 +402,9 @@ class Rollouts:
                 )
             for rollout_id in ids:
                 try:
-                    self._republish(rollout_id)
+                    self.sender.republish(rollout_id)
                     self._advance(rollout_id)
-                except _PublishError as exc:
+                except NotAcknowledgedError as exc:
                     log.warning("rollout %s waits for the broker: %s", rollout_id, exc)
                 except FleetError as exc:
                     log.error("rollout %s cannot advance: %s", rollout_id, exc.message)
@@ -426,14 +428,14 @@ class Rollouts:
         rollout = with_state(rollout, new)
         for action in actions:
             if isinstance(action, SendNotices):
-                self._send_notices(rollout, action.refs)
+                self.sender.send_notices(rollout, action.refs)
             elif isinstance(action, SendShadowNotices):
-                self._send_shadow_notices(rollout, action.refs)
+                self.sender.send_shadow_notices(rollout, action.refs)
             elif isinstance(action, EvaluateShadowGate):
                 results = self._shadow_gate(rollout, action.wave)
                 self._step(rollout, GatesEvaluated(action.wave, results, self.clock()))
             elif isinstance(action, SendRollbacks):
-                self._send_rollbacks(rollout, action.refs)
+                self.sender.send_rollbacks(rollout, action.refs)
             elif isinstance(action, EvaluateGates):
                 results = self._gates(rollout, action.wave)
                 self._step(rollout, GatesEvaluated(action.wave, results, self.clock()))
@@ -495,237 +497,6 @@ class Rollouts:
             tuple(rb_sendable), tuple(rb_in_flight), rb_final,
             shadow.sendable, shadow.waiting, shadow.in_flight, shadow.final,
         )  # fmt: skip
-
-    # ---- notices ----
-    def _send_notices(self, rollout: Rollout, refs: tuple[str, ...]) -> None:
-        facts = rollout.facts
-        for ref in refs:
-            site, device = ref_site(ref), ref_device(ref)
-            known = self.registry.device(site, device)
-            old = _active_version(known.models if known else {}, facts.name)
-            now = self.clock()
-            with db.transaction(self.engine) as conn:
-                row = box_row(conn, rollout.id, site, device)
-                if row is None or row.state != "pending" or row.notice is not None:
-                    continue  # already stored: the republish path owns it
-                if old is not None and old >= facts.version:
-                    # The box would refuse it ("already active", "older"): not a failed install.
-                    reason = f"{ref} already runs {facts.name}@{old}; nothing was sent"
-                    update_box(
-                        conn,
-                        rollout.id,
-                        site,
-                        device,
-                        state="ignored",
-                        reason=reason,
-                        outcome_at=now,
-                    )
-                    continue
-                v2 = speaks_v2(known.agent_version if known else None)
-                sequence = allocate_sequence(conn, now)
-                payload = build_notice(
-                    facts=facts, **self._delivery(rollout, known), site=site, device=device,
-                    sequence=sequence,
-                    issued_at=now, expires_at=now + NOTICE_VALIDITY, rollout_id=rollout.id,
-                    wave=row.wave, rollback=False, v2=v2, key=self.key,
-                )  # fmt: skip
-                update_box(
-                    conn, rollout.id, site, device,
-                    state="sent", v2=v2, old_version=old, sequence=sequence, notice=payload,
-                )  # fmt: skip
-            faults.hit("notice.stored")
-            self._publish(rollout.id, site, device, payload, rollback=False)
-
-    def _send_shadow_notices(self, rollout: Rollout, refs: tuple[str, ...]) -> None:
-        facts = rollout.facts
-        for ref in refs:
-            site, device = ref_site(ref), ref_device(ref)
-            known = self.registry.device(site, device)
-            old = _active_version(known.models if known else {}, facts.name)
-            agent = known.agent_version if known else None
-            now = self.clock()
-            with db.transaction(self.engine) as conn:
-                row = shadowing.row(conn, rollout.id, site, device)
-                if row is None or row.state != "pending" or row.notice is not None:
-                    continue  # already stored: the republish path owns it
-                skipped = _shadow_skip(ref, facts, old, agent)
-                if skipped is not None:
-                    state, reason = skipped
-                    shadowing.update(
-                        conn, rollout.id, site, device,
-                        state=state, reason=reason, old_version=old, outcome_at=now,
-                    )  # fmt: skip
-                    continue
-                sequence = allocate_sequence(conn, now)
-                payload = build_notice(
-                    facts=facts, **self._delivery(rollout, known), site=site, device=device,
-                    sequence=sequence,
-                    issued_at=now, expires_at=now + NOTICE_VALIDITY, rollout_id=rollout.id,
-                    wave=row.wave, rollback=False, v2=True, key=self.key,
-                    shadow_max_s=rollout.plan.shadow_max_s,
-                )  # fmt: skip
-                shadowing.update(
-                    conn, rollout.id, site, device,
-                    state="sent", old_version=old, sequence=sequence, notice=payload,
-                )  # fmt: skip
-            faults.hit("shadow.stored")
-            self._publish(rollout.id, site, device, payload, rollback=False, shadow=True)
-
-    def _send_rollbacks(self, rollout: Rollout, refs: tuple[str, ...]) -> None:
-        for ref in refs:
-            site, device = ref_site(ref), ref_device(ref)
-            known = self.registry.device(site, device)
-            now = self.clock()
-            with db.transaction(self.engine) as conn:
-                row = box_row(conn, rollout.id, site, device)
-                if row is None or row.sequence is None or row.rollback_state is not None:
-                    continue
-                target = self._rollback_target(conn, rollout, row.old_version)
-                if isinstance(target, str):
-                    update_box(
-                        conn,
-                        rollout.id,
-                        site,
-                        device,
-                        rollback_state="skipped",
-                        rollback_reason=target,
-                    )
-                    insert_audit(
-                        conn,
-                        rollout.id,
-                        now,
-                        Audit("rollback-skipped", f"{ref}: {target}", figures={"box": ref}),
-                    )
-                    continue
-                facts, bundle = target
-                v2 = speaks_v2(known.agent_version if known else None)
-                sequence = allocate_sequence(conn, now)
-                payload = build_notice(
-                    facts=facts, **_delivery_of(bundle, known), site=site, device=device,
-                    sequence=sequence,
-                    issued_at=now, expires_at=now + NOTICE_VALIDITY, rollout_id=rollout.id,
-                    wave=row.wave, rollback=True, v2=v2, key=self.key,
-                )  # fmt: skip
-                update_box(
-                    conn, rollout.id, site, device,
-                    rollback_state="sent", rollback_sequence=sequence, rollback_notice=payload,
-                )  # fmt: skip
-            faults.hit("rollback.stored")
-            self._publish(rollout.id, site, device, payload, rollback=True)
-
-    def _rollback_target(
-        self, conn: Connection, rollout: Rollout, old_version: int | None
-    ) -> tuple[BundleFacts, Mapping[str, Any]] | str:
-        """The bundle to roll a box back to (its facts and stored JSON), or why there is none."""
-        name = rollout.facts.name
-        if old_version is None:
-            return (
-                f"the box reported no version of {name} before its notice, so there is "
-                "nothing to roll back to"
-            )
-        own = db.loads(
-            conn.execute(
-                sa.select(ROLLOUTS.c.bundle).where(ROLLOUTS.c.id == rollout.id)
-            ).scalar_one()
-        )
-        for bundle in own.get("previous", ()):
-            if bundle["name"] == name and bundle["version"] == old_version:
-                return facts_from_json(bundle), bundle
-        for (text,) in conn.execute(
-            sa.select(ROLLOUTS.c.bundle).order_by(ROLLOUTS.c.created_at.desc())
-        ):
-            bundle = db.loads(text)
-            if bundle["name"] == name and bundle["version"] == old_version:
-                return facts_from_json(bundle), bundle
-        return (
-            f"{name}@{old_version} is neither listed in the plan's [on_halt] previous nor was "
-            "it rolled out by this controller, so its bundle's URL and digest are unknown; "
-            "roll the box back with `model-packager publish --rollback`"
-        )
-
-    def _delivery(self, rollout: Rollout, known: Any) -> dict[str, Any]:
-        """`url` and `chunks` of `build_notice` for one box of `rollout`."""
-        if rollout.id not in self._chunked:
-            with db.transaction(self.engine) as conn:
-                text = conn.execute(
-                    sa.select(ROLLOUTS.c.bundle).where(ROLLOUTS.c.id == rollout.id)
-                ).scalar_one()
-            self._chunked[rollout.id] = stored_delivery(db.loads(text))[1]
-        agent = known.agent_version if known else None
-        url, chunks = delivery_for(rollout.url or None, self._chunked[rollout.id], agent)
-        return {"url": url, "chunks": chunks}
-
-    def _publish(
-        self,
-        rollout_id: str,
-        site: str,
-        device: str,
-        payload: bytes,
-        *,
-        rollback: bool,
-        shadow: bool = False,
-    ) -> None:
-        """Publish a stored notice and mark it sent once the broker acknowledged it."""
-        try:
-            self.publish(notice_topic(site, device), payload)
-        except Exception as exc:  # the link's failure, whatever its kind: retried next tick
-            raise _PublishError(f"publishing to {site}/{device} failed: {exc}") from exc
-        if shadow:
-            faults.hit("shadow.published")
-            c = shadowing.ROLLOUT_SHADOWS.c
-            with db.transaction(self.engine) as conn:
-                conn.execute(
-                    shadowing.ROLLOUT_SHADOWS.update()
-                    .where(
-                        *shadowing.key(rollout_id, site, device),
-                        c.sent_at.is_(None),
-                        c.notice == payload,
-                    )
-                    .values(sent_at=self.clock())
-                )
-            return
-        prefix = "rollback." if rollback else "notice."
-        faults.hit(prefix + "published")
-        column = "rollback_sent_at" if rollback else "sent_at"
-        notice = ROLLOUT_BOXES.c.rollback_notice if rollback else ROLLOUT_BOXES.c.notice
-        with db.transaction(self.engine) as conn:
-            conn.execute(
-                ROLLOUT_BOXES.update()
-                .where(
-                    *box_key(rollout_id, site, device),
-                    ROLLOUT_BOXES.c[column].is_(None),
-                    notice == payload,
-                )
-                .values({column: self.clock()})
-            )
-
-    def _republish(self, rollout_id: str) -> None:
-        """Publish again, byte-identical, every stored notice the broker never acknowledged."""
-        # Only the unacknowledged rows are read (by index), not every box: a tick of a rollout
-        # to 10,000 boxes costs what its unacknowledged notices cost.
-        with db.transaction(self.engine) as conn:
-            rollout = self._load(conn, rollout_id)
-            status = rollout.state.status
-            sending = status in ("running", "paused")
-            shadows = (
-                shadowing.rows(conn, rollout_id)
-                if sending and rollout.plan.shadow is not None
-                else []
-            )
-            releases = unsent_rows(conn, rollout_id, rollback=False) if sending else []
-            rollbacks = (
-                unsent_rows(conn, rollout_id, rollback=True) if status == "rolling_back" else []
-            )
-        for shadow in shadows:
-            if shadow.notice and shadow.sent_at is None:
-                self._publish(
-                    rollout_id, shadow.site, shadow.device, shadow.notice,
-                    rollback=False, shadow=True,
-                )  # fmt: skip
-        for row in releases:
-            self._publish(rollout_id, row.site, row.device, row.payload, rollback=False)
-        for row in rollbacks:
-            self._publish(rollout_id, row.site, row.device, row.payload, rollback=True)
 
     # ---- gates ----
     def _gates(self, rollout: Rollout, wave: int) -> tuple[dict[str, Any], ...]:
@@ -832,10 +603,6 @@ class Rollouts:
         return [box_ref(row) for row in box_rows(conn, rollout_id)]
 
 
-class _PublishError(Exception):
-    """The broker did not acknowledge a notice; it stays stored and is published next tick."""
-
-
 # ---- reports and boxes ----------------------------------------------------------------------
 def _record_box_report(
     conn: Connection, rollout_id: str, row: sa.Row[Any], report: UpdateReport, at: datetime
@@ -857,13 +624,6 @@ def _record_box_report(
             )  # fmt: skip
 
 
-def _delivery_of(bundle: Mapping[str, Any], known: Any) -> dict[str, Any]:
-    """`url` and `chunks` of `build_notice` for a box rolled back to a stored bundle."""
-    url, chunks = stored_delivery(bundle)
-    url, chunks = delivery_for(url, chunks, known.agent_version if known else None)
-    return {"url": url, "chunks": chunks}
-
-
 def _refuse_old_agents(devices: Iterable[Any]) -> None:
     """A shadow phase needs every box to understand shadow notices (agent 0.3.0 and later)."""
     old = sorted(
@@ -882,20 +642,6 @@ def _refuse_old_agents(devices: Iterable[Any]) -> None:
         )
 
 
-def _shadow_skip(
-    ref: str, facts: BundleFacts, old: int | None, agent: str | None
-) -> tuple[str, str] | None:
-    """(state, reason) for a box that gets no shadow notice, or None to send it one."""
-    if old is not None and old >= facts.version:
-        return "ignored", f"{ref} already runs {facts.name}@{old}; nothing was sent"
-    if not understands_shadow(agent):
-        return "refused", (
-            f"{ref} reports agent {agent or 'unknown'}, which does not understand shadow "
-            "notices (0.3.0 and later do); no shadow notice was sent"
-        )
-    return None
-
-
 def _next_box_state(current: str | None, outcome: str) -> str | None:
     """The box's new state after a report with `outcome`, or None to keep it.
 
@@ -909,9 +655,3 @@ def _next_box_state(current: str | None, outcome: str) -> str | None:
     if outcome == "ignored":
         return "ignored" if current == "sent" else None
     return None
-
-
-def _active_version(models: Mapping[str, Any], name: str) -> int | None:
-    model = models.get(name)
-    version = getattr(model, "version", None)
-    return int(version) if version is not None else None

@@ -1,10 +1,11 @@
 """`fleet-controller serve`: the wiring, the controller loop and the HTTP server.
 
-One thread, the controller loop, owns the order of things: it takes what the MQTT link
-received, in batches (whatever is waiting, up to `[controller] batch_max`), stores each batch in
-one transaction (registry, and the rollout each report belongs to), acknowledges the batch to
-the broker only once it is committed, and every `tick_s` advances the rollouts (which publish
-their notices through the link). A batch whose transaction fails is stored again message by
+The controller loop takes what the MQTT link received, in batches (whatever is waiting, up to
+`[controller] batch_max`), stores each batch in one transaction (registry, and the rollout each
+report belongs to), and acknowledges the batch to the broker only once it is committed. Beside
+it, a ticking thread advances the rollouts every `tick_s` (they publish their notices through
+the link, a batch at a time), so a wave of thousands of notices never stops ingest; the rollouts
+runner's lock keeps a tick and a batch holding reports from interleaving their writes. A batch whose transaction fails is stored again message by
 message, so one bad message cannot hold the others back; a message that still fails stays
 unacknowledged (the broker redelivers it after a reconnect). The API
 runs in uvicorn's threads beside it; the rollouts runner serialises its own mutations. SIGTERM
@@ -91,6 +92,7 @@ class Controller:
             key=config.release_key(),
             bundle_trust=config.bundle_trust(),
             publish=link.publish,
+            publish_many=link.publish_many,
             chunk_store=ChunkStore(config.chunks.store),
         )
         metrics = FleetMetrics(
@@ -199,22 +201,36 @@ class Controller:
             self.metrics.ingested(lag, now - at.timestamp() if isinstance(at, datetime) else None)
 
     def run_loop(self, stop: threading.Event) -> None:
-        """Ingest what arrives, in batches; while this process leads, tick the rollouts every
-        `tick_s`. Until `stop` is set, or (unless behind a shared subscription, where standbys
-        consume too) until this process no longer leads (checked before every step)."""
-        tick_s = self.config.controller.tick_s
-        next_tick = 0.0
+        """Ingest what arrives, in batches, in this thread; while this process leads, advance the
+        rollouts every `tick_s` in a second thread (`controller-ticks`), so that sending a wave
+        of notices never holds ingest back. Until `stop` is set, or (unless behind a shared
+        subscription, where standbys consume too) until this process no longer leads."""
+        done = threading.Event()
+        ticker = threading.Thread(
+            target=self._tick_loop, args=(stop, done), name="controller-ticks", daemon=True
+        )
+        ticker.start()
+        try:
+            self._ingest_loop(stop)
+        finally:
+            done.set()
+            ticker.join(60)
+
+    def _ingest_loop(self, stop: threading.Event) -> None:
         while not stop.is_set() and (self.shared or self.leadership.is_set()):
-            timeout = max(0.0, next_tick - time.monotonic())
-            batch = self._take(min(timeout, 0.5))
+            batch = self._take(0.5)
             if not self.shared and not self.leadership.is_set():
                 return  # not acknowledged: the broker gives it to the new leader
             if batch:
                 for message in self.ingest_batch(batch):
                     self.link.ack(message)
-            if time.monotonic() >= next_tick and self.leadership.is_set():
+
+    def _tick_loop(self, stop: threading.Event, done: threading.Event) -> None:
+        tick_s = self.config.controller.tick_s
+        while not stop.is_set() and not done.is_set():
+            if self.leadership.is_set():
                 self._tick()
-                next_tick = time.monotonic() + tick_s
+            done.wait(tick_s)
 
     def _take(self, timeout: float) -> list[Inbound]:
         """What the link received: the first message within `timeout`, then whatever follows

@@ -5,8 +5,8 @@ table: its wave, its shadow notice and what the box said about it) and the pure 
 (`fleet_controller.rollouts`) needs around it: which boxes of a wave still need a shadow notice,
 which are out, which are final (docs/fleet.md "Shadow phase"); how a report on a shadow notice
 moves its box; and the per-box shadow figures the shadow gate judges (`gates.shadow_gates`).
-Sending, persisting and publishing stay with the runner, which does them for release and rollback
-notices too.
+Sending and publishing are `fleet_controller.sending`'s, which does them for release and rollback
+notices too; this module gives it the rows of a batch and marks what the broker acknowledged.
 
 A box's shadow state: `pending` (no notice yet), `sent`, `progress` (downloading, verifying,
 staging), `shadowing` (it shadows the active model with the candidate: final for the phase),
@@ -20,7 +20,7 @@ migration step 3 (`fleet_controller.migrations`), with `shadow_samples`.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,7 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from fleet_controller import db
+from fleet_controller import db, rollout_tables
 from fleet_controller.gates import BoxShadow
 from fleet_controller.registry import Registry
 from fleet_controller.rollout_tables import ROLLOUTS
@@ -94,6 +94,46 @@ def rows(conn: Connection, rollout_id: str) -> list[sa.Row[Any]]:
 
 def row(conn: Connection, rollout_id: str, site: str, device: str) -> sa.Row[Any] | None:
     return conn.execute(sa.select(ROLLOUT_SHADOWS).where(*key(rollout_id, site, device))).first()
+
+
+def rows_at(conn: Connection, rollout_id: str, refs: Sequence[str]) -> dict[str, sa.Row[Any]]:
+    """The shadow rows of the boxes `refs`, by ref: one query for a batch."""
+    return rollout_tables.rows_at(conn, ROLLOUT_SHADOWS, rollout_id, refs)
+
+
+def unsent_rows(conn: Connection, rollout_id: str) -> list[sa.Row[Any, Any, Any]]:
+    """Shadow notices stored but not acknowledged by the broker (site, device, payload)."""
+    c = ROLLOUT_SHADOWS.c
+    query = sa.select(c.site, c.device, c.notice.label("payload")).where(
+        c.rollout_id == rollout_id, c.sent_at.is_(None), c.notice.is_not(None)
+    )
+    return list(conn.execute(query.order_by(c.site, c.device)).all())
+
+
+def mark_sent(
+    conn: Connection, rollout_id: str, items: Sequence[tuple[str, str, bytes]], *, at: datetime
+) -> None:
+    """Stamp `sent_at` on the shadow rows of `items` (site, device, the notice the broker
+    acknowledged), where it is unset and the stored notice is still that one."""
+    c = ROLLOUT_SHADOWS.c
+    statement = (
+        ROLLOUT_SHADOWS.update()
+        .where(
+            c.rollout_id == rollout_id,
+            c.site == sa.bindparam("b_site"),
+            c.device == sa.bindparam("b_device"),
+            c.sent_at.is_(None),
+            c.notice == sa.bindparam("b_notice"),
+        )
+        .values(sent_at=at)
+    )
+    conn.execute(
+        statement,
+        [
+            {"b_site": site, "b_device": device, "b_notice": payload}
+            for site, device, payload in items
+        ],
+    )
 
 
 def key(rollout_id: str, site: str, device: str) -> tuple[Any, ...]:

@@ -372,6 +372,25 @@ def test_status_creates_the_box_and_offline_keeps_last_seen(reg: Registry) -> No
     assert reg.device("plant-a", "nobody") is None
 
 
+def test_boxes_are_read_by_ref_and_by_when_their_row_changed(reg: Registry) -> None:
+    feed(reg, "status", status_payload("online"), T0)
+    feed(reg, "status", status_payload("online"), T0, base="lineside/v1/plant-b/box2")
+    assert set(reg.devices_at(["plant-a/box1", "plant-b/box2", "plant-c/none"])) == {
+        "plant-a/box1",
+        "plant-b/box2",
+    }
+    assert reg.devices_at([]) == {}
+    everyone, newest = reg.devices_changed(None)
+    assert len(everyone) == 2 and newest == T0
+    later = T0 + timedelta(minutes=5)
+    # An offline status keeps last_seen, but it changes the row: the page must see it.
+    feed(reg, "status", status_payload("offline"), later)
+    changed, newest = reg.devices_changed(T0 + timedelta(seconds=1))
+    assert [(box.ref, box.online) for box in changed] == [("plant-a/box1", False)]
+    assert newest == later
+    assert reg.devices_changed(later + timedelta(seconds=1)) == ([], None)
+
+
 def test_telemetry_upserts_the_device_record(reg: Registry) -> None:
     feed(reg, "telemetry", telemetry_020(), T0)
     later = T0 + timedelta(seconds=30)

@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,6 +30,7 @@ from fleet_controller.notices import BundleFacts
 from fleet_controller.plan import RolloutPlan
 from fleet_controller.registry import Registry, UpdateReport, parse
 from fleet_controller.rollouts import Rollouts
+from fleet_controller.sending import NOTICE_BATCH
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 KEY = SigningKey.generate(KeyRole.RELEASE)
@@ -361,8 +362,11 @@ def test_a_restart_mid_wave_republishes_identical_bytes_and_skips_no_box(fleet: 
     second = fleet.runner()  # a new process on the same database
     second.tick()
     after = fleet.broker.published[len(before) :]
-    assert after[0] == before[1]  # the unmarked one again, byte for byte
-    assert len(after) == 4  # then the three never sent; the acknowledged first one is not resent
+    # A batch is marked sent together: the two the broker acknowledged before the crash were
+    # never marked, so they go out again byte for byte (a box ignores a sequence it has seen),
+    # then the three never sent; every box's notice once more, none skipped.
+    assert after[:2] == before
+    assert len(after) == 5
     devices = [topic for topic, _ in fleet.broker.published]
     assert sorted(set(devices)) == sorted(f"lineside/v1/plant-a/box{n}/release" for n in range(5))
     stored = {box["ref"]: box["sequence"] for box in second.status("defects-2")["boxes"]}
@@ -388,6 +392,56 @@ def test_a_failing_broker_keeps_the_notice_stored_and_it_goes_out_unchanged_late
     (notice,) = fleet.broker.notices()
     assert notice.sequence == box["sequence"] and notice.issued_at == T0
     assert runner.status("defects-2")["boxes"][0]["sent_at"] is not None
+
+
+def test_a_wave_goes_out_in_batches_and_a_partly_acknowledged_batch_resends_only_the_rest(
+    fleet: Fleet,
+) -> None:
+    boxes = NOTICE_BATCH + 50
+    with db.transaction(fleet.engine) as conn:  # a wave larger than a batch, quickly
+        for number in range(boxes):
+            fleet.registry.store(
+                conn,
+                parse(
+                    f"lineside/v1/plant-a/b{number:04d}/telemetry",
+                    json.dumps(
+                        {"site": "plant-a", "device": f"b{number:04d}", "agent_version": "0.2.0",
+                         "groups": ["line1"],
+                         "models": [{"name": "defects", "version": 1, "status": "ready"}]}
+                    ).encode(),
+                ),
+            )  # fmt: skip
+    calls: list[list[tuple[str, bytes]]] = []
+    refused = {f"lineside/v1/plant-a/b{number:04d}/release" for number in (3, 7)}
+
+    def publish_many(items: Sequence[tuple[str, bytes]]) -> list[BaseException | None]:
+        calls.append(list(items))
+        return [ConnectionError("quota") if topic in refused else None for topic, _ in items]
+
+    runner = Rollouts(
+        fleet.engine, fleet.registry, key=KEY, bundle_trust=TrustStore(),
+        publish=fleet.broker, publish_many=publish_many, clock=fleet.clock,
+    )  # fmt: skip
+    runner.create(fleet.plan(waves={"counts": [boxes]}), actor="alice")
+    runner.tick()
+    # The first batch went out whole; two were not acknowledged, so the wave waits there.
+    assert [len(call) for call in calls] == [NOTICE_BATCH]
+    rows = {box["ref"]: box for box in runner.status("defects-2")["boxes"]}
+    unsent = sorted(
+        ref for ref, box in rows.items() if box["state"] == "sent" and not box["sent_at"]
+    )
+    assert unsent == ["plant-a/b0003", "plant-a/b0007"]
+    assert sum(1 for box in rows.values() if box["state"] == "pending") == 50
+    first = dict(calls[0])
+    refused.clear()
+    runner.tick()
+    # The two again, byte-identical, alone; then the rest of the wave in its own batch.
+    assert [len(call) for call in calls[1:]] == [2, 50]
+    assert all(first[topic] == payload for topic, payload in calls[1])
+    rows = {box["ref"]: box for box in runner.status("defects-2")["boxes"]}
+    assert all(box["state"] == "sent" and box["sent_at"] for box in rows.values())
+    sequences = [box["sequence"] for box in rows.values()]
+    assert len(set(sequences)) == boxes  # one sequence per box, never shared
 
 
 def test_sequences_grow_past_the_clock_and_never_repeat(fleet: Fleet) -> None:
