@@ -66,6 +66,7 @@ BROKER_EXTRA = (
     "autosave_interval 60\n"
 )
 SAMPLE_EVERY_S = 2.0
+TICK_S = 1.0  # the controller's default [controller] tick_s (the tests tick every 0.2 s)
 QUERIES = ("/v1/overview?limit=50", "/v1/rollouts", "/v1/rollouts/{id}?boxes=false")
 
 
@@ -138,6 +139,7 @@ class Fleet:
             self.dir / "controller",
             self.keys,
             self.broker.port,
+            tick_s=TICK_S,
             mqtt="max_inflight = 100",  # the broker's max_inflight_messages (BROKER_EXTRA)
         )
         with self.config.path.open("a") as config:
@@ -230,6 +232,7 @@ class Fleet:
                 "window": args.window,
                 "bundle_bytes": self.bundles[2].path.stat().st_size,
                 "database": "sqlite",
+                "controller_tick_s": TICK_S,
             },
             "versions": library_versions(["paho-mqtt", "fastapi", "uvicorn", "sqlalchemy"]),
             "mosquitto": _mosquitto_version(),

@@ -15,7 +15,9 @@ once per `Snapshot`, and `Snapshots` shares one snapshot between the requests of
 `OVERVIEW_MAX_AGE_S` (one read at a time; the others wait for it): the page refreshes every 5 s,
 so several operators' pages, or one page's several calls, cost one read of the registry, and the
 view is at most that old (`as_of` says when it was read). That read is of the boxes changed
-since the one before (`devices.changed_at`), with every box read again each `FULL_READ_EVERY_S`.
+since the one before (`devices.changed_at`, stamped when something shown here changes), with
+every box read again each `FULL_READ_EVERY_S`: a box's `last_seen` alone, which moves with every
+message, is at most that old in the list.
 """
 
 from __future__ import annotations
@@ -105,10 +107,10 @@ class Snapshots:
     """One `Snapshot` at a time, read again once older than `max_age_s`; thread-safe.
 
     After the first read of every box, a new snapshot reads only the boxes whose rows changed
-    since the newest change already seen (less `OVERLAP_S`, for writers a little behind), and
-    every `full_every_s` all of them again (a controller whose clock lags more than the overlap,
-    a box removed): at 10,000 boxes sending telemetry once a minute that is some hundreds of
-    rows a second instead of 10,000."""
+    since the newest change already seen (less `OVERLAP_S`, for transactions that commit a
+    little after they stamped), and every `full_every_s` all of them again (a controller whose
+    clock lags more than the overlap, a box removed, `last_seen`): at 10,000 boxes, telemetry
+    that repeats itself changes nothing, and a rollout changes the boxes it moves."""
 
     OVERLAP_S = 5.0
 

@@ -281,7 +281,8 @@ DEVICES = sa.Table(
     sa.Column("last_seen", _TIME),
     sa.Column("first_seen", _TIME, nullable=False),
     sa.Column("last_telemetry_at", _TIME),
-    # Stamped by every write to the row (migration step 5): what the fleet page reads again.
+    # When what the fleet page shows of the box last changed (migration step 5): what the page
+    # reads again. Not moved by `last_seen` alone (`UNSHOWN_COLUMNS`).
     sa.Column("changed_at", _TIME),
 )
 
@@ -446,9 +447,22 @@ class Registry:
         columns and executed with parameters: SQLAlchemy then compiles it once, not per message
         (literal values cost more CPU than the database's own work at 10,000 boxes)."""
         insert = self._insert(DEVICES)
+        set_: dict[str, Any] = {column: insert.excluded[column] for column in columns}
+        if "changed_at" in set_:
+            # Stamped only when something the fleet page shows changed, not `last_seen` alone:
+            # a telemetry message that repeats what the box said a minute ago is not a change.
+            shown = [
+                DEVICES.c[column].is_distinct_from(insert.excluded[column])
+                for column in columns
+                if column not in UNSHOWN_COLUMNS
+            ]
+            set_["changed_at"] = (
+                sa.case((sa.or_(*shown), insert.excluded.changed_at), else_=DEVICES.c.changed_at)
+                if shown
+                else DEVICES.c.changed_at
+            )
         statement = insert.on_conflict_do_update(
-            index_elements=[DEVICES.c.site, DEVICES.c.device],
-            set_={column: insert.excluded[column] for column in columns},
+            index_elements=[DEVICES.c.site, DEVICES.c.device], set_=set_
         )
         self._upserts[columns] = statement
         return statement
@@ -783,6 +797,9 @@ def _maybe_utc(value: datetime | None) -> datetime | None:
 
 
 _DEVICE_COLUMNS = tuple(column.name for column in DEVICES.c)
+#: Columns whose change alone does not stamp `changed_at` (the page reads them again only at its
+#: periodic full read): when the box was last heard from.
+UNSHOWN_COLUMNS = frozenset({"last_seen", "last_telemetry_at", "first_seen", "changed_at"})
 
 
 def _device(row: sa.Row[Any]) -> Device:

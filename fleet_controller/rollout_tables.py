@@ -30,6 +30,8 @@ BOX_STATES = (
 )  # fmt: skip
 FINAL = frozenset({"committed", "refused", "rolled_back", "timed_out", "ignored"})
 IN_FLIGHT = frozenset({"sent", "progress"})
+#: A box not final yet: no notice stored, or one out.
+UNFINISHED = ("pending", "progress", "sent")
 #: Boxes that never ran the release (or have something newer) get no rollback notice.
 NOT_ROLLED_BACK = frozenset({"pending", "refused", "rolled_back", "ignored"})
 ROLLBACK_FINAL = frozenset(
@@ -129,8 +131,26 @@ def box_row(
     """One box's row; with `lock`, locked until the transaction ends (SELECT ... FOR UPDATE on
     PostgreSQL, so two instances applying reports on one box take turns; SQLite's writer lock
     already serialises them)."""
-    query = sa.select(ROLLOUT_BOXES).where(*box_key(rollout_id, site, device))
-    return conn.execute(query.with_for_update() if lock else query).first()
+    query = _BOX_ROW_LOCKED if lock else _BOX_ROW
+    return conn.execute(
+        query, {"b_rollout": rollout_id, "b_site": site, "b_device": device}
+    ).first()
+
+
+def _by_box(table: sa.Table) -> tuple[Any, ...]:
+    """WHERE one box of one rollout, with bound parameters (statements built once: SQLAlchemy
+    then neither rebuilds nor re-keys them per report)."""
+    c = table.c
+    return (
+        c.rollout_id == sa.bindparam("b_rollout"),
+        c.site == sa.bindparam("b_site"),
+        c.device == sa.bindparam("b_device"),
+    )
+
+
+_BOX_ROW = sa.select(ROLLOUT_BOXES).where(*_by_box(ROLLOUT_BOXES))
+_BOX_ROW_LOCKED = _BOX_ROW.with_for_update()
+_BOX_UPDATES: dict[tuple[str, ...], Any] = {}
 
 
 #: A box row's columns without the stored notices (which are ~1 KiB each): what a tick's view,
@@ -140,15 +160,25 @@ LIGHT_COLUMNS = tuple(
 )
 
 
-def wave_rows(conn: Connection, rollout_id: str, wave: int) -> list[sa.Row[Any]]:
-    """The boxes of one wave, without their notices (index `rollout_boxes_by_wave`)."""
+def unfinished_wave_rows(conn: Connection, rollout_id: str, wave: int) -> list[sa.Row[Any]]:
+    """The boxes of one wave not yet final (pending or in flight), without their notices: what a
+    tick looks at, fewer as the wave's boxes finish (index `rollout_boxes_by_wave`)."""
     c = ROLLOUT_BOXES.c
     query = (
         sa.select(*LIGHT_COLUMNS)
-        .where(c.rollout_id == rollout_id, c.wave == wave)
+        .where(c.rollout_id == rollout_id, c.wave == wave, c.state.in_(UNFINISHED))
         .order_by(c.site, c.device)
     )
     return list(conn.execute(query).all())
+
+
+def finished_in_wave(conn: Connection, rollout_id: str, wave: int) -> int:
+    """How many boxes of one wave are final (counted by the index, no row read out)."""
+    c = ROLLOUT_BOXES.c
+    query = sa.select(sa.func.count()).where(
+        c.rollout_id == rollout_id, c.wave == wave, c.state.not_in(UNFINISHED)
+    )
+    return int(conn.execute(query).scalar_one())
 
 
 def light_rows(
@@ -232,7 +262,24 @@ def row_by_sequence(conn: Connection, site: str, device: str, sequence: int) -> 
 
 
 def update_box(conn: Connection, rollout_id: str, site: str, device: str, **values: Any) -> None:
-    conn.execute(ROLLOUT_BOXES.update().where(*box_key(rollout_id, site, device)).values(**values))
+    columns = tuple(values)
+    statement = _BOX_UPDATES.get(columns)
+    if statement is None:  # one per set of columns (a handful), kept
+        statement = (
+            ROLLOUT_BOXES.update()
+            .where(*_by_box(ROLLOUT_BOXES))
+            .values({column: sa.bindparam(f"v_{column}") for column in columns})
+        )
+        _BOX_UPDATES[columns] = statement
+    conn.execute(
+        statement,
+        {
+            "b_rollout": rollout_id,
+            "b_site": site,
+            "b_device": device,
+            **{f"v_{column}": value for column, value in values.items()},
+        },
+    )
 
 
 def box_rows_at(conn: Connection, rollout_id: str, refs: Sequence[str]) -> dict[str, sa.Row[Any]]:

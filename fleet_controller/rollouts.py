@@ -84,6 +84,7 @@ from fleet_controller.rollout_tables import (
     box_rows,
     brief_status,
     facts_json,
+    finished_in_wave,
     full_status,
     insert_audit,
     light_rows,
@@ -96,9 +97,9 @@ from fleet_controller.rollout_tables import (
     rollback_rows,
     row_by_sequence,
     summary,
+    unfinished_wave_rows,
     update_box,
     wave_counts,
-    wave_rows,
     with_state,
 )
 from fleet_controller.sending import (
@@ -152,6 +153,7 @@ class Rollouts:
             clock=lambda: self.clock(),
         )
         self._lock = threading.RLock()
+        self._shadow_plans: dict[str, bool] = {}  # rollout id -> whether it has a shadow phase
         db.migrate(engine)
 
     def serialised(self) -> AbstractContextManager[Any]:
@@ -464,18 +466,18 @@ class Rollouts:
     def _view(self, conn: Connection, rollout: Rollout, now: datetime) -> View:
         state = rollout.state
         sendable: list[str] = []
-        waiting = final = 0
+        waiting = 0
         in_flight: list[tuple[str, datetime | None]] = []
-        for row in wave_rows(conn, rollout.id, state.wave):
+        # Only the wave's unfinished boxes are read; the final ones are counted.
+        for row in unfinished_wave_rows(conn, rollout.id, state.wave):
             if row.state == "pending":
                 if rollout.plan.site_open(row.site, now):
                     sendable.append(box_ref(row))
                 else:
                     waiting += 1
-            elif row.state in IN_FLIGHT:
-                in_flight.append((box_ref(row), maybe_utc(row.sent_at)))
             else:
-                final += 1
+                in_flight.append((box_ref(row), maybe_utc(row.sent_at)))
+        final = finished_in_wave(conn, rollout.id, state.wave)
         rb_sendable: list[str] = []
         rb_in_flight: list[tuple[str, datetime | None]] = []
         rb_final = 0
@@ -549,17 +551,17 @@ class Rollouts:
         if report.rollout_id is None:
             found = row_by_sequence(conn, report.site, report.device, report.sequence)
             return found.rollout_id if found is not None else None
-        known = conn.execute(
-            sa.select(ROLLOUTS.c.id).where(ROLLOUTS.c.id == report.rollout_id)
-        ).first()
-        if known is None:
+        shadowed = self._shadowed(conn, report.rollout_id)
+        if shadowed is None:
             raise BadMessageError(
                 "update", "unknown-rollout",
                 f"{report.site}/{report.device} reports on rollout {report.rollout_id!r}, "
                 "which this controller never created",
             )  # fmt: skip
         row = box_row(conn, report.rollout_id, report.site, report.device)
-        shadow = shadowing.row(conn, report.rollout_id, report.site, report.device)
+        shadow = (
+            shadowing.row(conn, report.rollout_id, report.site, report.device) if shadowed else None
+        )
         if (
             shadow is not None
             and shadow.sequence is not None
@@ -573,6 +575,18 @@ class Rollouts:
                 f"{report.rollout_id!r}, which never sent that sequence to that box",
             )  # fmt: skip
         return report.rollout_id
+
+    def _shadowed(self, conn: Connection, rollout_id: str) -> bool | None:
+        """Whether a rollout's plan has a shadow phase; None for no such rollout. A rollout is
+        never deleted and its plan never changes, so what was found once is kept."""
+        if rollout_id in self._shadow_plans:
+            return self._shadow_plans[rollout_id]
+        plan = conn.execute(sa.select(ROLLOUTS.c.plan).where(ROLLOUTS.c.id == rollout_id)).scalar()
+        if plan is None:
+            return None
+        shadowed = RolloutPlan.from_json(db.loads(plan)).shadow is not None
+        self._shadow_plans[rollout_id] = shadowed
+        return shadowed
 
     def on_report(self, report: UpdateReport, rollout_id: str | None) -> None:
         """Record what an attributed report says about its box (shadow, release or rollback)."""
@@ -588,7 +602,11 @@ class Rollouts:
         instances applying two reports of one box take turns instead of losing one update."""
         now = self.clock()
         row = box_row(conn, rollout_id, report.site, report.device, lock=True)
-        shadow = shadowing.row(conn, rollout_id, report.site, report.device)
+        shadow = (
+            shadowing.row(conn, rollout_id, report.site, report.device)
+            if self._shadowed(conn, rollout_id)
+            else None
+        )
         if shadow is not None and shadow.sequence == report.sequence:
             state = shadowing.next_state(shadow.state, report.phase, report.outcome)
             if state is not None:

@@ -67,7 +67,7 @@ class FleetConfig:
 
 
 def write_config(
-    directory: Path, keys: FleetKeys, broker_port: int, **sections: str
+    directory: Path, keys: FleetKeys, broker_port: int, *, tick_s: float = 0.2, **sections: str
 ) -> FleetConfig:
     """A controller config in `directory`; `sections` adds raw TOML lines per section name."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ def write_config(
         f'[http]\nhost = "127.0.0.1"\nport = {port}\n\n'
         f'[keys]\nbundle_keys = ["{keys.bundle_public}"]\n'
         f'release_key = "{keys.release_private}"\napi_tokens = "{tokens}"\n\n'
-        f"[controller]\ntick_s = 0.2\n{extra.get('controller', '')}\n"
+        f"[controller]\ntick_s = {tick_s}\n{extra.get('controller', '')}\n"
     )
     path = directory / "fleet.toml"
     path.write_text(text)

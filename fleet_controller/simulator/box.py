@@ -313,10 +313,9 @@ class SimBox:
         # Each box at its own phase of the interval, so a large fleet does not publish at once.
         phase = (zlib.crc32(self.spec.ref.encode()) % 1000) / 1000
         await asyncio.sleep(self.telemetry_interval_s * phase)
-        while True:
+        while True:  # one message per interval
             self.publish_telemetry()
             await asyncio.sleep(self.telemetry_interval_s)
-            self.publish_telemetry()
 
     def _report(
         self,

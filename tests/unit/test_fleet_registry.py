@@ -389,6 +389,20 @@ def test_boxes_are_read_by_ref_and_by_when_their_row_changed(reg: Registry) -> N
     assert [(box.ref, box.online) for box in changed] == [("plant-a/box1", False)]
     assert newest == later
     assert reg.devices_changed(later + timedelta(seconds=1)) == ([], None)
+    # Heard from again with nothing new to show: last_seen moves, changed_at does not.
+    same = telemetry_020()  # the self-test stamped once, at load, as an agent does
+    feed(reg, "telemetry", same, later + timedelta(minutes=1))
+    changed, first_telemetry = reg.devices_changed(later + timedelta(seconds=1))
+    assert [box.ref for box in changed] == ["plant-a/box1"]
+    feed(reg, "telemetry", same, later + timedelta(minutes=2))
+    feed(reg, "status", status_payload("online"), later + timedelta(minutes=3))
+    assert reg.devices_changed(later + timedelta(minutes=1, seconds=1)) == ([], None)
+    box = reg.device("plant-a", "box1")
+    assert box is not None and box.last_seen == later + timedelta(minutes=3)
+    feed(reg, "telemetry", {**same, "ready": False}, later + timedelta(minutes=4))
+    changed, newest = reg.devices_changed(later + timedelta(minutes=1, seconds=1))
+    assert [box.ready for box in changed] == [False] and newest == later + timedelta(minutes=4)
+    assert first_telemetry == later + timedelta(minutes=1)
 
 
 def test_telemetry_upserts_the_device_record(reg: Registry) -> None:
