@@ -14,7 +14,7 @@ from fleet_controller.simulator.box import SimBox
 from fleet_controller.simulator.spec import BoxSpec
 
 
-class Stop(Exception):
+class StopLoopError(Exception):
     """Ends the telemetry loop after a set number of sleeps."""
 
 
@@ -24,7 +24,7 @@ def test_one_telemetry_message_per_interval(monkeypatch: pytest.MonkeyPatch) -> 
     async def fake_sleep(seconds: float) -> None:
         sleeps.append(seconds)
         if len(sleeps) > 4:  # the phase, then four intervals
-            raise Stop
+            raise StopLoopError
 
     monkeypatch.setattr(box_module.asyncio, "sleep", fake_sleep)
 
@@ -39,7 +39,7 @@ def test_one_telemetry_message_per_interval(monkeypatch: pytest.MonkeyPatch) -> 
             )
             published: list[int] = []
             monkeypatch.setattr(sim, "publish_telemetry", lambda: published.append(1))
-            with pytest.raises(Stop):
+            with pytest.raises(StopLoopError):
                 await sim._telemetry_loop()
             return len(published)
 
