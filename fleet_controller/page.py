@@ -14,7 +14,8 @@ depend on the request (reading and decoding every box, their order, the filters'
 once per `Snapshot`, and `Snapshots` shares one snapshot between the requests of the next
 `OVERVIEW_MAX_AGE_S` (one read at a time; the others wait for it): the page refreshes every 5 s,
 so several operators' pages, or one page's several calls, cost one read of the registry, and the
-view is at most that old (`as_of` says when it was read). That read is of the boxes changed
+view is at most that old (`as_of` says when it was read), or, while the next read runs behind it,
+a little older: a request is never kept waiting for a read it does not need (`Snapshots`). That read is of the boxes changed
 since the one before (`devices.changed_at`, stamped when something shown here changes), with
 every box read again each `FULL_READ_EVERY_S`: a box's `last_seen` alone, which moves with every
 message, is at most that old in the list.
@@ -22,6 +23,7 @@ message, is at most that old in the list.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -36,6 +38,8 @@ from fastapi.responses import Response
 
 from fleet_controller.registry import Device, DeviceFilter
 
+log = logging.getLogger(__name__)
+
 BoxState = Literal["all", "online", "offline"]
 #: The most boxes one overview page lists.
 MAX_PAGE = 500
@@ -43,6 +47,8 @@ MAX_PAGE = 500
 OVERVIEW_MAX_AGE_S = 1.0
 #: How often the overview reads every box again, not only those changed since its last read.
 FULL_READ_EVERY_S = 60.0
+#: Up to how old a snapshot is still answered at once while the next one is read behind it.
+OVERVIEW_STALE_S = 30.0
 
 CONTENT_SECURITY_POLICY = "; ".join(
     (
@@ -92,11 +98,20 @@ class Snapshot:
     devices: tuple[Device, ...]
     facets: dict[str, list[str]]
     as_of: datetime
+    #: The whole fleet's online count and versions (the page's unfiltered view), made once.
+    online: int = 0
+    versions: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def of(cls, devices: Sequence[Device]) -> Snapshot:
         ordered = tuple(sorted(devices, key=lambda d: (d.online, d.site, d.device)))
-        return cls(ordered, _facets(ordered), datetime.now(UTC))
+        return cls(
+            ordered,
+            _facets(ordered),
+            datetime.now(UTC),
+            online=sum(1 for d in ordered if d.online),
+            versions=tuple(_versions(ordered)),
+        )
 
 
 #: Reads the boxes changed at or after a time (all of them for None), and the newest change.
@@ -104,7 +119,12 @@ ReadChanged = Callable[[datetime | None], tuple[Sequence[Device], datetime | Non
 
 
 class Snapshots:
-    """One `Snapshot` at a time, read again once older than `max_age_s`; thread-safe.
+    """One `Snapshot` at a time, thread-safe, read again once older than `max_age_s`.
+
+    A request never waits for a read while the snapshot is younger than `stale_s`: it gets the
+    current one, and a background thread reads the next (one at a time). Only a first request,
+    or one after `stale_s` without any, reads while it waits. So the page's requests cost their
+    own answer, not the registry read, and a snapshot is read only while someone looks.
 
     After the first read of every box, a new snapshot reads only the boxes whose rows changed
     since the newest change already seen (less `OVERLAP_S`, for transactions that commit a
@@ -121,23 +141,57 @@ class Snapshots:
         clock: Callable[[], float] = time.monotonic,
         *,
         full_every_s: float = FULL_READ_EVERY_S,
+        stale_s: float = OVERVIEW_STALE_S,
+        background: bool = True,
     ) -> None:
         self.read = read
         self.max_age_s = max_age_s
         self.clock = clock
         self.full_every_s = full_every_s
-        self._lock = threading.Lock()
+        self.stale_s = max(stale_s, max_age_s)
+        self.background = background
+        self._lock = threading.Lock()  # guards _current and _reading
+        self._read_lock = threading.Lock()  # one registry read at a time
         self._current: tuple[float, Snapshot] | None = None
+        self._reading = False
         self._boxes: dict[str, Device] = {}
         self._newest: datetime | None = None
         self._full_at: float | None = None
 
     def get(self) -> Snapshot:
-        with self._lock:  # one read at a time: concurrent requests share it
+        now = self.clock()
+        with self._lock:
+            current = self._current
+            if current is not None and now - current[0] <= self.max_age_s:
+                return current[1]
+            if current is not None and now - current[0] <= self.stale_s and self.background:
+                if not self._reading:
+                    self._reading = True
+                    threading.Thread(
+                        target=self._read_in_background, name="overview-snapshot", daemon=True
+                    ).start()
+                return current[1]
+        return self._read_now()
+
+    def _read_in_background(self) -> None:
+        try:
+            self._read_now()
+        except Exception:  # the next request reads again (and raises to its caller)
+            log.exception("reading the fleet overview's snapshot failed")
+        finally:
+            with self._lock:
+                self._reading = False
+
+    def _read_now(self) -> Snapshot:
+        with self._read_lock:
             now = self.clock()
-            if self._current is None or now - self._current[0] > self.max_age_s:
-                self._current = (now, Snapshot.of(self._refresh(now)))
-            return self._current[1]
+            with self._lock:
+                if self._current is not None and now - self._current[0] <= self.max_age_s:
+                    return self._current[1]  # read meanwhile by another request
+            snapshot = Snapshot.of(self._refresh(now))
+            with self._lock:
+                self._current = (now, snapshot)
+            return snapshot
 
     def _refresh(self, now: float) -> Sequence[Device]:
         since: datetime | None = None
@@ -174,7 +228,7 @@ def overview(
     snapshot = devices if isinstance(devices, Snapshot) else Snapshot.of(devices)
     everyone = snapshot.devices
     picked = everyone if selector is None else [d for d in everyone if selector.matches(d)]
-    online = sum(1 for d in picked if d.online)
+    online = snapshot.online if selector is None else sum(1 for d in picked if d.online)
     needle = query.lower()
     listed = [
         d
@@ -189,7 +243,7 @@ def overview(
         "total": len(picked),
         "online": online,
         "offline": len(picked) - online,
-        "versions": _versions(picked),
+        "versions": list(snapshot.versions) if selector is None else _versions(picked),
         "facets": snapshot.facets,
         "boxes": {
             "count": len(listed),

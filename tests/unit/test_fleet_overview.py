@@ -4,6 +4,7 @@ headers through the API app."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -89,7 +90,7 @@ def test_requests_within_the_max_age_share_one_registry_read() -> None:
         reads.append(since)
         return [box(n, online=bool(len(reads) % 2)) for n in range(4)], NOW
 
-    snapshots = Snapshots(read, max_age_s=1.0, clock=lambda: now[0])
+    snapshots = Snapshots(read, max_age_s=1.0, clock=lambda: now[0], background=False)
     first = snapshots.get()
     now[0] = 0.9
     assert snapshots.get() is first and len(reads) == 1  # shared: no second read
@@ -112,7 +113,9 @@ def test_after_the_first_read_only_changed_boxes_are_read_and_all_again_now_and_
         picked = [n for n in fleet if since is None or changed[n] >= since]
         return [fleet[n] for n in picked], max((changed[n] for n in picked), default=None)
 
-    snapshots = Snapshots(read, max_age_s=1.0, clock=lambda: now[0], full_every_s=60)
+    snapshots = Snapshots(
+        read, max_age_s=1.0, clock=lambda: now[0], full_every_s=60, background=False
+    )
     assert overview(snapshots.get())["offline"] == 0 and reads == [None]
     later = NOW + timedelta(seconds=30)
     fleet[4], changed[4] = box(4, online=False), later  # box 4 went offline
@@ -128,3 +131,37 @@ def test_after_the_first_read_only_changed_boxes_are_read_and_all_again_now_and_
     del fleet[0]  # a box gone from the registry: seen at the next full read
     now[0] = 70.0
     assert overview(snapshots.get())["total"] == 5 and reads[-1] is None
+
+
+def test_a_request_gets_the_current_snapshot_while_the_next_is_read_behind_it() -> None:
+    now = [0.0]
+    reads: list[datetime | None] = []
+    release = threading.Event()
+    read_started = threading.Event()
+    read_done = threading.Event()
+
+    def read(since: datetime | None) -> tuple[list[Device], datetime | None]:
+        reads.append(since)
+        if len(reads) > 1:
+            read_started.set()
+            assert release.wait(30)
+            read_done.set()
+        return [box(n, online=len(reads) == 1) for n in range(3)], NOW
+
+    snapshots = Snapshots(read, max_age_s=1.0, clock=lambda: now[0], stale_s=30)
+    first = snapshots.get()  # the first request reads while it waits
+    assert overview(first)["offline"] == 0
+    now[0] = 2.0
+    assert snapshots.get() is first  # stale: answered at once, the next read started behind it
+    assert read_started.wait(30)
+    assert snapshots.get() is first and len(reads) == 2  # one background read at a time
+    release.set()
+    assert read_done.wait(30)
+    for _ in range(300):  # until the background thread has put its snapshot in place
+        if snapshots.get() is not first:
+            break
+        threading.Event().wait(0.01)
+    assert overview(snapshots.get())["offline"] == 3
+    now[0] = 100.0  # nobody asked for longer than stale_s: this request waits for a fresh read
+    release.set()
+    assert overview(snapshots.get())["offline"] == 3 and len(reads) == 3
