@@ -629,11 +629,17 @@ class Registry:
         """The known boxes among `refs` ("site/device"), by ref: one query for a batch."""
         if not refs:
             return {}
-        pairs = [tuple(ref.split("/", 1)) for ref in refs]
-        query = sa.select(DEVICES).where(sa.tuple_(DEVICES.c.site, DEVICES.c.device).in_(pairs))
+        wanted = set(refs)
+        pairs = [ref.partition("/") for ref in wanted]
+        # By the primary key on both dialects (a row value IN scans the table on SQLite); the
+        # exact pairs are picked here.
+        query = sa.select(DEVICES).where(
+            DEVICES.c.site.in_(sorted({site for site, _, _ in pairs})),
+            DEVICES.c.device.in_(sorted({device for _, _, device in pairs})),
+        )
         with db.transaction(self.engine) as conn:
             found = [_device(row) for row in conn.execute(query)]
-        return {device.ref: device for device in found}
+        return {device.ref: device for device in found if device.ref in wanted}
 
     def devices_changed(self, since: datetime | None) -> tuple[list[Device], datetime | None]:
         """The boxes whose rows changed at or after `since` (every box when None), and the

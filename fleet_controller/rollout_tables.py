@@ -294,11 +294,15 @@ def rows_at(
     if not refs:
         return {}
     c = table.c
-    pairs = [(ref_site(ref), ref_device(ref)) for ref in refs]
+    wanted = set(refs)
+    # `site IN (..) AND device IN (..)` is searched by the primary key on SQLite, where a row
+    # value `(site, device) IN (..)` scans the rollout's rows; the pairs are then picked here.
     query = sa.select(table).where(
-        c.rollout_id == rollout_id, sa.tuple_(c.site, c.device).in_(pairs)
+        c.rollout_id == rollout_id,
+        c.site.in_(sorted({ref_site(ref) for ref in refs})),
+        c.device.in_(sorted({ref_device(ref) for ref in refs})),
     )
-    return {box_ref(row): row for row in conn.execute(query)}
+    return {ref: row for row in conn.execute(query) if (ref := box_ref(row)) in wanted}
 
 
 def mark_sent(
