@@ -38,6 +38,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_bundle.chunk_window import RequestWindow
 from edge_bundle.chunks import (
     DEFAULT_CHUNK_SIZE,
     MQTT_CHUNKS_EXTENSION,
@@ -222,43 +223,44 @@ class ChunkFetcher:
     def _fetch_all(
         self, part: str, count: int, client: paho.Client, deadline_s: float, on_chunk: Any = None
     ) -> dict[int, bytes]:
+        """Every `part` 0..count-1, with the agent's flow control (`RequestWindow`)."""
         done: dict[int, bytes] = {}
-        asked: dict[int, float] = {}
+        window = RequestWindow(
+            range(count), size=self.window, timeout_s=self.timeout_s, max_timeout_s=self.timeout_s
+        )
         deadline = time.monotonic() + deadline_s
-        while len(done) < count:
+        while not window.done:
             now = time.monotonic()
             if now > deadline:
                 raise AssertionError(
                     f"{part}s {sorted(set(range(count)) - set(done))[:10]} never came"
                 )
-            for index in [i for i, at in asked.items() if now - at > self.timeout_s]:
-                del asked[index]  # timed out: asked again below
-                self.repeated += 1
-            for index in range(count):
-                if len(asked) >= self.window:
-                    break
-                if index not in done and index not in asked:
-                    self._ask(client, part, index)
-                    asked[index] = now
+            resent = window.resent
+            for index in window.to_send(now):
+                self._ask(client, part, index)
+            self.repeated += window.resent - resent
             with self._condition:
                 if not self._replies:
                     self._condition.wait(0.1)
                 replies, self._replies = self._replies, []
             for reply in replies:
-                if reply.part != part or reply.bundle != self.bundle or reply.index in done:
+                if reply.part != part or reply.bundle != self.bundle:
                     continue
-                self.received += 1
                 if reply.error is not None:
+                    self.received += 1
                     self.refusals.append(reply)
                     raise AssertionError(
                         f"the chunk server refused: {reply.error}: {reply.message}"
                     )
+                if not window.take(reply.index):
+                    continue  # answered already (a request sent twice)
+                self.received += 1
                 if not self._valid(part, reply):
                     self.refused_chunks += 1
-                    asked.pop(reply.index, None)
+                    window.refused(reply.index)
                     continue
                 done[reply.index] = reply.data
-                asked.pop(reply.index, None)
+                window.stored(reply.index)
                 if on_chunk is not None and part == "chunk":
                     on_chunk(reply.index)
         return done

@@ -3,7 +3,7 @@
 The fetch asks for the chunk manifest first (in pages), checks it against the digest the signed
 notice carries (a wrong one is fetched again, `MANIFEST_ATTEMPTS` times in all, then the download
 is refused), keeps it beside the `.part` file, then asks for the chunks this box does not hold yet,
-at most `update_chunk_window` open at once (`window.RequestWindow`). Each chunk is checked against
+at most `update_chunk_window` open at once (`edge_bundle.chunk_window.RequestWindow`). Each chunk is checked against
 its manifest entry before it is written at its offset; a chunk that fails is counted and asked for
 again. Replies nobody asked for, or for chunks already held, are ignored. Requests left unanswered
 are sent again, backing off; while the broker is away nothing is sent and nothing times out, and
@@ -32,7 +32,7 @@ from edge_agent.settings import AgentSettings
 from edge_agent.updater.chunk_files import ChunkFiles
 from edge_agent.updater.download import DownloadError
 from edge_agent.updater.machine import Release
-from edge_agent.updater.window import RequestWindow
+from edge_bundle.chunk_window import RequestWindow
 from edge_bundle.chunks import ChunkedDelivery, ChunkError, ChunkReply, ChunkRequest, Part
 
 log = logging.getLogger(__name__)

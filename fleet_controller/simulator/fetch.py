@@ -4,25 +4,26 @@ arrives. Pure: no I/O, and the caller passes the time.
 `ChunkFetch` first fetches the chunk manifest page by page and checks it against the notice's
 signed digest (`ChunkedDelivery.check_manifest`; a wrong manifest is dropped and fetched again),
 then the chunks, each checked against its manifest entry (`chunk_ok`) as it arrives; a chunk
-that fails is refused and asked for again. At most `window` requests are outstanding, and a chunk
-is asked for only within `window` of the next one to hash, so a box holds at most `window` chunks
-beside the manifest. Chunks are hashed in order into a running sha256, so the simulator never
+that fails is refused and asked for again. Its requests are kept by the agent's own flow control,
+`edge_bundle.chunk_window.RequestWindow`: at most `window` parts open (asked for, or arrived and
+not yet hashed), so a box holds at most `window` chunks beside the manifest; a request unanswered
+after `timeout_s` is asked for again, then after twice as long each time (a lost reply, a broker
+restart, a chunk server restarting); a reply nobody is waiting for (the answer to a request sent
+twice) is dropped. Chunks are hashed in order into a running sha256, so the simulator never
 keeps the bundle: the finished size and sha256 are checked against the notice as an HTTP download
-is. A request unanswered after `timeout_s` is asked for again (a lost reply, a broker restart, a
-chunk server restarting); a reply nobody is waiting for (the answer to a request sent twice) is
-dropped. A manifest that fails its signed digest `MAX_BAD_MANIFESTS` times ends the fetch: the
+is. A manifest that fails its signed digest `MAX_BAD_MANIFESTS` times ends the fetch: the
 notice and the chunk server disagree, and asking again will not change that.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from edge_bundle.chunk_window import RequestWindow
 from edge_bundle.chunks import ChunkedDelivery, ChunkError, ChunkReply, ChunkRequest, Part
 
-Key = tuple[Part, int]
 MAX_BAD_MANIFESTS = 3
 
 
@@ -71,8 +72,11 @@ class ChunkFetch:
     _pages: dict[int, bytes] = field(default_factory=dict)
     _ahead: dict[int, bytes] = field(default_factory=dict)  # checked, waiting to be hashed
     _next: int = 0  # the next chunk to hash
-    _outstanding: dict[Key, float] = field(default_factory=dict)  # -> when it was sent
     _digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+    _part: Part = "manifest"  # what is being fetched now
+
+    def __post_init__(self) -> None:
+        self._window = self._new_window(range(self.delivery.manifest_pages))
 
     @property
     def held_bytes(self) -> int:
@@ -89,41 +93,35 @@ class ChunkFetch:
         Each is counted as outstanding from `now`; the caller sends them all."""
         if self.finished:
             return []
-        keys = [k for k, sent in self._outstanding.items() if now - sent >= self.settings.timeout_s]
-        self.counts.resent += len(keys)
-        for key in keys:
-            self._outstanding[key] = now
-        for key in self._wanted():
-            if len(self._outstanding) >= self.settings.window:
-                break
-            if key not in self._outstanding:
-                self._outstanding[key] = now
-                keys.append(key)
-        self.counts.requests += len(keys)
-        return [self._request(part, index) for part, index in keys]
+        resent = self._window.resent
+        indices = self._window.to_send(now)
+        self.counts.resent += self._window.resent - resent
+        self.counts.requests += len(indices)
+        return [self._request(self._part, index) for index in indices]
 
     def next_deadline(self) -> float | None:
         """When the oldest outstanding request times out (None: nothing outstanding)."""
-        if not self._outstanding:
-            return None
-        return min(self._outstanding.values()) + self.settings.timeout_s
+        return None if self.finished else self._window.next_deadline()
 
     def forget_outstanding(self) -> None:
         """The connection was lost: everything outstanding is asked for again at once."""
-        for key in self._outstanding:
-            self._outstanding[key] = float("-inf")
+        self._window.resend_all()
 
     def receive(self, reply: ChunkReply) -> None:
         """Take one reply from the box's chunk topic."""
-        key: Key = (reply.part, reply.index)
         mine = reply.bundle == self.bundle_sha256 and reply.chunk_size == self.delivery.chunk_size
-        if self.finished or not mine or key not in self._outstanding:
+        if (
+            self.finished
+            or not mine
+            or reply.part != self._part
+            or not self._window.asking(reply.index)
+        ):
             self.counts.stray += 1
             return
         if reply.error is not None:
-            self._refusal(key, reply)
+            self._refusal(reply)
             return
-        del self._outstanding[key]
+        self._window.take(reply.index)
         self.counts.replies += 1
         if reply.part == "manifest":
             self._page(reply.index, reply.data)
@@ -131,25 +129,16 @@ class ChunkFetch:
             self._chunk(reply.index, reply.data)
 
     # ---- internals -------------------------------------------------------------------------
+    def _new_window(self, indices: Iterable[int]) -> RequestWindow:
+        return RequestWindow(indices, size=self.settings.window, timeout_s=self.settings.timeout_s)
+
     def _request(self, part: Part, index: int) -> ChunkRequest:
         return ChunkRequest(self.bundle_sha256, self.delivery.chunk_size, part, index, self.reply)
 
-    def _wanted(self) -> Iterator[Key]:
-        if self.manifest is None:
-            for page in range(self.delivery.manifest_pages):
-                if page not in self._pages:
-                    yield ("manifest", page)
-            return
-        end = min(self.delivery.chunks, self._next + self.settings.window)
-        for index in range(self._next, end):
-            if index not in self._ahead:
-                yield ("chunk", index)
-
-    def _refusal(self, key: Key, reply: ChunkReply) -> None:
+    def _refusal(self, reply: ChunkReply) -> None:
         if reply.error == "unavailable":
             self.counts.unavailable += 1  # stays outstanding: asked again after the timeout
             return
-        del self._outstanding[key]
         self.failure = (
             f"the chunk server refused {reply.part} {reply.index} of bundle "
             f"{self.bundle_sha256[:12]}: {reply.error} ({reply.message}); check that the chunk "
@@ -160,8 +149,10 @@ class ChunkFetch:
     def _page(self, page: int, data: bytes) -> None:
         if len(data) != self.delivery.page_length(page):
             self.counts.bad_manifests += 1
-            return  # asked for again
+            self._window.refused(page)  # asked for again
+            return
         self._pages[page] = data
+        self._window.stored(page)
         if len(self._pages) < self.delivery.manifest_pages:
             return
         manifest = b"".join(self._pages[p] for p in range(self.delivery.manifest_pages))
@@ -173,21 +164,25 @@ class ChunkFetch:
             if self.counts.bad_manifests >= MAX_BAD_MANIFESTS:
                 self.failure = f"{exc} ({MAX_BAD_MANIFESTS} times; refused)"
                 self.finished = True
-            return  # every page is asked for again
+            else:  # every page is asked for again
+                self._window = self._new_window(range(self.delivery.manifest_pages))
+            return
         self.manifest = manifest
+        self._part = "chunk"
+        self._window = self._new_window(range(self.delivery.chunks))
 
     def _chunk(self, index: int, data: bytes) -> None:
         manifest = self.manifest
-        if manifest is None or index < self._next or index in self._ahead:
-            self.counts.stray += 1
-            return
+        assert manifest is not None  # chunks are asked for only once it is checked
         if not self.delivery.chunk_ok(manifest, index, data, self.bundle_size):
             self.counts.refused += 1
-            return  # asked for again
+            self._window.refused(index)  # asked for again, first
+            return
         self._ahead[index] = data
         while self._next in self._ahead:
             piece = self._ahead.pop(self._next)
             self._digest.update(piece)
+            self._window.stored(self._next)
             self.received += len(piece)
             self._next += 1
         if self._next == self.delivery.chunks:

@@ -24,7 +24,7 @@ from edge_agent.updater.chunk_files import read_record
 from edge_agent.updater.chunked import MANIFEST_ATTEMPTS, ChunkFetcher, FetchOptions
 from edge_agent.updater.download import DownloadError, part_path
 from edge_agent.updater.machine import Release
-from edge_agent.updater.window import RequestWindow
+from edge_bundle.chunk_window import RequestWindow
 from edge_bundle.chunks import (
     ChunkedDelivery,
     ChunkReply,

@@ -1,10 +1,12 @@
-"""Flow control of a chunked fetch, as pure bookkeeping: what to ask for next and what again.
+"""Flow control of a chunked fetch over MQTT (`edge_bundle.chunks`), as pure bookkeeping: what
+to ask for next and what again. The agent's fetch, the fleet simulator's and the tests' fetcher
+all keep their requests with it.
 
 At most `size` parts (manifest pages or chunks) are *open* at once: asked for and not yet
 answered, or answered and still being checked and written. That bounds both the broker's queue
-for this box and the agent's memory (`size` chunks at most). A request unanswered by its deadline
-is asked again, each time waiting twice as long (up to `max_timeout_s`); a part refused for its
-content goes back to the front of the queue. The clock is passed in, so tests drive it.
+for this box and the fetcher's memory (`size` chunks at most). A request unanswered by its
+deadline is asked again, each time waiting twice as long (up to `max_timeout_s`); a part refused
+for its content goes back to the front of the queue. The clock is passed in, so tests drive it.
 """
 
 from __future__ import annotations
