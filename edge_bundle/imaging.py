@@ -74,15 +74,20 @@ class DecodedImage:
     reduction: int
 
 
-def choose_reduction(width: int, height: int, target_hw: tuple[int, int] | None) -> int:
+def choose_reduction(
+    width: int,
+    height: int,
+    target_hw: tuple[int, int] | None,
+    min_ratio: float = MIN_REDUCED_RATIO,
+) -> int:
     """The JPEG decode reduction (1, 2, 4 or 8) for an image of this size and a resize target.
 
-    The reduced short side must stay >= MIN_REDUCED_RATIO x the larger target side; orientation
+    The reduced short side must stay >= `min_ratio` x the larger target side; orientation
     does not matter because only the short side is compared.
     """
     if target_hw is None:
         return 1
-    needed = MIN_REDUCED_RATIO * max(target_hw)
+    needed = min_ratio * max(target_hw)
     for factor in (8, 4, 2):
         if min(math.ceil(width / factor), math.ceil(height / factor)) >= needed:
             return factor
@@ -95,11 +100,13 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
     target_hw: tuple[int, int] | None = None,
+    min_ratio: float = MIN_REDUCED_RATIO,
 ) -> DecodedImage:
     """Decode JPEG, PNG, WebP or BMP bytes into RGB uint8 pixels.
 
     `target_hw` is the (height, width) the caller will resize to; when given, large JPEGs are
-    decoded at a reduced size (see `choose_reduction`). None decodes at full size.
+    decoded at a reduced size (see `choose_reduction`, which `min_ratio` is passed to). None
+    decodes at full size.
     """
     _check_byte_count(data, max_bytes)
     info = read_header(data)
@@ -109,7 +116,11 @@ def decode_image(
             f"the {info.format.upper()} data ends before the image does (a truncated upload?); "
             "send the whole file again"
         )
-    reduction = choose_reduction(info.width, info.height, target_hw) if info.format == "jpeg" else 1
+    reduction = (
+        choose_reduction(info.width, info.height, target_hw, min_ratio)
+        if info.format == "jpeg"
+        else 1
+    )
     bgr = _imdecode(data, _REDUCED_FLAGS[reduction], info.format)
     width, height = _display_size(info, bgr.shape[:2], reduction)
     # In place: a second full-size buffer would double the peak memory of a large decode.

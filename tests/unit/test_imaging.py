@@ -158,6 +158,14 @@ def test_reduction_keeps_twice_the_target_short_side() -> None:
     assert choose_reduction(4000, 3000, None) == 1
 
 
+def test_a_smaller_margin_allows_a_larger_reduction() -> None:
+    # bench/bench_decode_margin.py measures what the margin costs on the real model.
+    assert choose_reduction(4000, 3000, (256, 256), min_ratio=1.0) == 8  # 500x375 >= 256
+    assert choose_reduction(4000, 3000, (256, 256)) == 4
+    assert choose_reduction(1600, 1200, (256, 256), min_ratio=1.0) == 4  # 400x300
+    assert choose_reduction(1600, 1200, (256, 256)) == 2
+
+
 def test_large_jpeg_is_decoded_reduced_and_png_never(photo: np.ndarray) -> None:
     big = natural_image(1200, 1600, seed=4)
     decoded = decode_image(encode(big, "jpeg"), target_hw=(224, 224))
