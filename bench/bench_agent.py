@@ -228,21 +228,9 @@ def ensure_bundle() -> BenchBundle:
 def phone_jpeg() -> bytes:
     """A 12-megapixel JPEG made from a real photo: 4:3 centre crop, upscaled, noise, quality 90."""
     photo = realdata.photos()[realdata.PHOTO_FILES.index(PHOTO)]
-    height, width = photo.shape[:2]
-    crop_w = min(width, height * 4 // 3)
-    crop_h = crop_w * 3 // 4
-    top, left = (height - crop_h) // 2, (width - crop_w) // 2
-    crop = photo[top : top + crop_h, left : left + crop_w]
-    big = cv2.resize(crop, PHONE_WH, interpolation=cv2.INTER_CUBIC).astype(np.float32)
-    rng = np.random.default_rng(12)
-    big += rng.standard_normal(big.shape, dtype=np.float32) * PHONE_NOISE_SIGMA
-    pixels = np.clip(big, 0, 255).astype(np.uint8)
-    ok, data = cv2.imencode(
-        ".jpg", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, PHONE_QUALITY]
+    return realdata.phone_jpeg(
+        photo, PHONE_WH, quality=PHONE_QUALITY, noise_sigma=PHONE_NOISE_SIGMA, seed=12
     )
-    if not ok:
-        raise RuntimeError("OpenCV could not encode the benchmark JPEG")
-    return bytes(data.tobytes())
 
 
 def process_cpu_s(process: psutil.Process) -> float:

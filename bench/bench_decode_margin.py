@@ -43,28 +43,16 @@ NOISE_SIGMA = 5.0
 MARGINS = (MIN_REDUCED_RATIO, 1.0)
 
 
-def phone_jpeg(photo: NDArray[np.uint8], size: tuple[int, int], seed: int) -> bytes:
-    height, width = photo.shape[:2]
-    crop_w = min(width, height * 4 // 3)
-    crop_h = crop_w * 3 // 4
-    top, left = (height - crop_h) // 2, (width - crop_w) // 2
-    crop = photo[top : top + crop_h, left : left + crop_w]
-    big = cv2.resize(crop, size, interpolation=cv2.INTER_CUBIC).astype(np.float32)
-    big += np.random.default_rng(seed).standard_normal(big.shape, dtype=np.float32) * NOISE_SIGMA
-    pixels = np.clip(big, 0, 255).astype(np.uint8)
-    ok, data = cv2.imencode(
-        ".jpg", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, QUALITY]
-    )
-    if not ok:
-        raise RuntimeError("OpenCV could not encode a JPEG")
-    return bytes(data.tobytes())
-
-
 def photos(size: tuple[int, int]) -> list[bytes]:
     images = []
     for index, photo in enumerate(realdata.photos()):
-        images.append(phone_jpeg(photo, size, index))
-        images.append(phone_jpeg(np.ascontiguousarray(photo[:, ::-1]), size, 100 + index))
+        mirrored = np.ascontiguousarray(photo[:, ::-1])
+        for seed, image in ((index, photo), (100 + index, mirrored)):
+            images.append(
+                realdata.phone_jpeg(
+                    image, size, quality=QUALITY, noise_sigma=NOISE_SIGMA, seed=seed
+                )
+            )
     return images
 
 

@@ -315,19 +315,37 @@ def mark_sent(
 ) -> None:
     """Stamp `sent_at` (or `rollback_sent_at`) on the boxes of `items` (site, device, the notice
     the broker acknowledged), where it is unset and the stored notice is still that one."""
-    c = ROLLOUT_BOXES.c
-    column = "rollback_sent_at" if rollback else "sent_at"
-    notice = c.rollback_notice if rollback else c.notice
+    if rollback:
+        mark_sent_in(
+            conn, ROLLOUT_BOXES, "rollback_sent_at", "rollback_notice", rollout_id, items, at
+        )
+    else:
+        mark_sent_in(conn, ROLLOUT_BOXES, "sent_at", "notice", rollout_id, items, at)
+
+
+def mark_sent_in(
+    conn: Connection,
+    table: sa.Table,
+    sent_column: str,
+    notice_column: str,
+    rollout_id: str,
+    items: Sequence[tuple[str, str, bytes]],
+    at: datetime,
+) -> None:
+    """In a per-box rollout table, stamp `sent_column` on the boxes of `items` (site, device,
+    the notice the broker acknowledged) where it is unset and `notice_column` still holds that
+    notice: one statement, executed for every item."""
+    c = table.c
     statement = (
-        ROLLOUT_BOXES.update()
+        table.update()
         .where(
             c.rollout_id == rollout_id,
             c.site == sa.bindparam("b_site"),
             c.device == sa.bindparam("b_device"),
-            c[column].is_(None),
-            notice == sa.bindparam("b_notice"),
+            c[sent_column].is_(None),
+            c[notice_column] == sa.bindparam("b_notice"),
         )
-        .values({column: at})
+        .values({sent_column: at})
     )
     conn.execute(
         statement,

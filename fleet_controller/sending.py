@@ -65,6 +65,8 @@ Published = Sequence[BaseException | None]
 #: Publish (topic, payload) pairs retained at QoS 1, all in flight together; wait for the PUBACKs.
 PublishMany = Callable[[Sequence[tuple[str, bytes]]], Published]
 Kind = Literal["notice", "rollback", "shadow"]
+#: Signs and stores one batch's notices in the caller's transaction; what to publish.
+_Store = Callable[[Connection, Rollout, Sequence[str], Mapping[str, Device]], list["Outgoing"]]
 
 
 class NotAcknowledgedError(Exception):
@@ -125,11 +127,16 @@ class NoticeSender:
 
     # ---- release notices ----
     def send_notices(self, rollout: Rollout, refs: Sequence[str]) -> None:
+        self._send(rollout, refs, self._store_notices, "notice")
+
+    def _send(self, rollout: Rollout, refs: Sequence[str], store: _Store, kind: Kind) -> None:
+        """Batch by batch: the boxes' records, then their notices stored in one transaction,
+        then published (`_publish`)."""
         for batch in batches(refs):
             known = self.registry.devices_at(batch)
             with db.transaction(self.engine) as conn:
-                stored = self._store_notices(conn, rollout, batch, known)
-            self._publish(rollout.id, stored, "notice")
+                stored = store(conn, rollout, batch, known)
+            self._publish(rollout.id, stored, kind)
 
     def _store_notices(
         self, conn: Connection, rollout: Rollout, batch: Sequence[str], known: Mapping[str, Device]
@@ -172,11 +179,7 @@ class NoticeSender:
 
     # ---- shadow notices ----
     def send_shadow_notices(self, rollout: Rollout, refs: Sequence[str]) -> None:
-        for batch in batches(refs):
-            known = self.registry.devices_at(batch)
-            with db.transaction(self.engine) as conn:
-                stored = self._store_shadow_notices(conn, rollout, batch, known)
-            self._publish(rollout.id, stored, "shadow")
+        self._send(rollout, refs, self._store_shadow_notices, "shadow")
 
     def _store_shadow_notices(
         self, conn: Connection, rollout: Rollout, batch: Sequence[str], known: Mapping[str, Device]
@@ -219,11 +222,7 @@ class NoticeSender:
 
     # ---- rollback notices ----
     def send_rollbacks(self, rollout: Rollout, refs: Sequence[str]) -> None:
-        for batch in batches(refs):
-            known = self.registry.devices_at(batch)
-            with db.transaction(self.engine) as conn:
-                stored = self._store_rollbacks(conn, rollout, batch, known)
-            self._publish(rollout.id, stored, "rollback")
+        self._send(rollout, refs, self._store_rollbacks, "rollback")
 
     def _store_rollbacks(
         self, conn: Connection, rollout: Rollout, batch: Sequence[str], known: Mapping[str, Device]

@@ -115,25 +115,7 @@ def mark_sent(
 ) -> None:
     """Stamp `sent_at` on the shadow rows of `items` (site, device, the notice the broker
     acknowledged), where it is unset and the stored notice is still that one."""
-    c = ROLLOUT_SHADOWS.c
-    statement = (
-        ROLLOUT_SHADOWS.update()
-        .where(
-            c.rollout_id == rollout_id,
-            c.site == sa.bindparam("b_site"),
-            c.device == sa.bindparam("b_device"),
-            c.sent_at.is_(None),
-            c.notice == sa.bindparam("b_notice"),
-        )
-        .values(sent_at=at)
-    )
-    conn.execute(
-        statement,
-        [
-            {"b_site": site, "b_device": device, "b_notice": payload}
-            for site, device, payload in items
-        ],
-    )
+    rollout_tables.mark_sent_in(conn, ROLLOUT_SHADOWS, "sent_at", "notice", rollout_id, items, at)
 
 
 def key(rollout_id: str, site: str, device: str) -> tuple[Any, ...]:

@@ -226,6 +226,32 @@ def encode_jpeg(image: NDArray[np.uint8]) -> bytes:
     return bytes(data.tobytes())
 
 
+def phone_jpeg(
+    photo: NDArray[np.uint8],
+    size: tuple[int, int],
+    *,
+    quality: int = 90,
+    noise_sigma: float = 5.0,
+    seed: int = 12,
+) -> bytes:
+    """`photo` as a phone would shoot it: a 4:3 centre crop upscaled to `size` (width, height)
+    with sensor-like noise, encoded as JPEG at `quality` (a 12-megapixel one is ~2.6 MB)."""
+    height, width = photo.shape[:2]
+    crop_w = min(width, height * 4 // 3)
+    crop_h = crop_w * 3 // 4
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    cropped = photo[top : top + crop_h, left : left + crop_w]
+    big = cv2.resize(cropped, size, interpolation=cv2.INTER_CUBIC).astype(np.float32)
+    big += np.random.default_rng(seed).standard_normal(big.shape, dtype=np.float32) * noise_sigma
+    pixels = np.clip(big, 0, 255).astype(np.uint8)
+    ok, data = cv2.imencode(
+        ".jpg", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+    )
+    if not ok:
+        raise RuntimeError("OpenCV could not encode a JPEG")
+    return bytes(data.tobytes())
+
+
 def _variants(crops: Sequence[Crop]) -> tuple[bytes, ...]:
     return tuple(encode_jpeg(crop(photo, spec)) for photo in photos() for spec in crops)
 
