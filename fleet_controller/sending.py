@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -65,6 +65,7 @@ Published = Sequence[BaseException | None]
 #: Publish (topic, payload) pairs retained at QoS 1, all in flight together; wait for the PUBACKs.
 PublishMany = Callable[[Sequence[tuple[str, bytes]]], Published]
 Kind = Literal["notice", "rollback", "shadow"]
+_T = TypeVar("_T")
 #: Signs and stores one batch's notices in the caller's transaction; what to publish.
 _Store = Callable[[Connection, Rollout, Sequence[str], Mapping[str, Device]], list["Outgoing"]]
 
@@ -101,9 +102,9 @@ def one_by_one(publish: Callable[[str, bytes], None]) -> PublishMany:
     return publish_many
 
 
-def batches(refs: Sequence[str], size: int = NOTICE_BATCH) -> Iterator[Sequence[str]]:
-    for start in range(0, len(refs), size):
-        yield refs[start : start + size]
+def batches(items: Sequence[_T], size: int = NOTICE_BATCH) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 class NoticeSender:
@@ -338,8 +339,8 @@ class NoticeSender:
         )
         for kind, rows in kinds:
             outgoing = [Outgoing(row.site, row.device, row.payload) for row in rows]
-            for start in range(0, len(outgoing), NOTICE_BATCH):
-                self._publish(rollout_id, outgoing[start : start + NOTICE_BATCH], kind)
+            for batch in batches(outgoing):
+                self._publish(rollout_id, batch, kind)
 
     def _publish(self, rollout_id: str, stored: Sequence[Outgoing], kind: Kind) -> None:
         """Publish stored notices together; mark those the broker acknowledged, in one

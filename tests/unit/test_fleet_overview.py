@@ -157,10 +157,9 @@ def test_a_request_gets_the_current_snapshot_while_the_next_is_read_behind_it() 
     assert snapshots.get() is first and len(reads) == 2  # one background read at a time
     release.set()
     assert read_done.wait(30)
-    for _ in range(300):  # until the background thread has put its snapshot in place
-        if snapshots.get() is not first:
-            break
-        threading.Event().wait(0.01)
+    for thread in threading.enumerate():  # until the background read has put its snapshot in
+        if thread.name == "overview-snapshot":
+            thread.join(30)
     assert overview(snapshots.get())["offline"] == 3
     now[0] = 100.0  # nobody asked for longer than stale_s: this request waits for a fresh read
     release.set()
