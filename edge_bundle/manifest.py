@@ -286,14 +286,40 @@ class ChatTemplate(_Strict):
     source: Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
 
+class VisionGolden(_Strict):
+    """A greedy completion of a rendered prompt with images (one marker per image) that the
+    shipped text model and projector must reproduce on the device."""
+
+    prompt: Annotated[str, StringConstraints(min_length=1, max_length=4000)]
+    images: tuple[RelativePath, ...] = Field(min_length=1, max_length=4)
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=256)]
+    expected_text: Annotated[str, StringConstraints(max_length=4000)]
+
+
+class Vision(_Strict):
+    """The image side of a vision-language bundle (task "vision-language"): the projector
+    (mmproj GGUF) that turns a photo into the text model's embeddings, how a photo is scaled
+    before it (longest side), what one photo costs in context positions, and the marker the chat
+    template writes where an image goes."""
+
+    projector: RelativePath
+    projector_type: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    embedding_width: Count  # the text model's, which the projector's output must equal
+    image_side: Annotated[StrictInt, Field(ge=16, le=4096)]
+    image_tokens: Count  # context positions one photo takes (measured when packaged)
+    marker: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "<__media__>"
+    golden: tuple[VisionGolden, ...] = ()
+
+
 class Generation(_Strict):
     """How a text-generation bundle is run: context, template (None = plain completion only),
-    the golden completions, and the stop strings."""
+    the golden completions, the stop strings, and for a vision-language bundle its projector."""
 
     context_size: Annotated[StrictInt, Field(ge=128, le=131072)]
     chat_template: ChatTemplate | None = None
     golden: tuple[TextGolden, ...] = ()
     stop: tuple[Annotated[str, StringConstraints(min_length=1, max_length=64)], ...] = ()
+    vision: Vision | None = None
 
 
 class ManifestBody(_Strict):
@@ -332,6 +358,13 @@ class ManifestBody(_Strict):
             raise ValueError(f"schema_version must be {SCHEMA_VERSION} for this packager")
         _check_unique("labels", self.labels)
         _check_unique("compatible_profiles", self.compatible_profiles)
+        vision = self.generation.vision if self.generation is not None else None
+        if (self.task == "vision-language") != (vision is not None):
+            raise ValueError(
+                "a vision-language bundle (and only one) has generation.vision: its projector"
+            )
+        if vision is not None and (self.runtime != "llama" or self.generation is None):
+            raise ValueError("a vision-language bundle runs on runtime 'llama'")
         return self
 
     @property
@@ -364,6 +397,10 @@ class Manifest(ManifestBody):
         referenced = [self.knowledge_path] if self.knowledge_path else []
         if self.generation is not None and self.generation.chat_template is not None:
             referenced.append(self.generation.chat_template.path)
+        vision = self.generation.vision if self.generation is not None else None
+        if vision is not None:
+            referenced.append(vision.projector)
+            referenced += [path for golden in vision.golden for path in golden.images]
         referenced += [s.input_path for s in (self.golden.samples if self.golden else ())]
         if self.reference_check is not None:
             referenced += [*self.reference_check.inputs, self.reference_check.outputs_path]

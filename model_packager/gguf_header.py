@@ -13,8 +13,9 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
+from edge_bundle.gguf_fields import GgufHeader
 from model_packager.errors import SourceError
 
 # The quantizations a bundle may use, by their profile name, and llama.cpp's file type for each.
@@ -49,7 +50,7 @@ def read_gguf_info(path: Path) -> GgufInfo:
             path.open("rb") as stream,
             mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data,
         ):
-            fields, tensor_types = _GgufHeader(data).read()
+            fields, tensor_types = GgufHeader(data).read()
     except (ValueError, struct.error, OSError) as exc:
         raise SourceError(f"{path.name} is not a readable GGUF file ({exc}); re-export it") from exc
     if int(fields.get("split.count") or 1) > 1:
@@ -85,69 +86,3 @@ def _enum_name(enum: Any, value: object) -> str:
         return str(enum(int(value)).name)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         return "UNKNOWN"
-
-
-class _GgufHeader:
-    """A GGUF header parser that skips array values: `gguf.GGUFReader` builds every vocabulary
-    entry (30 s for a 262k-token vocabulary), while the packager only needs scalars."""
-
-    _SCALARS: ClassVar[dict[int, str]] = {
-        0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
-        11: "<q", 12: "<d",
-    }  # fmt: skip
-    _STRING, _ARRAY = 8, 9
-
-    def __init__(self, data: mmap.mmap) -> None:
-        self.data = data
-        self.offset = 0
-
-    def read(self) -> tuple[dict[str, Any], list[tuple[int, int]]]:
-        if self.data[:4] != b"GGUF":
-            raise ValueError("no GGUF magic at the start")
-        self.offset = 4
-        version = self._scalar("<I")
-        if version < 2:
-            raise ValueError(f"GGUF version {version} is too old; convert it again")
-        tensor_count, field_count = self._scalar("<Q"), self._scalar("<Q")
-        fields: dict[str, Any] = {}
-        for _ in range(field_count):
-            key = self._string()
-            fields[key] = self._value(self._scalar("<I"))
-        tensors = []
-        for _ in range(tensor_count):
-            self._string()
-            dims = self._scalar("<I")
-            self.offset += 8 * dims
-            tensors.append((self._scalar("<I"), dims))
-            self.offset += 8
-        return fields, tensors
-
-    def _scalar(self, fmt: str) -> Any:
-        (value,) = struct.unpack_from(fmt, self.data, self.offset)
-        self.offset += struct.calcsize(fmt)
-        return value
-
-    def _string(self) -> str:
-        length = self._scalar("<Q")
-        if self.offset + length > len(self.data):
-            raise ValueError("a string runs past the end of the file")
-        text = bytes(self.data[self.offset : self.offset + length]).decode("utf-8", "replace")
-        self.offset += length
-        return text
-
-    def _value(self, kind: int) -> Any:
-        if kind == self._STRING:
-            return self._string()
-        if kind in self._SCALARS:
-            return self._scalar(self._SCALARS[kind])
-        if kind != self._ARRAY:
-            raise ValueError(f"unknown value type {kind}")
-        item_kind, count = self._scalar("<I"), self._scalar("<Q")
-        if item_kind in self._SCALARS:
-            self.offset += count * struct.calcsize(self._SCALARS[item_kind])
-        else:
-            for _ in range(count):
-                self._value(item_kind)
-        if self.offset > len(self.data):
-            raise ValueError("an array runs past the end of the file")
-        return None
