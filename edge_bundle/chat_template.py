@@ -195,7 +195,7 @@ def end_of_turn_markers(template: str) -> tuple[str, ...]:
 
 def render_chat(
     template: str,
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     *,
     add_generation_prompt: bool = True,
     bos_token: str = "",
@@ -213,8 +213,33 @@ def render_chat(
         raise TemplateError(f"the chat template refused the conversation: {exc}") from exc
 
 
-def check_template(template: str) -> None:
-    """Refuse (`TemplateError`) a template that is too large, unsafe, broken or unbounded."""
+def as_parts(messages: list[dict[str, Any]], marker: str) -> list[dict[str, Any]]:
+    """The conversation as a vision-language template reads it: every content a list of parts,
+    `{"type": "text", "text": ...}`, with an image part written as its text `marker` (what
+    llama-cpp-python's `MTMDChatHandler` does). A string content becomes one text part."""
+    shaped = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            parts: Any = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            parts = [
+                {"type": "text", "text": marker}
+                if isinstance(part, dict) and part.get("type") in ("image", "image_url")
+                else part
+                for part in content
+            ]
+        else:
+            parts = content
+        shaped.append({**message, "content": parts})
+    return shaped
+
+
+def check_template(template: str, *, image_marker: str | None = None) -> None:
+    """Refuse (`TemplateError`) a template that is too large, unsafe, broken or unbounded.
+
+    With `image_marker` (a vision-language bundle) the samples are given as lists of parts
+    (`as_parts`), and a user turn holding an image must reach the prompt as the marker."""
     size = len(template.encode("utf-8"))
     if size > MAX_TEMPLATE_BYTES:
         raise TemplateError(
@@ -225,7 +250,10 @@ def check_template(template: str) -> None:
     for messages, may_refuse in _SAMPLES:
         for add_generation_prompt in (True, False):
             try:
-                prompt = _timed_render(template, messages, add_generation_prompt)
+                shaped: list[dict[str, Any]] = (
+                    messages if image_marker is None else as_parts(messages, image_marker)
+                )
+                prompt = _timed_render(template, shaped, add_generation_prompt)
             except _RefusalError as exc:
                 if may_refuse:
                     continue
@@ -235,11 +263,23 @@ def check_template(template: str) -> None:
                     "supply a template that renders user and assistant turns"
                 ) from exc
             _check_contents(prompt, messages)
+    if image_marker is not None:
+        _check_image_marker(template, image_marker)
+
+
+def _check_image_marker(template: str, marker: str) -> None:
+    photo = [{"type": "image"}, {"type": "text", "text": _USER["content"]}]
+    prompt = _timed_render(template, as_parts([{"role": "user", "content": photo}], marker), True)
+    if prompt.count(marker) != 1:
+        raise TemplateError(
+            "the chat template does not write an image part of a user turn as one image "
+            f"marker ({marker}); supply a template that renders parts of type 'image'"
+        )
 
 
 def _render(
     template: str,
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     add_generation_prompt: bool,
     bos_token: str,
     eos_token: str,
@@ -334,7 +374,7 @@ def _underscore_name(node: nodes.Node) -> str | None:
     return None
 
 
-def _timed_render(template: str, messages: list[dict[str, str]], generation: bool) -> str:
+def _timed_render(template: str, messages: list[dict[str, Any]], generation: bool) -> str:
     """Render with a CPU deadline: a template looping without output is stopped too."""
     deadline = time.monotonic() + CHECK_SECONDS
 
