@@ -56,7 +56,7 @@ _WIDTH_FILTERS = ("center", "indent", "wordwrap", "truncate", "format", "batch",
 # Globals Jinja offers that chat templates have no use for; fewer objects, less to abuse.
 _REMOVED_GLOBALS = ("cycler", "joiner", "lipsum")
 _LOADS_TEMPLATES = (nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)
-END_OF_TURN_MARKERS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
+END_OF_TURN_MARKERS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<end_of_utterance>")
 
 CHATML = """\
 {%- for message in messages %}

@@ -78,6 +78,7 @@ class Projector:
     def __init__(self, llama: Any, path: Path, *, threads: int, use_gpu: bool = False) -> None:
         from llama_cpp import mtmd_cpp
 
+        _quiet_logs()
         self._mtmd = mtmd_cpp
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu = use_gpu
@@ -209,6 +210,15 @@ class Projector:
                 f"the prompt with its images is over the model's context of {llama.n_ctx()} "
                 "tokens; send fewer images or a shorter prompt"
             )
+
+
+def _quiet_logs() -> None:
+    """Send the multimodal library's log lines (one per image and chunk, at INFO) through
+    llama-cpp-python's own log callback, which prints only errors unless a model is verbose."""
+    from llama_cpp import _logger, mtmd_cpp
+
+    mtmd_cpp.mtmd_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_helper_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 def _last_log_probabilities(llama: Any) -> NDArray[np.float64]:

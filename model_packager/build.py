@@ -71,6 +71,7 @@ def _source(options: BuildOptions, progress: Progress) -> AnySource:
         model_config=options.model_config,
         labels=options.labels,
         allow_pickle=options.allow_pickle,
+        mmproj=options.mmproj,
     )
     check_options(options, source)
     return source

@@ -45,6 +45,9 @@ class BuildOptions:
     chat_template: str | None = None
     eval_text: Path | None = None
     max_perplexity_increase: float | None = None
+    # Vision-language models only.
+    mmproj: Path | None = None  # the projector of a GGUF text model
+    golden_images: Path | None = None  # photos for the golden multimodal completions
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,10 @@ def _check_language_model(options: BuildOptions, source: LlmSource) -> None:
             f"{', '.join(given)} only apply to image classifiers; {source.describe()} is a "
             "language model (use --eval-text FILE to validate it on your own text)"
         )
+    if options.golden_images is not None and not source.vision:
+        raise PackagerError(
+            f"--golden-images is for vision-language models; {source.describe()} reads text only"
+        )
 
 
 def _check_image_classifier(options: BuildOptions, source: Source) -> None:
@@ -95,6 +102,8 @@ def _check_image_classifier(options: BuildOptions, source: Source) -> None:
         "--chat-template": options.chat_template,
         "--eval-text": options.eval_text,
         "--max-perplexity-increase": options.max_perplexity_increase,
+        "--mmproj": options.mmproj,
+        "--golden-images": options.golden_images,
     }
     given = [name for name, value in llm_only.items() if value is not None]
     if given:

@@ -5,7 +5,10 @@ A source is one of
   `preprocessor_config.json`), optionally with a PEFT LoRA adapter directory to merge;
 - a plain ONNX file, with its labels and preprocessing in a small YAML file (or given as options);
 - a language model (`LlmSource`): a Hugging Face causal-LM directory (`…ForCausalLM`, safetensors
-  weights, tokenizer files; optionally a LoRA adapter), or a `.gguf` file.
+  weights, tokenizer files; optionally a LoRA adapter), or a `.gguf` file;
+- a vision-language model (`LlmSource` with `vision`): a Hugging Face checkpoint whose config has a
+  `vision_config` and a `text_config` (SmolVLM, Idefics3, ...; optionally a LoRA adapter), or a
+  `.gguf` text model with its projector (`--mmproj FILE`).
 
 This module only inspects files (JSON, YAML, ONNX and GGUF headers: `gguf_header.py`); exporting
 lives in `export.py` and `llm/gguf.py`.
@@ -87,6 +90,8 @@ class LlmSource:
     context_length: int | None  # what the model was trained for, when it says
     chat_template: str | None  # the template that came with the model, unchecked
     gguf: GgufInfo | None = None  # for GGUF files
+    vision: bool = False  # a vision-language model: the bundle also ships a projector
+    projector: Path | None = None  # the mmproj GGUF given with a GGUF source
 
     @property
     def quantized(self) -> bool:
@@ -98,7 +103,8 @@ class LlmSource:
 
     def describe(self) -> str:
         if self.gguf is not None:
-            return f"GGUF {self.architecture} ({self.gguf.file_type}) from {self.path.name}"
+            text = f"GGUF {self.architecture} ({self.gguf.file_type}) from {self.path.name}"
+            return text + (f" + projector {self.projector.name}" if self.projector else "")
         text = f"Hugging Face {self.architecture} from {self.path.name}"
         return text + (f" + LoRA adapter {self.adapter.name}" if self.adapter else "")
 
@@ -114,6 +120,7 @@ def resolve_source(
     model_config: Path | None = None,
     labels: Sequence[str] | None = None,
     allow_pickle: bool = False,
+    mmproj: Path | None = None,
 ) -> AnySource:
     """Inspect `path` and return the source it holds, or raise `SourceError` saying what to fix."""
     if not path.exists():
@@ -126,6 +133,13 @@ def resolve_source(
                 "--model-config is for ONNX files; a HF directory carries its own config"
             )
         config = _read_json(path / "config.json", "the model's config.json")
+        if mmproj is not None:
+            raise SourceError(
+                "--mmproj goes with a .gguf text model; a Hugging Face vision-language "
+                "directory is converted to both files by the packager"
+            )
+        if _is_vision_language(config):
+            return _hf_llm_source(path, config, adapter, allow_pickle, vision=True)
         if _is_causal_lm(config):
             return _hf_llm_source(path, config, adapter, allow_pickle)
         return _hf_source(path, adapter, allow_pickle)
@@ -135,7 +149,9 @@ def resolve_source(
             "(merge the adapter before converting to GGUF, or pass the HF base model)"
         )
     if path.suffix.lower() == ".gguf":
-        return _gguf_source(path)
+        return _gguf_source(path, mmproj)
+    if mmproj is not None:
+        raise SourceError("--mmproj goes with a .gguf text model as the source")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise SourceError(
             f"{path.name} is a pickle checkpoint; convert it to safetensors or ONNX first "
@@ -195,8 +211,24 @@ def _is_causal_lm(config: Mapping[str, Any]) -> bool:
     )
 
 
+def _is_vision_language(config: Mapping[str, Any]) -> bool:
+    """A vision-language checkpoint: a vision tower and a language model in one config."""
+    architectures = config.get("architectures")
+    return (
+        isinstance(architectures, list)
+        and bool(architectures)
+        and isinstance(config.get("vision_config"), dict)
+        and isinstance(config.get("text_config"), dict)
+    )
+
+
 def _hf_llm_source(
-    directory: Path, config: Mapping[str, Any], adapter: Path | None, allow_pickle: bool
+    directory: Path,
+    config: Mapping[str, Any],
+    adapter: Path | None,
+    allow_pickle: bool,
+    *,
+    vision: bool = False,
 ) -> LlmSource:
     weights, pickled = _weights(directory, allow_pickle)
     if not any((directory / name).is_file() for name in TOKENIZER_VOCABULARIES):
@@ -208,7 +240,8 @@ def _hf_llm_source(
     if adapter is not None:
         adapter_weights, adapter_pickled = _adapter_weights(adapter, allow_pickle)
         pickled = pickled or adapter_pickled
-    context = config.get("max_position_embeddings")
+    text_config = config.get("text_config") if vision else config
+    context = text_config.get("max_position_embeddings") if text_config else None
     return LlmSource(
         kind="hf",
         path=directory,
@@ -219,6 +252,7 @@ def _hf_llm_source(
         uses_pickle=pickled,
         context_length=context if isinstance(context, int) and context > 0 else None,
         chat_template=_hf_chat_template(directory),
+        vision=vision,
     )
 
 
@@ -237,8 +271,22 @@ def _hf_chat_template(directory: Path) -> str | None:
     return template if isinstance(template, str) and template.strip() else None
 
 
-def _gguf_source(path: Path) -> LlmSource:
+def _gguf_source(path: Path, mmproj: Path | None) -> LlmSource:
     info = read_gguf_info(path)
+    if info.architecture == "clip":
+        raise SourceError(
+            f"{path.name} is a projector (mmproj), not a language model; pass the text model "
+            f"as the source and this file as --mmproj"
+        )
+    if mmproj is not None:
+        if not mmproj.is_file() or mmproj.suffix.lower() != ".gguf":
+            raise SourceError(f"--mmproj {mmproj} is not a .gguf file")
+        projector = read_gguf_info(mmproj)
+        if projector.architecture != "clip":
+            raise SourceError(
+                f"--mmproj {mmproj.name} is a {projector.architecture} model, not a projector; "
+                "convert the vision tower with convert_hf_to_gguf --mmproj"
+            )
     return LlmSource(
         kind="gguf",
         path=path,
@@ -250,6 +298,8 @@ def _gguf_source(path: Path) -> LlmSource:
         context_length=info.context_length,
         chat_template=info.chat_template,
         gguf=info,
+        vision=mmproj is not None,
+        projector=mmproj,
     )
 
 

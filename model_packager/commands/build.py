@@ -160,6 +160,19 @@ def register(subparsers: Subparsers) -> None:
         help="largest perplexity increase over f16, in percent "
         "(default: q8_0 1, q5_k_m 5, q4_k_m 10, f16 0.5)",
     )
+    vlm = parser.add_argument_group("vision-language models (GGUF + projector bundles)")
+    vlm.add_argument(
+        "--mmproj",
+        type=Path,
+        metavar="FILE",
+        help="the projector (mmproj GGUF) of a .gguf text model given as the source",
+    )
+    vlm.add_argument(
+        "--golden-images",
+        type=Path,
+        metavar="DIR",
+        help="2 to 4 photos for the golden multimodal completions (default: two built-in ones)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(run=run)
 
@@ -212,6 +225,8 @@ def run(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
         eval_text=args.eval_text,
         max_perplexity_increase=args.max_perplexity_increase,
+        mmproj=args.mmproj,
+        golden_images=args.golden_images,
     )
     result = build(options, Progress(quiet=args.quiet))
     for warning in result.warnings:

@@ -20,15 +20,18 @@ from edge_bundle.manifest import (
     Quantization,
     TextGolden,
     Validation,
+    Vision,
 )
 from model_packager.benchmark import machine_info
 from model_packager.gguf_header import GgufInfo
 from model_packager.llm.eval import GenerationTiming
 from model_packager.llm.plan import GgufChoice, LlmPlan
 from model_packager.llm.template import TEMPLATE_FILE, PinnedTemplate
+from model_packager.llm.vision import VisionOutcome
 from model_packager.report import LlmReportData, render_llm_report
 
 MODEL_FILE = "model.gguf"
+PROJECTOR_FILE = "mmproj.gguf"
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class LlmOutcome:
     golden: tuple[TextGolden, ...]
     timing: GenerationTiming
     notes: list[str] = field(default_factory=list)
+    vision: VisionOutcome | None = None
 
 
 def _benchmark(plan: LlmPlan, outcome: LlmOutcome) -> Benchmark:
@@ -70,6 +74,7 @@ def _benchmark(plan: LlmPlan, outcome: LlmOutcome) -> Benchmark:
         p95_ms=round(timing.per_token.p95, 3),
         samples=len(timing.per_token.samples_ms),
         metrics={
+            **(outcome.vision.timing if outcome.vision is not None else {}),
             "prompt_tokens_per_s": round(timing.prompt_tokens_per_s, 2),
             "generation_tokens_per_s": round(timing.generation_tokens_per_s, 2),
             "ttft_ms": round(timing.ttft_ms, 3),
@@ -96,13 +101,14 @@ def bundle_contents(
         files[TEMPLATE_FILE] = SourceFile(path, "tokenizer")
         origin = template.origin[:200]  # the manifest's limit; a long file name is cut
         pinned = ChatTemplate(path=TEMPLATE_FILE, sha256=template.sha256, source=origin)
+    vision = _vision(outcome, files)
     base_sha, adapter_sha = plan.source.lineage_hashes()
     benchmark = _benchmark(plan, outcome)
     body = ManifestBody(
         name=plan.bundle_id.name,
         version=plan.bundle_id.version,
         created_at=datetime.now(UTC),
-        task="text-generation",
+        task="vision-language" if vision is not None else "text-generation",
         runtime="llama",
         quantization=Quantization(
             method=choice.quantization,
@@ -123,6 +129,7 @@ def bundle_contents(
             chat_template=pinned,
             golden=outcome.golden,
             stop=template.stop if template is not None else (),
+            vision=vision,
         ),
         extra={
             "gguf": {
@@ -132,11 +139,42 @@ def bundle_contents(
                 "trained_context": outcome.info.context_length,
             },
             "chat": "chat template pinned" if template else "plain completion only",
+            **(_projector_extra(outcome.vision) if outcome.vision is not None else {}),
             "notes": outcome.notes,
         },
     )
     report = render_llm_report(_report_data(plan, choice, template, outcome, body, benchmark))
     return LlmContents(files, body, report, _summary(plan, choice, template, outcome))
+
+
+def _vision(outcome: LlmOutcome, files: dict[str, Path | SourceFile]) -> Vision | None:
+    """The projector and golden photos added to `files`, and the manifest's vision section."""
+    measured = outcome.vision
+    if measured is None:
+        return None
+    files[PROJECTOR_FILE] = SourceFile(measured.projector, "mmproj")
+    for name, path in measured.golden_files.items():
+        files[name] = SourceFile(path, "golden")
+    return Vision(
+        projector=PROJECTOR_FILE,
+        projector_type=measured.pair.projector_type,
+        embedding_width=measured.pair.embedding_width,
+        image_side=measured.image_side,
+        image_tokens=measured.image_tokens,
+        golden=measured.golden,
+    )
+
+
+def _projector_extra(measured: VisionOutcome) -> dict[str, object]:
+    return {
+        "projector": {
+            "type": measured.pair.projector_type,
+            "file_type": "f16 (as converted: no gate measures a quantized projector)",
+            "size_bytes": measured.projector.stat().st_size,
+            "image_side": measured.image_side,
+            "image_tokens": measured.image_tokens,
+        }
+    }
 
 
 def _report_data(
@@ -169,7 +207,11 @@ def _report_data(
         template_origin=template.origin if template else None,
         template_sha256=template.sha256 if template else None,
         stop=template.stop if template else (),
-        golden=tuple((g.prompt, g.expected_text) for g in outcome.golden),
+        golden=tuple((g.prompt, g.expected_text) for g in outcome.golden)
+        + tuple(
+            (f"{g.prompt} [photo {', '.join(g.images)}]", g.expected_text)
+            for g in (outcome.vision.golden if outcome.vision is not None else ())
+        ),
         timing={
             **benchmark.metrics,
             "p50_ms": benchmark.p50_ms,
@@ -200,6 +242,18 @@ def _summary(
         )
     else:
         lines.append(f"perplexity  {metrics['candidate_perplexity']:.3f} (no reference)")
+    if outcome.vision is not None:
+        measured = outcome.vision
+        size = measured.projector.stat().st_size / 1e6
+        lines.append(
+            f"projector   {measured.pair.projector_type}, f16, {size:.2f} MB; photos scaled to "
+            f"{measured.image_side} px, {measured.image_tokens} tokens each"
+        )
+        lines.append(
+            f"photo       encode {measured.timing['image_encode_ms']:.0f} ms, first token "
+            f"{measured.timing['ttft_image_ms']:.0f} ms after the photo; "
+            f"{len(measured.golden)} golden completions with photos"
+        )
     if outcome.validation.waived_reason:
         lines.append(f"WAIVED      {outcome.validation.waived_reason}")
     return tuple(lines)

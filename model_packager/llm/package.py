@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
-from edge_bundle.chat_template import render_chat
+from edge_bundle.chat_template import as_parts, render_chat
+from edge_bundle.gguf_fields import read_fields
+from edge_bundle.llama_vision import IMAGE_MARKER
 from edge_bundle.manifest import Gate, TextGolden, Validation
 from model_packager.errors import GateError, PackagerError, QuantizationError, SourceError
 from model_packager.gguf_header import GGUF_FILE_TYPES, GgufInfo, read_gguf_info
@@ -36,6 +39,14 @@ from model_packager.llm.eval import (
 from model_packager.llm.gguf import convert_to_gguf, merge_causal_adapter, probe_load, quantize_gguf
 from model_packager.llm.plan import GgufChoice, LlmPlan
 from model_packager.llm.template import PinnedTemplate, choose_template
+from model_packager.llm.vision import (
+    check_pair,
+    convert_projector,
+    golden_photos,
+    kv_cache_mb,
+    merge_vision_adapter,
+    vision_outcome,
+)
 from model_packager.progress import Progress
 from model_packager.sources import LlmSource
 
@@ -51,7 +62,7 @@ def package_llm(plan: LlmPlan, work: Path, progress: Progress) -> LlmContents:
     template, notes = choose_template(plan.source, plan.chat_template)
     choice = choose_quantization(plan)
     eval_text, dataset = _eval_text(plan.eval_text)
-    reference = prepare_reference(plan.source, work, progress)
+    reference, projector = prepare_reference(plan.source, work, progress)
     if choice.as_is:
         candidate = plan.source.path
     elif reference is not None and plan.source.kind == "hf" and choice.quantization == "f16":
@@ -62,16 +73,28 @@ def package_llm(plan: LlmPlan, work: Path, progress: Progress) -> LlmContents:
         notes += fallbacks
     info = read_gguf_info(candidate)
     context = _context_size(plan, info)
+    pair = check_pair(candidate, projector) if projector is not None else None
+    photos = golden_photos(plan.golden_images, pair.image_size) if pair is not None else []
     progress.step(f"validating on {dataset}")
     validation = _validate(plan, choice, (reference, candidate), context, eval_text, dataset, notes)
+    if projector is not None:
+        validation = _with_memory_gate(plan, validation, candidate, projector, context)
     threads = plan.profile.llama
     progress.step(f"golden completions and benchmark at {threads.threads} thread(s)")
+    vision = None
     with loaded(
         candidate, context=context, threads=threads.threads, threads_batch=threads.threads_batch
     ) as llm:
-        golden = _golden(llm, template)
+        golden = _golden(llm, template, vision=projector is not None)
         timing = measure_generation(llm, eval_text, tokens=plan.bench_tokens)
-    outcome = LlmOutcome(candidate, info, reference, context, validation, golden, timing, notes)
+        if projector is not None and pair is not None and template is not None:
+            progress.step("golden completions with photos and the image benchmark")
+            vision = vision_outcome(
+                llm, projector, pair, template, photos, work, threads=threads.threads
+            )
+    outcome = LlmOutcome(
+        candidate, info, reference, context, validation, golden, timing, notes, vision
+    )
     return bundle_contents(plan, choice, template, outcome, work)
 
 
@@ -110,24 +133,31 @@ def choose_quantization(plan: LlmPlan) -> GgufChoice:
     return GgufChoice(target, as_is, reason + (", the source already is" if as_is else ""))
 
 
-def prepare_reference(source: LlmSource, work: Path, progress: Progress) -> Path | None:
-    """The unquantized GGUF every measurement compares with (None for a quantized GGUF)."""
+def prepare_reference(
+    source: LlmSource, work: Path, progress: Progress
+) -> tuple[Path | None, Path | None]:
+    """The unquantized GGUF every measurement compares with (None for a quantized GGUF), and
+    for a vision-language model its projector (mmproj GGUF)."""
     if source.kind == "gguf":
         probe_load(source.path)
-        return None if source.quantized else source.path
+        return (None if source.quantized else source.path), source.projector
     model_dir = source.path
     if source.adapter is not None:
         progress.step(f"merging LoRA adapter {source.adapter.name}")
-        merged = work / "merged"
-        model_dir = merge_causal_adapter(
-            source.path, source.adapter, merged, allow_pickle=source.uses_pickle
+        merge = merge_vision_adapter if source.vision else merge_causal_adapter
+        model_dir = merge(
+            source.path, source.adapter, work / "merged", allow_pickle=source.uses_pickle
         )
     progress.step(f"converting {source.describe()} to GGUF f16 (llama.cpp's converter)")
     reference = convert_to_gguf(model_dir, work / "reference-f16.gguf")
     probe_load(reference)
+    projector = None
+    if source.vision:
+        progress.step("converting the vision tower to a projector (mmproj, f16)")
+        projector = convert_projector(model_dir, work / "mmproj-f16.gguf")
     if source.adapter is not None:
-        shutil.rmtree(model_dir, ignore_errors=True)  # the GGUF holds it now; free the disk
-    return reference
+        shutil.rmtree(model_dir, ignore_errors=True)  # the GGUFs hold it now; free the disk
+    return reference, projector
 
 
 def _quantized(
@@ -230,18 +260,43 @@ def _size_gate(plan: LlmPlan, candidate: Path) -> Gate:
     return _gate("bundle_size_mb", budget, size_mb, size_mb <= budget)
 
 
+def _with_memory_gate(
+    plan: LlmPlan, validation: Validation, candidate: Path, projector: Path, context: int
+) -> Validation:
+    """Text model + projector + the KV cache of the context must fit the profile's memory."""
+    fields, _ = read_fields(candidate)
+    weights = (candidate.stat().st_size + projector.stat().st_size) / 1e6
+    needed = weights + kv_cache_mb(fields, context)
+    budget = float(plan.profile.budgets.memory_mb)
+    gate = _gate("memory_mb", budget, needed, needed <= budget)
+    if not gate.passed and plan.waive_reason is None:
+        raise GateError(
+            f"the bundle was not written: text model, projector and a {context}-token KV cache "
+            f"need about {needed:.0f} MB, over profile {plan.profile.name}'s memory budget of "
+            f"{budget:.0f} MB; pick a smaller quantization or a profile with more memory"
+        )
+    metrics = {**validation.metrics, "memory_mb": round(needed, 3)}
+    waived = validation.waived_reason or (plan.waive_reason if not gate.passed else None)
+    return validation.model_copy(
+        update={"gates": (*validation.gates, gate), "metrics": metrics, "waived_reason": waived}
+    )
+
+
 def _gate(name: str, threshold: float, value: float, passed: bool) -> Gate:
     return Gate(name=name, threshold=float(threshold), value=float(value), passed=bool(passed))
 
 
-def _golden(llm: object, template: PinnedTemplate | None) -> tuple[TextGolden, ...]:
+def _golden(
+    llm: object, template: PinnedTemplate | None, *, vision: bool = False
+) -> tuple[TextGolden, ...]:
     """A plain-completion golden, plus one on a rendered chat prompt when a template is pinned.
     Each is generated twice: greedy decoding that differs run to run cannot be a self-test."""
     prompts = [GOLDEN_PROMPT]
     if template is not None:
-        prompts.append(
-            render_chat(template.text, [{"role": "user", "content": CHAT_GOLDEN_QUESTION}])
-        )
+        messages: list[dict[str, Any]] = [{"role": "user", "content": CHAT_GOLDEN_QUESTION}]
+        if vision:  # a vision-language template reads contents as lists of parts
+            messages = as_parts(messages, IMAGE_MARKER)
+        prompts.append(render_chat(template.text, messages))
     goldens = []
     for prompt in prompts:
         text = golden_completion(llm, prompt, GOLDEN_TOKENS)

@@ -30,6 +30,7 @@ class LlmPlan:
     max_perplexity_increase: float | None = None  # percent; None: the quantization's default
     waive_reason: str | None = None
     bench_tokens: int = 50
+    golden_images: Path | None = None
 
     @classmethod
     def from_options(
@@ -53,6 +54,7 @@ class LlmPlan:
             max_perplexity_increase=options.max_perplexity_increase,
             waive_reason=options.policy.waive_reason,
             bench_tokens=options.bench_samples,
+            golden_images=options.golden_images,
         )
 
 

@@ -62,7 +62,7 @@ def quantization_table(
         raise SourceError(f"unknown quantizations {unknown}; use {sorted(GGUF_FILE_TYPES)}")
     with tempfile.TemporaryDirectory(prefix="model-packager-table-") as tmp:
         work = Path(tmp)
-        reference = prepare_reference(model, work, progress)
+        reference, _ = prepare_reference(model, work, progress)
         assert reference is not None
         window = min(EVAL_WINDOW, context)
         base = likelihood(reference, eval_text, context=window, threads=threads).perplexity

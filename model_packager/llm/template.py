@@ -22,6 +22,7 @@ from edge_bundle.chat_template import (
 )
 from edge_bundle.errors import TemplateError
 from edge_bundle.hashing import sha256_bytes
+from edge_bundle.llama_vision import IMAGE_MARKER
 from model_packager.errors import SourceError
 from model_packager.sources import LlmSource
 
@@ -47,9 +48,11 @@ def choose_template(
     """The template to pin (None: plain completion only) and notes for the report."""
     notes: list[str] = []
     embedded = source.chat_template
+    # A vision-language template reads contents as lists of parts and writes the image marker.
+    marker = IMAGE_MARKER if source.vision else None
     if embedded is not None:
         try:
-            check_template(embedded)
+            check_template(embedded, image_marker=marker)
         except TemplateError as exc:
             if exc.unsafe or given is None:
                 raise SourceError(_embedded_refusal(source, exc)) from exc
@@ -57,13 +60,18 @@ def choose_template(
     if given is not None:
         text, origin = _given(given)
         try:
-            check_template(text)
+            check_template(text, image_marker=marker)
         except TemplateError as exc:
             raise SourceError(f"--chat-template {given}: {exc}") from exc
         return PinnedTemplate(text, origin, end_of_turn_markers(text)), notes
     if embedded is not None:
         origin = f"embedded in {source.path.name}"
         return PinnedTemplate(embedded, origin, end_of_turn_markers(embedded)), notes
+    if source.vision:
+        raise SourceError(
+            f"{source.path.name} has no chat template, and a vision-language bundle needs one to "
+            "place the photo in the prompt; supply it with --chat-template FILE"
+        )
     notes.append(
         "no chat template: plain completion only (give one with --chat-template FILE|"
         f"{'|'.join(KNOWN_TEMPLATES)} to serve chat)"
