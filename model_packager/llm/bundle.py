@@ -177,6 +177,19 @@ def _projector_extra(measured: VisionOutcome) -> dict[str, object]:
     }
 
 
+def _projector_notes(measured: VisionOutcome | None) -> list[str]:
+    if measured is None:
+        return []
+    timing = measured.timing
+    return [
+        f"projector {PROJECTOR_FILE}: {measured.pair.projector_type}, f16 as converted, "
+        f"{measured.projector.stat().st_size / 1e6:.2f} MB; photos scaled to "
+        f"{measured.image_side} px on the longer side, {measured.image_tokens} context tokens each",
+        f"photo path: encode {timing['image_encode_ms']:.1f} ms, first token "
+        f"{timing['ttft_image_ms']:.1f} ms after a photo (median of 3)",
+    ]
+
+
 def _report_data(
     plan: LlmPlan,
     choice: GgufChoice,
@@ -202,7 +215,7 @@ def _report_data(
         metrics=validation.metrics,
         gates=validation.gates,
         waived=validation.waived_reason,
-        notes=outcome.notes,
+        notes=[*outcome.notes, *_projector_notes(outcome.vision)],
         context_size=outcome.context,
         template_origin=template.origin if template else None,
         template_sha256=template.sha256 if template else None,
