@@ -155,7 +155,7 @@ class Projector:
         first = _last_log_probabilities(llama)
         totals = []
         for label in labels:
-            tokens = llama.tokenize(label.encode("utf-8"), add_bos=False, special=False)
+            tokens = label_tokens(llama, text, label)
             total = float(first[tokens[0]])
             llama.n_tokens = start  # `eval` drops the cache from n_tokens on
             for previous, token in itertools.pairwise(tokens):
@@ -210,6 +210,22 @@ class Projector:
                 f"the prompt with its images is over the model's context of {llama.n_ctx()} "
                 "tokens; send fewer images or a shorter prompt"
             )
+
+
+def label_tokens(llama: Any, prompt: str, label: str) -> list[int]:
+    """The tokens `label` is written with right after `prompt`: after a space when the prompt
+    ends without one ("Assistant:" -> " scratch"), tokenized in the context of the prompt's
+    last line so that SentencePiece and BPE vocabularies both get the in-context spelling."""
+    separator = "" if not prompt or prompt[-1].isspace() else " "
+    tail = prompt.rsplit("\n", 1)[-1][-32:]
+    before = llama.tokenize(tail.encode("utf-8"), add_bos=False, special=True)
+    joined = llama.tokenize((tail + separator + label).encode("utf-8"), add_bos=False, special=True)
+    if tail and joined[: len(before)] == before and len(joined) > len(before):
+        return list(joined[len(before) :])
+    tokens = llama.tokenize((separator + label).encode("utf-8"), add_bos=False, special=False)
+    if not tokens:
+        raise VisionError(f"the label {label!r} has no tokens in this model's vocabulary")
+    return list(tokens)
 
 
 def _quiet_logs() -> None:

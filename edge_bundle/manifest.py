@@ -294,6 +294,10 @@ class VisionGolden(_Strict):
     images: tuple[RelativePath, ...] = Field(min_length=1, max_length=4)
     max_tokens: Annotated[StrictInt, Field(ge=1, le=256)]
     expected_text: Annotated[str, StringConstraints(max_length=4000)]
+    # For a bundle that classifies: the label the photo was given and every label's score (in
+    # the order of the manifest's labels), as `Vision.classify_prompt` asked.
+    label: Text | None = None
+    scores: tuple[Annotated[float, Field(ge=0.0, le=1.0)], ...] = ()
 
 
 class Vision(_Strict):
@@ -309,6 +313,9 @@ class Vision(_Strict):
     image_tokens: Count  # context positions one photo takes (measured when packaged)
     marker: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "<__media__>"
     golden: tuple[VisionGolden, ...] = ()
+    # A bundle that classifies: the rendered prompt (one marker) that a label answers; the label
+    # is chosen among the manifest's labels by the model's own probabilities.
+    classify_prompt: Annotated[str, StringConstraints(min_length=1, max_length=4000)] | None = None
 
 
 class Generation(_Strict):
@@ -365,6 +372,11 @@ class ManifestBody(_Strict):
             )
         if vision is not None and (self.runtime != "llama" or self.generation is None):
             raise ValueError("a vision-language bundle runs on runtime 'llama'")
+        if vision is not None and vision.classify_prompt is not None and not self.labels:
+            raise ValueError("a vision-language bundle that classifies needs its labels")
+        for golden in vision.golden if vision is not None else ():
+            if golden.scores and len(golden.scores) != len(self.labels):
+                raise ValueError("a golden's scores must give one score per label")
         return self
 
     @property

@@ -75,12 +75,14 @@ def check_options(options: BuildOptions, source: AnySource) -> None:
 
 
 def _check_language_model(options: BuildOptions, source: LlmSource) -> None:
-    vision_only = {
+    vision_only: dict[str, object] = {
         "--calibration": options.calibration,
         "--eval": options.eval_dir,
-        "--knowledge": options.knowledge,
-        "--labels": options.labels,
     }
+    if not source.vision:  # a vision-language model may classify: labels and knowledge
+        vision_only |= {"--knowledge": options.knowledge, "--labels": options.labels}
+    elif options.knowledge is not None and not options.labels:
+        raise PackagerError("--knowledge needs --labels: the entries are looked up by label")
     given = [name for name, value in vision_only.items() if value is not None]
     if given:
         raise PackagerError(

@@ -25,7 +25,7 @@ from model_packager import recipes, references
 from model_packager.benchmark import Timing, benchmark_record, measure_pipeline
 from model_packager.choose import QuantizationChoice, choose_quantization
 from model_packager.datasets import ImageSample, load_calibration, load_labelled
-from model_packager.errors import GateError, KnowledgeError
+from model_packager.errors import GateError
 from model_packager.evaluate import validation_record
 from model_packager.export import export_reference
 from model_packager.golden import (
@@ -36,6 +36,7 @@ from model_packager.golden import (
     write_golden,
 )
 from model_packager.inference import output_kind, predict_all, tensor_specs
+from model_packager.knowledge import read_knowledge
 from model_packager.onnx_tools import make_session, run_probs
 from model_packager.options import BuildOptions
 from model_packager.progress import Progress
@@ -75,7 +76,7 @@ def plan_vision(
     packager_version: str,
 ) -> VisionPlan:
     """Read the knowledge base and match the host: the image pipeline's cheap checks."""
-    knowledge, warnings = _knowledge(options.knowledge, source.labels)
+    knowledge, warnings = read_knowledge(options.knowledge, source.labels)
     host = matches_host(profile)
     return VisionPlan(
         options, bundle_id, profile, source, knowledge, warnings, host, packager_version
@@ -274,25 +275,6 @@ def _report_data(
         classes=validation.cpu_classes,
         trials=body.quantization.trials if body.quantization else (),
     )
-
-
-def _knowledge(
-    path: Path | None, labels: tuple[str, ...]
-) -> tuple[KnowledgeBase | None, list[str]]:
-    if path is None:
-        return None, ["no knowledge base given (--knowledge): answers will carry no root causes"]
-    import yaml
-
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise KnowledgeError(f"knowledge base {path} is not readable YAML: {exc}") from exc
-    try:
-        knowledge = KnowledgeBase.from_mapping(document, str(path))
-        missing = knowledge.check_labels(labels)
-    except Exception as exc:
-        raise KnowledgeError(str(exc)) from exc
-    return knowledge, [f"no knowledge base entry for label: {label}" for label in missing]
 
 
 def _missing_knowledge(plan: VisionPlan) -> list[str]:

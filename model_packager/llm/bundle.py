@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from edge_bundle.bundle import SourceFile
+from edge_bundle.knowledge import KNOWLEDGE_FILE, KnowledgeBase
 from edge_bundle.manifest import (
     Benchmark,
     ChatTemplate,
@@ -91,6 +92,7 @@ def bundle_contents(
     template: PinnedTemplate | None,
     outcome: LlmOutcome,
     work: Path,
+    knowledge: KnowledgeBase | None = None,
 ) -> LlmContents:
     """The model (and pinned template) files, the manifest body, the report and the summary."""
     files: dict[str, Path | SourceFile] = {MODEL_FILE: SourceFile(outcome.candidate, "model")}
@@ -102,6 +104,10 @@ def bundle_contents(
         origin = template.origin[:200]  # the manifest's limit; a long file name is cut
         pinned = ChatTemplate(path=TEMPLATE_FILE, sha256=template.sha256, source=origin)
     vision = _vision(outcome, files)
+    if knowledge is not None:
+        path = work / KNOWLEDGE_FILE
+        path.write_bytes(knowledge.to_bytes())
+        files[KNOWLEDGE_FILE] = SourceFile(path, "knowledge")
     base_sha, adapter_sha = plan.source.lineage_hashes()
     benchmark = _benchmark(plan, outcome)
     body = ManifestBody(
@@ -110,6 +116,8 @@ def bundle_contents(
         created_at=datetime.now(UTC),
         task="vision-language" if vision is not None else "text-generation",
         runtime="llama",
+        labels=plan.labels if vision is not None and vision.classify_prompt else (),
+        knowledge_path=KNOWLEDGE_FILE if knowledge is not None else None,
         quantization=Quantization(
             method=choice.quantization,
             weight_type=outcome.info.file_type,
@@ -162,6 +170,7 @@ def _vision(outcome: LlmOutcome, files: dict[str, Path | SourceFile]) -> Vision 
         image_side=measured.image_side,
         image_tokens=measured.image_tokens,
         golden=measured.golden,
+        classify_prompt=measured.classify_prompt,
     )
 
 

@@ -24,6 +24,7 @@ from edge_bundle.llama_vision import IMAGE_MARKER
 from edge_bundle.manifest import Gate, TextGolden, Validation
 from model_packager.errors import GateError, PackagerError, QuantizationError, SourceError
 from model_packager.gguf_header import GGUF_FILE_TYPES, GgufInfo, read_gguf_info
+from model_packager.knowledge import read_knowledge
 from model_packager.llm.bundle import LlmContents, LlmOutcome, bundle_contents
 from model_packager.llm.eval import (
     DEFAULT_EVAL_TEXT,
@@ -40,6 +41,7 @@ from model_packager.llm.gguf import convert_to_gguf, merge_causal_adapter, probe
 from model_packager.llm.plan import GgufChoice, LlmPlan
 from model_packager.llm.template import PinnedTemplate, choose_template
 from model_packager.llm.vision import (
+    check_labels,
     check_pair,
     convert_projector,
     golden_photos,
@@ -60,6 +62,9 @@ CHAT_GOLDEN_QUESTION = "Why do brackets from press 3 show burrs?"
 def package_llm(plan: LlmPlan, work: Path, progress: Progress) -> LlmContents:
     """Build the contents of a text-generation bundle; raise a `PackagerError` saying what to fix."""
     template, notes = choose_template(plan.source, plan.chat_template)
+    check_labels(plan.labels)
+    knowledge, warnings = read_knowledge(plan.knowledge, plan.labels) if plan.labels else (None, [])
+    notes += warnings
     choice = choose_quantization(plan)
     eval_text, dataset = _eval_text(plan.eval_text)
     reference, projector = prepare_reference(plan.source, work, progress)
@@ -90,12 +95,19 @@ def package_llm(plan: LlmPlan, work: Path, progress: Progress) -> LlmContents:
         if projector is not None and pair is not None and template is not None:
             progress.step("golden completions with photos and the image benchmark")
             vision = vision_outcome(
-                llm, projector, pair, template, photos, work, threads=threads.threads
+                llm,
+                projector,
+                pair,
+                template,
+                photos,
+                work,
+                threads=threads.threads,
+                labels=plan.labels,
             )
     outcome = LlmOutcome(
         candidate, info, reference, context, validation, golden, timing, notes, vision
     )
-    return bundle_contents(plan, choice, template, outcome, work)
+    return bundle_contents(plan, choice, template, outcome, work, knowledge)
 
 
 def choose_quantization(plan: LlmPlan) -> GgufChoice:

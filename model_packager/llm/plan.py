@@ -31,6 +31,8 @@ class LlmPlan:
     waive_reason: str | None = None
     bench_tokens: int = 50
     golden_images: Path | None = None
+    labels: tuple[str, ...] = ()  # a vision-language model that classifies
+    knowledge: Path | None = None
 
     @classmethod
     def from_options(
@@ -55,6 +57,8 @@ class LlmPlan:
             waive_reason=options.policy.waive_reason,
             bench_tokens=options.bench_samples,
             golden_images=options.golden_images,
+            labels=options.labels or (),
+            knowledge=options.knowledge,
         )
 
 

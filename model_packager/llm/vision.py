@@ -31,6 +31,8 @@ from model_packager.llm.gguf import TOKENIZER_FILES, _last_lines, _run_child
 from model_packager.llm.template import PinnedTemplate
 
 VISION_QUESTION = "Describe the defect in this photo."
+CLASSIFY_QUESTION = "Which defect does this photo show? Answer with one of: {labels}."
+SCORE_REPEAT_TOLERANCE = 1e-4
 VISION_GOLDEN_TOKENS = 16
 GOLDEN_DIR = "golden"
 MIN_GOLDEN_PHOTOS, MAX_GOLDEN_PHOTOS = 2, 4
@@ -50,6 +52,7 @@ class VisionOutcome:
     golden: tuple[VisionGolden, ...]
     golden_files: dict[str, Path]  # bundle path -> PNG written in the work folder
     timing: dict[str, float]
+    classify_prompt: str | None = None
 
 
 def merge_vision_adapter(model_dir: Path, adapter: Path, out: Path, *, allow_pickle: bool) -> Path:
@@ -145,6 +148,21 @@ def golden_prompt(template: PinnedTemplate) -> str:
     return render_chat(template.text, as_parts([message], IMAGE_MARKER))
 
 
+def classify_prompt(template: PinnedTemplate, labels: tuple[str, ...]) -> str:
+    """The rendered prompt a label answers: one photo and the question naming every label."""
+    question = CLASSIFY_QUESTION.format(labels=", ".join(labels))
+    message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+    return render_chat(template.text, as_parts([message], IMAGE_MARKER))
+
+
+def check_labels(labels: tuple[str, ...]) -> None:
+    """A vision-language model classifies among at least two distinct, non-empty labels."""
+    if labels and (len(labels) < 2 or len(set(labels)) != len(labels) or not all(labels)):
+        raise PackagerError(
+            f"--labels {','.join(labels)}: give at least two distinct, non-empty labels"
+        )
+
+
 def vision_outcome(
     llm: Any,
     projector_path: Path,
@@ -154,8 +172,10 @@ def vision_outcome(
     work: Path,
     *,
     threads: int,
+    labels: tuple[str, ...] = (),
 ) -> VisionOutcome:
-    """Open the projector beside `llm`, record the goldens and measure the image path."""
+    """Open the projector beside `llm`, record the goldens (with every label's score when the
+    bundle classifies) and measure the image path."""
     side = pair.image_size
     try:
         projector = Projector(llm, projector_path, threads=threads)
@@ -163,6 +183,7 @@ def vision_outcome(
         raise SourceError(f"the bundle was not written: {exc}") from exc
     try:
         prompt = golden_prompt(template)
+        asked = classify_prompt(template, labels) if labels else None
         golden, files, tokens = [], {}, 0
         for number, photo in enumerate(photos):
             text, tokens = _completion(llm, projector, prompt, photo)
@@ -176,20 +197,52 @@ def vision_outcome(
             path = work / f"vision-{number}.png"
             cv2.imwrite(str(path), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
             files[name] = path
+            label, scores = _classified(llm, projector, asked, photo, labels)
             golden.append(
                 VisionGolden(
                     prompt=prompt,
                     images=(name,),
                     max_tokens=VISION_GOLDEN_TOKENS,
                     expected_text=text,
+                    label=label,
+                    scores=scores,
                 )
             )
         timing = _measure(llm, projector, prompt, photos[0])
+        if asked is not None:
+            timing["classify_ms"] = _classify_ms(llm, projector, asked, photos[0], labels)
     except BundleError as exc:
         raise PackagerError(f"the photo could not be evaluated: {exc}") from exc
     finally:
         projector.close()
-    return VisionOutcome(projector_path, pair, side, tokens, tuple(golden), files, timing)
+    return VisionOutcome(projector_path, pair, side, tokens, tuple(golden), files, timing, asked)
+
+
+def _classified(
+    llm: Any, projector: Projector, asked: str | None, photo: Pixels, labels: tuple[str, ...]
+) -> tuple[str | None, tuple[float, ...]]:
+    """The golden's label and scores, computed twice: they must repeat."""
+    if asked is None:
+        return None, ()
+    first = projector.label_scores(llm, asked, [photo], labels)
+    again = projector.label_scores(llm, asked, [photo], labels)
+    if max(abs(first[label] - again[label]) for label in labels) > SCORE_REPEAT_TOLERANCE:
+        raise PackagerError(
+            "the label scores of a photo differ between two runs on this machine; check the "
+            "llama-cpp-python build before packaging"
+        )
+    return max(labels, key=first.__getitem__), tuple(round(first[label], 6) for label in labels)
+
+
+def _classify_ms(
+    llm: Any, projector: Projector, asked: str, photo: Pixels, labels: tuple[str, ...]
+) -> float:
+    rounds = []
+    for _ in range(BENCH_ROUNDS):
+        start = time.perf_counter()
+        projector.label_scores(llm, asked, [photo], labels)
+        rounds.append(time.perf_counter() - start)
+    return round(1000 * statistics.median(rounds), 3)
 
 
 def _completion(llm: Any, projector: Projector, prompt: str, photo: Pixels) -> tuple[str, int]:

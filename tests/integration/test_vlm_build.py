@@ -161,8 +161,13 @@ def test_gguf_with_its_projector_and_golden_photos_of_the_line(
     for number, answer in enumerate(("scratch", "dent")):
         photo = vlm_support.colour_photo(answer, 50 + number, (120, 200))
         cv2.imwrite(str(photos / f"p{number}.jpg"), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
+    knowledge = tmp_path / "kb.yaml"
+    knowledge.write_text(
+        "scratch: {title: Surface scratch, severity: minor}\ndent: {title: Dent, severity: major}\n"
+    )
     out = tmp_path / "out"
     extra = ["--mmproj", str(ggufs["mmproj"]), "--golden-images", str(photos)]
+    extra += ["--labels", "scratch,dent", "--knowledge", str(knowledge)]
     assert _build(ws, out, ggufs["text"], "--quantization", "q8_0", *extra) == 0
     bundle = _open(ws, out / "inspector-1.bundle", tmp_path / "staging")
     generation = bundle.manifest.generation
@@ -172,6 +177,16 @@ def test_gguf_with_its_projector_and_golden_photos_of_the_line(
     sizes = {cv2.imread(str(bundle.path(g.images[0]))).shape[:2] for g in golden}
     assert sizes == {(38, 64)}
     assert [g.expected_text.split()[0] for g in golden] == ["scratch", "dent"]
+    # It classifies: the labels, the knowledge, and each golden photo's label and scores.
+    manifest = bundle.manifest
+    assert manifest.labels == ("scratch", "dent") and manifest.knowledge_path is not None
+    assert generation.vision.classify_prompt is not None
+    assert "scratch, dent" in generation.vision.classify_prompt
+    assert [g.label for g in golden] == ["scratch", "dent"]
+    for g in golden:
+        assert len(g.scores) == 2 and abs(sum(g.scores) - 1.0) < 1e-4
+        assert max(g.scores) > 0.5
+    assert "classify_ms" in manifest.benchmarks[0].metrics
 
 
 def test_a_projector_made_for_another_model_is_refused(
@@ -195,6 +210,8 @@ def test_a_projector_made_for_another_model_is_refused(
         ("golden-not-an-image", "--golden-images b.png"),
         ("golden-for-text-model", "--golden-images is for vision-language models"),
         ("no-template", "needs one to place the photo"),
+        ("one-label", "give at least two distinct, non-empty labels"),
+        ("knowledge-without-labels", "--knowledge needs --labels"),
     ],
 )
 def test_what_a_user_gets_wrong_is_refused_and_nothing_written(
@@ -222,6 +239,11 @@ def test_what_a_user_gets_wrong_is_refused_and_nothing_written(
         extra += ["--golden-images", str(photos)]
     elif case == "golden-for-text-model":
         extra = ["--golden-images", str(photos)]
+    elif case == "one-label":
+        extra += ["--labels", "scratch"]
+    elif case == "knowledge-without-labels":
+        (tmp_path / "kb.yaml").write_text("scratch: {title: Scratch}\n")
+        extra += ["--knowledge", str(tmp_path / "kb.yaml")]
     elif case == "no-template":
         source = tmp_path / "untemplated"
         source.mkdir()

@@ -306,3 +306,49 @@ def test_semver_tuple() -> None:
     assert semver_tuple("0.10.2") > semver_tuple("0.9.9")
     with pytest.raises(ManifestError):
         semver_tuple("1.2")
+
+
+def _vision_language(**vision: Any) -> dict[str, Any]:
+    data = full_manifest_data()
+    data.update(task="vision-language", runtime="llama", labels=["scratch", "dent"])
+    data["files"] = [
+        {"path": "model.gguf", "sha256": "a" * 64, "size": 1, "role": "model"},
+        {"path": "mmproj.gguf", "sha256": "b" * 64, "size": 1, "role": "mmproj"},
+        {"path": "golden/v0.png", "sha256": "c" * 64, "size": 1, "role": "golden"},
+    ]
+    for key in ("golden", "knowledge_path", "reference_check", "inputs", "outputs"):
+        data.pop(key, None)
+    golden = {"prompt": "U: <__media__>?", "images": ["golden/v0.png"], "max_tokens": 4,
+              "expected_text": " dent", "label": "dent", "scores": [0.2, 0.8]}  # fmt: skip
+    data["generation"] = {
+        "context_size": 512,
+        "vision": {"projector": "mmproj.gguf", "projector_type": "idefics3",
+                   "embedding_width": 64, "image_side": 64, "image_tokens": 8,
+                   "golden": [golden], "classify_prompt": "U: <__media__>? A:", **vision},
+    }  # fmt: skip
+    return data
+
+
+def test_a_vision_language_manifest_names_its_projector_and_goldens() -> None:
+    manifest = Manifest.from_bytes(encode(_vision_language()))
+    assert manifest.generation is not None and manifest.generation.vision is not None
+    assert manifest.generation.vision.golden[0].scores == (0.2, 0.8)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"task": "text-generation"}, r"a vision-language bundle \(and only one\)"),
+        ({"labels": []}, "that classifies needs its labels"),
+        ({"labels": ["scratch", "dent", "crack"]}, "one score per label"),
+        ({"files": "no-projector"}, "are referenced but not listed"),
+    ],
+)
+def test_vision_language_rules(change: dict[str, Any], reason: str) -> None:
+    data = _vision_language()
+    if change.get("files") == "no-projector":
+        data["files"] = [f for f in data["files"] if f["role"] != "mmproj"]
+    else:
+        data.update(change)
+    with pytest.raises(ManifestError, match=reason):
+        Manifest.from_bytes(encode(data))
