@@ -5,7 +5,9 @@ bundles pushed over MQTT (the updater's staging). What it prepares is a candidat
 active version is `models.Models.activate`'s job. Nothing is activated until every check has
 passed; a refused bundle leaves the active one untouched and says why. A classifier arriving on
 the box is also checked against the fp32 reference outputs it carries (`reference_check`), once:
-loading an installed bundle again at start-up runs the golden self-test only.
+loading an installed bundle again at start-up runs the golden self-test only. A vision-language
+bundle whose projector was made for another text model is refused from the GGUF headers
+(`check_projector`), before the store keeps anything and before llama.cpp loads a byte.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from typing import Protocol, TypeVar
 from edge_agent import __version__
 from edge_agent.device.store import BundleStore
 from edge_agent.engine.classifier import Classifier, load_classifier
-from edge_agent.engine.generator import Generator, load_generator, run_text_selftest
+from edge_agent.engine.generator import (
+    GENERATIVE_TASKS,
+    Generator,
+    load_generator,
+    run_text_selftest,
+)
 from edge_agent.engine.reference_check import (
     ReferenceReport,
     not_carried_warning,
@@ -29,6 +36,7 @@ from edge_agent.engine.selftest import SelfTestReport, run_selftest
 from edge_agent.errors import AgentError, BundleRejectedError
 from edge_bundle.bundle import VerifiedBundle
 from edge_bundle.errors import BundleError
+from edge_bundle.gguf_fields import ProjectorMismatchError, projector_pair
 from edge_bundle.manifest import Manifest, semver_tuple
 from edge_bundle.profiles import HardwareProfile
 
@@ -65,6 +73,24 @@ def check_fits(bundle: VerifiedBundle, profile: HardwareProfile) -> None:
             f"{bundle.bundle_id} is {size_mb:.0f} MB, over the profile's max_bundle_mb "
             f"({profile.budgets.max_bundle_mb}); quantize it further"
         )
+
+
+def check_projector(bundle: VerifiedBundle) -> None:
+    """A vision-language bundle's projector (mmproj) must fit its text model: refused from the
+    two GGUF headers, saying what differs. Other bundles pass."""
+    generation = bundle.manifest.generation
+    vision = generation.vision if generation is not None else None
+    if vision is None:
+        return
+    models = [
+        f.path for f in bundle.manifest.files if f.role == "model" and f.path.endswith(".gguf")
+    ]
+    if len(models) != 1:
+        return  # the runtime refuses it at load, saying so
+    try:
+        projector_pair(bundle.path(models[0]), bundle.path(vision.projector))
+    except ProjectorMismatchError as exc:
+        raise BundleRejectedError(f"{bundle.bundle_id} refused: {exc}") from exc
 
 
 class _Served(Protocol):
@@ -157,8 +183,10 @@ AnyCandidate = Candidate | TextCandidate
 def prepare_text(
     bundle: VerifiedBundle, profile: HardwareProfile, cache_dir: Path
 ) -> TextCandidate:
-    """Load a verified text-generation bundle and replay its golden completions."""
+    """Load a verified text-generation (or vision-language) bundle and replay its golden
+    completions."""
     check_fits(bundle, profile)
+    check_projector(bundle)
     generator, report = _load_and_test(
         bundle, lambda: load_generator(bundle, profile, cache_dir), run_text_selftest
     )
@@ -173,7 +201,7 @@ def prepare_any(
     check_references: bool = False,
 ) -> AnyCandidate:
     """`prepare` or `prepare_text`, by the bundle's task."""
-    if bundle.manifest.task == "text-generation":
+    if bundle.manifest.task in GENERATIVE_TASKS:
         return prepare_text(bundle, profile, cache_dir)
     return prepare(bundle, profile, cache_dir, check_references=check_references)
 
@@ -229,7 +257,7 @@ def stage_and_prepare(
 ) -> AnyCandidate:
     """Verify and store `bundle_file`, check it fits, load, self-test and reference-check it
     (not activated)."""
-    bundle = store.stage(bundle_file)
+    bundle = store.stage(bundle_file, check=check_projector)
     try:
         check_memory(store, bundle, budget_mb or profile.budgets.memory_mb)
         candidate = prepare_any(bundle, profile, cache_dir, check_references=True)

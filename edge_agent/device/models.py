@@ -34,6 +34,7 @@ from edge_agent.disk import DiskWatch
 from edge_agent.engine.classifier import Classifier
 from edge_agent.engine.core import InferenceCore
 from edge_agent.engine.generation import GenerationService
+from edge_agent.engine.generator import GENERATIVE_TASKS
 from edge_agent.engine.reference_check import ReferenceReport
 from edge_agent.engine.reference_check import status as reference_status
 from edge_agent.engine.selftest import SelfTestReport, run_selftest
@@ -352,14 +353,14 @@ class Models:
         if name in self.core.models or name in self.generation.models:
             return
         reason = f"loading version {version}"
-        if self.store.task_of(name, version) == "text-generation":
+        if self.store.task_of(name, version) in GENERATIVE_TASKS:
             self.generation.set_model(name, GeneratorState("loading", reason))
         else:
             self.core.set_model(name, ModelState("loading", reason))
 
     def _failed(self, name: str, version: int, reason: str) -> None:
         """Show the model as failed, among the language models if that is what it was."""
-        if name in self.generation.models or self.store.task_of(name, version) == "text-generation":
+        if name in self.generation.models or self.store.task_of(name, version) in GENERATIVE_TASKS:
             self.generation.set_model(name, GeneratorState("failed", reason))
         else:
             self.core.set_model(name, ModelState("failed", reason))

@@ -20,7 +20,7 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -142,8 +142,11 @@ class BundleStore:
             raise UnknownModelError(f"{bundle_id} is not installed")
         write_atomically(self._reference_path(bundle_id), json.dumps(report).encode())
 
-    def stage(self, bundle_file: Path) -> VerifiedBundle:
-        """Verify `bundle_file` and add it to the store (not active yet); return it.
+    def stage(
+        self, bundle_file: Path, check: Callable[[VerifiedBundle], None] | None = None
+    ) -> VerifiedBundle:
+        """Verify `bundle_file` and add it to the store (not active yet); return it. `check`
+        looks at the verified contents first: what it raises leaves nothing in the store.
 
         Installing the very same bundle again is a no-op that returns the installed copy.
         """
@@ -158,6 +161,12 @@ class BundleStore:
                 )
             except BundleError as exc:
                 raise BundleRejectedError(f"{bundle_file.name} refused: {exc}") from exc
+            if check is not None:
+                try:
+                    check(verified)
+                except BaseException:
+                    verified.discard()
+                    raise
             target = self._directory(verified.bundle_id)
             if target.exists():
                 verified.discard()

@@ -38,7 +38,9 @@ class TensorSession(Protocol):
 
 @dataclass(frozen=True)
 class TextRequest:
-    """One completion: the prompt text and how to sample (temperature 0 = greedy)."""
+    """One completion: the prompt text and how to sample (temperature 0 = greedy). For a
+    vision-language model, `images` are RGB pixels (H x W x 3, already decoded and fitted to the
+    projector's side), one per image marker in `prompt`, in order."""
 
     prompt: str
     max_tokens: int = 128
@@ -46,6 +48,7 @@ class TextRequest:
     top_p: float = 0.95
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    images: tuple[NDArray[np.uint8], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,15 @@ class TextSession(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class VisionSession(TextSession, Protocol):
+    """A loaded vision-language model: a `TextSession` whose requests may carry images."""
+
+    @property
+    def image_positions(self) -> int:
+        """Context positions one image takes, its wrapper tokens included (measured at load)."""
+        ...
 
 
 class Runtime(Protocol):

@@ -8,6 +8,12 @@ thread-safe: the caller runs one generation at a time per session.
 Every request starts from an empty llama.cpp state (`edge_bundle.llama_state.clear_state`): no
 prompt prefix is reused from an earlier request, so a greedy completion is a function of the
 prompt and the loaded model alone and equals the golden completion the packager recorded.
+
+A vision-language bundle (`generation.vision`) also opens its projector (mmproj) beside the text
+model, through `edge_bundle.llama_vision` (the same code the packager recorded its goldens with):
+the pair is checked from the GGUF headers before anything loads, and the image path is warmed at
+load (one mid-grey photo encoded, one token generated), because llama.cpp's own warm-up never
+encodes an image and the first real photo would pay for the encoder's first-call allocations.
 """
 
 from __future__ import annotations
@@ -17,23 +23,49 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edge_agent.errors import InferenceError, RuntimeLoadError
 from edge_agent.runtimes.base import TextChunk, TextRequest
 from edge_bundle.bundle import VerifiedBundle
+from edge_bundle.errors import BundleError
+from edge_bundle.gguf_fields import ProjectorMismatchError, projector_pair
 from edge_bundle.llama_state import clear_state
+from edge_bundle.llama_vision import IMAGE_MARKER, Projector
+from edge_bundle.manifest import Vision
 from edge_bundle.profiles import HardwareProfile
 
 log = logging.getLogger(__name__)
 
 
 class LlamaSession:
-    """One loaded GGUF model."""
+    """One loaded GGUF model, with its projector for a vision-language bundle."""
 
-    def __init__(self, llama: Any) -> None:
+    def __init__(
+        self, llama: Any, projector: Projector | None = None, image_positions: int = 0
+    ) -> None:
         self._llama = llama
+        self._projector = projector
+        self._image_positions = image_positions
+
+    @property
+    def image_positions(self) -> int:
+        """Context positions one image takes (its wrapper tokens included); 0 without vision."""
+        return self._image_positions
 
     def count_tokens(self, text: str) -> int:
         return len(self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+
+    def _evaluate(self, request: TextRequest) -> tuple[str | list[int], int]:
+        """The prompt `create_completion` continues from, and how many positions it takes."""
+        if not request.images:
+            # Reusing the previous request's prefix would make this text depend on it.
+            clear_state(self._llama)
+            return request.prompt, self.count_tokens(request.prompt)
+        if self._projector is None:
+            raise InferenceError("this model takes no images (it has no projector)")
+        evaluated = self._projector.evaluate(self._llama, request.prompt, request.images)
+        return evaluated.tokens, len(evaluated.tokens)
 
     def stream(
         self,
@@ -42,13 +74,11 @@ class LlamaSession:
         cancelled: Callable[[], bool],
         between_tokens: Callable[[], None],
     ) -> Iterator[TextChunk]:
-        prompt_tokens = self.count_tokens(request.prompt)
-        completion_tokens = 0
+        prompt_tokens = completion_tokens = 0
         try:
-            # Reusing the previous request's prefix would make this text depend on it.
-            clear_state(self._llama)
+            prompt, prompt_tokens = self._evaluate(request)
             pieces = self._llama.create_completion(
-                request.prompt,
+                prompt,
                 max_tokens=request.max_tokens,
                 temperature=request.temperature,
                 top_p=request.top_p,
@@ -71,11 +101,16 @@ class LlamaSession:
                     break
                 between_tokens()
             pieces.close()
+        except InferenceError:
+            raise
         except Exception as exc:  # llama-cpp-python raises untyped errors; translate them here
             raise InferenceError(f"llama.cpp failed while generating: {exc}") from exc
         yield TextChunk("", finish or "length", prompt_tokens, completion_tokens)
 
     def close(self) -> None:
+        projector, self._projector = self._projector, None
+        if projector is not None:  # before the text model it was opened for
+            projector.close()
         llama, self._llama = self._llama, None
         if llama is not None:
             llama.close()
@@ -104,6 +139,12 @@ class LlamaRuntime:
                 f"{bundle.bundle_id} lists {len(models)} GGUF model files; a text bundle holds one"
             )
         generation = bundle.manifest.generation
+        vision = generation.vision if generation is not None else None
+        if vision is not None:
+            try:
+                projector_pair(bundle.path(models[0]), bundle.path(vision.projector))
+            except ProjectorMismatchError as exc:
+                raise RuntimeLoadError(f"{bundle.bundle_id}: {exc}") from exc
         context = profile.llama.context_size
         if generation is not None:
             context = min(context, generation.context_size)
@@ -119,4 +160,60 @@ class LlamaRuntime:
             )
         except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError untyped
             raise RuntimeLoadError(f"llama.cpp cannot load {bundle.bundle_id}: {exc}") from exc
-        return LlamaSession(llama)
+        if vision is None:
+            return LlamaSession(llama)
+        return _with_projector(bundle, llama, vision, profile)
+
+
+def _with_projector(
+    bundle: VerifiedBundle, llama: Any, vision: Vision, profile: HardwareProfile
+) -> LlamaSession:
+    """A session with the bundle's projector opened beside `llama` and its image path warmed;
+    on failure nothing stays open."""
+    _quiet_projector_logs()
+    projector: Projector | None = None
+    try:
+        projector = Projector(
+            llama,
+            bundle.path(vision.projector),
+            threads=profile.llama.threads,
+            use_gpu=profile.llama.gpu_layers != 0,
+        )
+        positions = _warm_image_path(llama, projector, vision.image_side)
+    except Exception as exc:  # VisionError, or llama.cpp failing on the warm-up photo
+        if projector is not None:
+            projector.close()
+        llama.close()
+        what = exc if isinstance(exc, BundleError) else f"llama.cpp failed: {exc}"
+        raise RuntimeLoadError(f"{bundle.bundle_id}: the projector cannot serve ({what})") from exc
+    return LlamaSession(llama, projector, positions)
+
+
+def _warm_image_path(llama: Any, projector: Projector, side: int) -> int:
+    """Encode one mid-grey photo of `side` and generate one token after it, then forget it;
+    return the context positions the photo took (image and wrapper tokens)."""
+    grey = np.full((side, side, 3), 128, dtype=np.uint8)
+    evaluated = projector.evaluate(llama, IMAGE_MARKER, [grey])
+    llama.create_completion(
+        prompt=evaluated.tokens, max_tokens=1, temperature=0.0, repeat_penalty=1.0
+    )
+    clear_state(llama)
+    bos = len(llama.tokenize(b"", add_bos=True, special=True))
+    return len(evaluated.tokens) - bos
+
+
+_QUIETED: list[bool] = []
+
+
+def _quiet_projector_logs() -> None:
+    """Route llama.cpp's multimodal library's logs (a dozen lines per photo) through
+    llama-cpp-python's own log callback, which keeps only errors unless a model is verbose."""
+    if _QUIETED:
+        return
+    import ctypes
+
+    from llama_cpp import _logger, mtmd_cpp
+
+    mtmd_cpp.mtmd_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_helper_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    _QUIETED.append(True)
