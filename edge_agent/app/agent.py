@@ -114,7 +114,7 @@ def build_device(
         metrics=metrics,
         models=models,
         predictions=Predictions(settings, core, explainer, metrics, publisher),
-        texts=Texts(settings, generation),
+        texts=Texts(settings, generation, core.pixels),
         explainer=explainer,
         feedback=FeedbackDesk(feedback, records, core, metrics, publisher, disk),
         records=records,

@@ -183,6 +183,10 @@ class Device:
     def text_request(self, model: str, ask: TextAsk) -> Prepared:
         return self.texts.request(model, ask)
 
+    async def prepare_text(self, model: str, ask: TextAsk) -> Prepared:
+        """`text_request`, photos included (decoded before any answer starts)."""
+        return await self.texts.prepare(model, ask)
+
     def stream_text(self, prepared: Prepared) -> AsyncIterator[TextChunk]:
         return self.texts.stream(prepared)
 

@@ -3,6 +3,10 @@ completions (so the `openai` client works against the box), and the explanation 
 prediction. Each route only validates its body and shapes the answer: the request is checked
 (token limit, the model's context, admission) by the device's one generate path before any answer
 starts. Streaming answers are server-sent events; a client that goes away cancels its generation.
+
+Chat messages may carry OpenAI content parts, photos among them as base64 `data:` URLs, for a
+vision-language model; the device reads, decodes and checks them (`device.content`, `texts`), so
+a remote URL is refused unfetched and a hostile photo gets the status the predict route gives it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,16 @@ from edge_agent.device.texts import TextAsk
 from edge_agent.http.openapi import BODY, error_responses
 from edge_agent.runtimes.base import TextChunk
 
+CHAT_DESCRIPTION = (
+    "The conversation is rendered with the model's pinned chat template. A message's content is "
+    'a string or a list of parts: `{"type": "text", "text": ...}` and, for a '
+    'vision-language model, `{"type": "image_url", "image_url": {"url": '
+    '"data:image/jpeg;base64,..."}}` (at most 4 photos). Only base64 `data:` URLs are '
+    "accepted: a remote URL (http, https, file, ...) is refused with 400 and never fetched. A "
+    "photo is decoded by the same hardened decoder as the predict route (same 413/415/422 for a "
+    "bomb, an unknown format or a damaged file) and scaled to the model's image side; the request "
+    "body limit caps what a request carries."
+)
 Stop = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=4)]
 
 
@@ -41,7 +55,7 @@ class _Body(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def ask(
-        self, *, prompt: str | None = None, messages: list[dict[str, str]] | None = None
+        self, *, prompt: str | None = None, messages: list[dict[str, Any]] | None = None
     ) -> TextAsk:
         return TextAsk(
             prompt=prompt,
@@ -66,9 +80,36 @@ class CompletionBody(_Body):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
 
 
+class ImageUrl(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # e.g. OpenAI's "detail"
+
+    url: str = Field(
+        description="a base64 data: URL (data:image/jpeg;base64,...); any other is refused"
+    )
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str = Field(max_length=32_000)
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageUrl | str = Field(description="{'url': 'data:...'} or the data: URL itself")
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=32_000)
+    content: (
+        Annotated[str, Field(max_length=32_000)]
+        | Annotated[list[ContentPart], Field(min_length=1, max_length=64)]
+    ) = Field(
+        description="text, or a list of content parts: text, and photos (image_url, base64 data: "
+        "URLs, at most 4 per request) for a vision-language model"
+    )
 
 
 class ChatBody(_Body):
@@ -140,12 +181,13 @@ def add_generation_routes(app: FastAPI, device: Device) -> None:
     @app.post(
         "/v1/chat/completions",
         tags=["language models"],
-        summary="OpenAI-compatible chat",
-        responses=error_responses(*BODY, 404, 503),
+        summary="OpenAI-compatible chat (with photos, for a vision-language model)",
+        description=CHAT_DESCRIPTION,
+        responses=error_responses(*BODY, 404, 415, 422, 503),
     )
     async def chat_completions(body: ChatBody) -> Any:
         messages = [m.model_dump() for m in body.messages]
-        prepared = device.text_request(body.model, body.ask(messages=messages))
+        prepared = await device.prepare_text(body.model, body.ask(messages=messages))
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
             text, last = await device.complete_text(prepared)

@@ -36,6 +36,7 @@ from edge_agent.errors import (
     BadRequestError,
     DrainingError,
     OverloadedError,
+    PayloadTooLargeError,
     error_code,
 )
 from edge_agent.metrics import AgentMetrics
@@ -281,13 +282,20 @@ class MqttHandlers:
         await self.send([Outgoing(topic, to_json(body), "reply", message_id, properties)])
 
     async def _generate(self, message: Inbound, model: str) -> list[Outgoing]:
-        """Text generation over MQTT: JSON {"prompt"|"messages", "max_tokens", ...}; one reply."""
+        """Text generation over MQTT: JSON {"prompt"|"messages", "max_tokens", ...}; one reply.
+        Messages may carry content parts with photos (base64 data: URLs), as on HTTP."""
         message_id = new_request_id()
         reply_to, properties, refused = self._route(message, model, message_id)
         if refused is not None:
             return [refused]
         client_id = peek_request_id(message.payload)
         try:
+            limit = self.settings.mqtt_max_payload_bytes
+            if len(message.payload) > limit:  # a request with photos is large, not unbounded
+                raise PayloadTooLargeError(
+                    f"the payload is {len(message.payload):,} bytes, over the limit of "
+                    f"{limit:,}; publish smaller photos"
+                )
             document = json_or_none(message.payload)
             if document is None:
                 raise BadRequestError(
@@ -296,7 +304,7 @@ class MqttHandlers:
             given_id = document.get("request_id")
             client_id = given_id if isinstance(given_id, str) else None
             ask = _text_ask(document, self.settings.max_generation_tokens)
-            prepared = self.device.text_request(model, ask)
+            prepared = await self.device.prepare_text(model, ask)
             text, last = await self._patiently(
                 message, functools.partial(self.device.complete_text, prepared)
             )
@@ -399,11 +407,14 @@ def _text_ask(document: dict[str, Any], limit: int) -> TextAsk:
         and all(
             isinstance(m, dict)
             and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str)
+            and isinstance(m.get("content"), str | list)
             for m in messages
         )
     ):
-        raise BadRequestError("messages must be a list of {role, content} objects")
+        raise BadRequestError(
+            "messages must be a list of {role, content} objects (content: text, or a list of "
+            "content parts as on HTTP)"
+        )
     prompt = document.get("prompt")
     if messages is None and (not isinstance(prompt, str) or not prompt):
         raise BadRequestError("give a non-empty 'prompt' string (or 'messages')")

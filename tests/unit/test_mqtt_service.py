@@ -187,6 +187,9 @@ class FakeDevice:
             raise self.fail
         return Prepared(None, None)  # type: ignore[arg-type]
 
+    async def prepare_text(self, model: str, ask: TextAsk) -> Prepared:
+        return self.text_request(model, ask)
+
     async def complete_text(self, prepared: Prepared) -> tuple[str, TextChunk]:
         return " hello", TextChunk("", "length", 3, 1)
 
