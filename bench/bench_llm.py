@@ -1,12 +1,16 @@
 """Language-model benchmark, one run: generation through the agent vs llama-cpp-python called
 directly, and the classifier's latency while an explanation streams.
 
-    python -m bench.bench_llm [--rounds 4] [--tokens 64] [--classify 60]
+    python -m bench.bench_llm [--rounds 8] [--tokens 64] [--classify 60]
 
 - generation: the real small GGUF on PyPI (Gemma 3 270M, Q4_K_M), 2 threads (the generic
   profile), greedy, the same prompt: tokens/s and time to first token through the agent (HTTP
   streaming, client in this process, agent in its own) against llama-cpp-python in this process,
-  interleaved by rounds (target: agent >= 0.95x direct);
+  interleaved by rounds (target: agent >= 0.95x direct, the median of the per-round ratios, with
+  their spread). Tokens/s is end to end: the tokens generated over the time from the request to
+  the last token, so that coalesced events (several tokens in one) count what they carry;
+- threads while streaming: the agent again with a profile of 1 thread (cores - 1), against the
+  same direct run, so that the llama.cpp threads and the agent's own threads can be compared;
 - classifier under load: the demo classifier (real EfficientNet-Lite0, int8) repackaged to name
   the language model as its explainer; p95 of predictions on a phone-size photo while idle and
   while a long generation streams (target: <= 1.3x).
@@ -16,6 +20,8 @@ Writes bench/results/llm.json.
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,42 +52,102 @@ def small_gguf() -> Path:
     return Path(gemma.assemble(cache_dir() / gemma.MODEL_NAME))
 
 
-def direct(gguf: Path, tokens: int, rounds: int) -> list[dict[str, float]]:
-    from llama_cpp import Llama
+class Direct:
+    """llama-cpp-python in this process, as the agent runs it (empty state per request)."""
 
-    llama = Llama(
-        model_path=str(gguf), n_ctx=512, n_threads=2, n_threads_batch=2, seed=0, verbose=False
-    )
-    results = []
-    for _ in range(rounds):
+    def __init__(self, gguf: Path, threads: int) -> None:
+        from llama_cpp import Llama
+
+        self.llama = Llama(
+            model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads,
+            seed=0, verbose=False,
+        )  # fmt: skip
+
+    def run(self, tokens: int) -> dict[str, float]:
+        from edge_bundle.llama_state import clear_state
+
+        clear_state(self.llama)
         started = time.perf_counter()
         stamps = []
-        for _piece in llama.create_completion(
-            PROMPT, max_tokens=tokens, temperature=0.0, stream=True
+        for _piece in self.llama.create_completion(
+            PROMPT, max_tokens=tokens, temperature=0.0, repeat_penalty=1.0, stream=True
         ):
             stamps.append(time.perf_counter())
-        results.append(_rates(started, stamps))
-    llama.close()
-    return results
+        return _rates(started, stamps, len(stamps))
+
+    def close(self) -> None:
+        self.llama.close()
 
 
 def through_agent(url: str, tokens: int) -> dict[str, float]:
     started = time.perf_counter()
-    stamps = []
+    stamps, generated = [], 0
     with httpx.stream(
         "POST", f"{url}/v1/models/explainer/generate",
         json={"prompt": PROMPT, "max_tokens": tokens}, timeout=300,
     ) as response:  # fmt: skip
         for line in response.iter_lines():
-            if line.startswith("data: ") and '"text"' in line:
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[6:])
+            if event.get("text"):
                 stamps.append(time.perf_counter())
-    return _rates(started, stamps)
+            if event.get("done"):
+                generated = int(event["usage"]["completion_tokens"])
+    return _rates(started, stamps, generated)
 
 
-def _rates(started: float, stamps: list[float]) -> dict[str, float]:
-    ttft = stamps[0] - started
-    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
-    return {"ttft_ms": ttft * 1000, "tokens_per_s": rate, "tokens": len(stamps)}
+def _rates(started: float, stamps: list[float], generated: int) -> dict[str, float]:
+    """Time to the first text, and tokens over the time from the request to the last text."""
+    return {
+        "ttft_ms": (stamps[0] - started) * 1000,
+        "tokens_per_s": generated / (stamps[-1] - started),
+        "tokens": generated,
+        "events": len(stamps),
+    }
+
+
+def interleaved(
+    url: str, direct: Direct, tokens: int, rounds: int
+) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """Rounds alternate which side goes first, so drift on the shared machine hits both."""
+    agent_runs, direct_runs = [], []
+    for number in range(rounds):
+        if number % 2:
+            direct_runs.append(direct.run(tokens))
+            agent_runs.append(through_agent(url, tokens))
+        else:
+            agent_runs.append(through_agent(url, tokens))
+            direct_runs.append(direct.run(tokens))
+    return agent_runs, direct_runs
+
+
+def ratios(
+    agent_runs: list[dict[str, float]], direct_runs: list[dict[str, float]], key: str
+) -> dict[str, float]:
+    """The per-round ratios agent / direct: median, spread (min, max) and quartiles."""
+    values = sorted(a[key] / d[key] for a, d in zip(agent_runs, direct_runs, strict=True))
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(values[0], 3),
+        "max": round(values[-1], 3),
+        "q1": round(percentile(values, 25), 3),
+        "q3": round(percentile(values, 75), 3),
+        "rounds": len(values),
+    }
+
+
+def with_threads(profile: str, threads: int, work: Path) -> Path:
+    """The named firmware profile with its llama threads set to `threads` (same name, so the
+    installed bundles stay compatible)."""
+    import re
+
+    text = (ROOT / "firmware_profiles" / f"{profile}.toml").read_text()
+    text = re.sub(r"(?m)^threads = \d+$", f"threads = {threads}", text)
+    text = re.sub(r"(?m)^threads_batch = \d+$", f"threads_batch = {threads}", text)
+    path = work / f"{profile}-{threads}-threads.toml"
+    path.write_text(text)
+    return path
 
 
 def repackage_with_explainer(work: Path) -> tuple[Path, Path]:
@@ -114,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--classify", type=int, default=60)
     args = parser.parse_args(argv)
@@ -132,16 +198,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check=True, capture_output=True,
             )  # fmt: skip
         photo = (ROOT / "demo" / "photos" / "scratch.jpg").read_bytes()
+        trusted = ["--trusted-key", str(keys.public), "--trusted-key", str(classifier_key)]
+        direct = Direct(gguf, threads=2)
+        direct.run(8)  # warm up
+        one_thread = with_threads("generic-x86-64-avx2", 1, work)
         with run_agent(
-            state, "--trusted-key", str(keys.public), "--trusted-key", str(classifier_key),
-            env={"EDGE_AGENT_KEEP_REQUESTS_COUNT": "0"},
+            state, *trusted, env={"EDGE_AGENT_KEEP_REQUESTS_COUNT": "0", "EDGE_AGENT_PROFILE": str(one_thread)},
         ) as agent:  # fmt: skip
             agent.wait_ready(180)
             through_agent(agent.url, 8)  # warm up
-            agent_runs, direct_runs = [], []
-            for _ in range(args.rounds):
-                agent_runs.append(through_agent(agent.url, args.tokens))
-                direct_runs += direct(gguf, args.tokens, 1)
+            one_agent, one_direct = interleaved(agent.url, direct, args.tokens, args.rounds // 2)
+        with run_agent(
+            state, *trusted, env={"EDGE_AGENT_KEEP_REQUESTS_COUNT": "0"},
+        ) as agent:  # fmt: skip
+            agent.wait_ready(180)
+            through_agent(agent.url, 8)  # warm up
+            agent_runs, direct_runs = interleaved(agent.url, direct, args.tokens, args.rounds)
+            direct.close()
             classify(agent.url, photo, 10)  # warm up
             idle = classify(agent.url, photo, args.classify)
             stop = threading.Event()
@@ -157,6 +230,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop.set()
             generator.join(120)
     result = summarize(agent_runs, direct_runs, idle, busy)
+    result["threads_while_streaming"] = {
+        "agent_1_thread_over_direct_2_threads": {
+            "tokens_per_s": ratios(one_agent, one_direct, "tokens_per_s"),
+            "ttft_ms": ratios(one_agent, one_direct, "ttft_ms"),
+        },
+        "agent_2_threads_over_direct_2_threads": result["tokens_per_s_ratio_rounds"],
+    }
+    print(
+        "agent at 1 thread / direct at 2, tokens/s: "
+        f"{result['threads_while_streaming']['agent_1_thread_over_direct_2_threads']['tokens_per_s']}"
+    )
     result["quantization_table"] = quantization_rows()
     result["pinned"] = {
         "threads": 2,
@@ -211,8 +295,9 @@ def summarize(
         values = sorted(r[key] for r in runs)
         return round(values[len(values) // 2], 2)
 
-    rate_ratio = round(med(agent_runs, "tokens_per_s") / med(direct_runs, "tokens_per_s"), 3)
-    ttft_ratio = round(med(agent_runs, "ttft_ms") / med(direct_runs, "ttft_ms"), 3)
+    rate_rounds = ratios(agent_runs, direct_runs, "tokens_per_s")
+    ttft_rounds = ratios(agent_runs, direct_runs, "ttft_ms")
+    rate_ratio, ttft_ratio = rate_rounds["median"], ttft_rounds["median"]
     idle_p95, busy_p95 = percentile(idle, 95), percentile(busy, 95)
     busy_ratio = round(busy_p95 / idle_p95, 3)
     rows = [
@@ -220,7 +305,11 @@ def summarize(
         ["agent (HTTP SSE)", med(agent_runs, "tokens_per_s"), med(agent_runs, "ttft_ms")],
     ]
     print(format_table(["generation", "tokens/s (median)", "TTFT ms (median)"], rows))
-    print(f"agent / direct tokens/s: {rate_ratio} (target >= 0.95); TTFT ratio {ttft_ratio}")
+    print(
+        f"agent / direct tokens/s, median of {rate_rounds['rounds']} interleaved rounds: "
+        f"{rate_ratio} (spread {rate_rounds['min']}-{rate_rounds['max']}, target >= 0.95); "
+        f"TTFT ratio {ttft_ratio}"
+    )
     print(
         f"classifier p50/p95 idle {percentile(idle, 50):.1f}/{idle_p95:.1f} ms, while generating "
         f"{percentile(busy, 50):.1f}/{busy_p95:.1f} ms: p95 ratio {busy_ratio} (target <= 1.3)"
@@ -228,7 +317,9 @@ def summarize(
     return {
         "generation": {"agent": agent_runs, "direct": direct_runs},
         "tokens_per_s_agent_over_direct": rate_ratio,
+        "tokens_per_s_ratio_rounds": rate_rounds,
         "ttft_agent_over_direct": ttft_ratio,
+        "ttft_ratio_rounds": ttft_rounds,
         "classifier_ms": {
             "idle": {
                 "p50": round(percentile(idle, 50), 2),

@@ -7,6 +7,11 @@ thread-safe, so generations run one after another on a single thread; at most
 tokens the generator pauses while classifications are in flight (for at most
 `generation_pause_ms` per token), so on a 2-core box the fast answer keeps its budget and the
 explanation simply streams a little later.
+
+Chunks cross from the llm thread to the event loop through a `_Handoff`: the thread wakes the
+loop once per batch, not once per token, and whatever arrived by the time the loop runs is
+merged into one chunk. When the loop keeps up, that is one token per chunk as before; when it
+falls behind (a slow client, a busy CPU), it catches up in one write instead of one per token.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from edge_agent.engine.generator import Generator
@@ -25,6 +31,51 @@ from edge_agent.runtimes.base import TextChunk, TextRequest
 from edge_agent.settings import AgentSettings
 
 _END = object()
+
+
+class _Handoff:
+    """Items from one producer thread to the event loop, with one wake-up per batch."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: deque[object] = deque()
+        self._lock = threading.Lock()
+        self._pending = False  # a wake-up is scheduled and has not been taken yet
+        self._ready = asyncio.Event()
+
+    def put(self, item: object) -> None:
+        """From the producer thread."""
+        with self._lock:
+            self._items.append(item)
+            if self._pending:
+                return
+            self._pending = True
+        self._loop.call_soon_threadsafe(self._ready.set)
+
+    async def take(self) -> list[object]:
+        """On the loop: everything put since the last take (waits for at least a wake-up)."""
+        await self._ready.wait()
+        self._ready.clear()
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+            self._pending = False
+        return items
+
+
+def merged(items: list[object]) -> Iterator[object]:
+    """Consecutive text chunks without a finish reason as one chunk; anything else as it is."""
+    text: list[str] = []
+    for item in items:
+        if isinstance(item, TextChunk) and item.finish_reason is None:
+            text.append(item.text)
+            continue
+        if text:
+            yield TextChunk("".join(text))
+            text = []
+        yield item
+    if text:
+        yield TextChunk("".join(text))
 
 
 class GenerationService:
@@ -74,10 +125,8 @@ class GenerationService:
         self.admit()
         self.in_flight += 1
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-
-        def put(item: object) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        handoff = _Handoff(loop)
+        put = handoff.put
 
         def work() -> None:
             try:
@@ -94,14 +143,16 @@ class GenerationService:
 
         loop.run_in_executor(self._pool, work)
         try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    break
-                if isinstance(item, Exception):
-                    raise item
-                assert isinstance(item, TextChunk)
-                yield item
+            ended = False
+            while not ended:
+                for item in merged(await handoff.take()):
+                    if item is _END:
+                        ended = True
+                        break
+                    if isinstance(item, Exception):
+                        raise item
+                    assert isinstance(item, TextChunk)
+                    yield item
         finally:
             cancel.set()
             self.in_flight -= 1

@@ -1,0 +1,69 @@
+"""The llm thread's hand-off to the event loop: every chunk arrives, in order, with one wake-up per
+batch rather than per token, and merged text chunks keep the finish chunk apart."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from edge_agent.engine.generation import _END, _Handoff, merged
+from edge_agent.runtimes.base import TextChunk
+
+
+def test_every_item_arrives_in_order_with_fewer_wake_ups_than_items() -> None:
+    async def run() -> tuple[list[object], int]:
+        handoff = _Handoff(asyncio.get_running_loop())
+        started = threading.Event()
+
+        def produce() -> None:
+            started.set()
+            for number in range(2000):
+                handoff.put(number)
+            handoff.put(_END)
+
+        thread = threading.Thread(target=produce)
+        thread.start()
+        started.wait()
+        received: list[object] = []
+        takes = 0
+        while not received or received[-1] is not _END:
+            await asyncio.sleep(0.001)  # a loop busy elsewhere: the thread runs ahead
+            received += await handoff.take()
+            takes += 1
+        thread.join()
+        return received, takes
+
+    received, takes = asyncio.run(run())
+    assert received[:-1] == list(range(2000))
+    assert takes < 2000
+
+
+def test_a_take_after_a_late_wake_up_returns_nothing_rather_than_hanging() -> None:
+    async def run() -> list[object]:
+        handoff = _Handoff(asyncio.get_running_loop())
+        handoff.put("a")
+        await asyncio.sleep(0)  # the wake-up runs
+        first = await handoff.take()
+        handoff.put("b")
+        second = await asyncio.wait_for(handoff.take(), 1.0)
+        return first + second
+
+    assert asyncio.run(run()) == ["a", "b"]
+
+
+def test_merged_joins_text_and_keeps_the_last_chunk_and_errors_apart() -> None:
+    error = RuntimeError("llama failed")
+    items: list[object] = [
+        TextChunk("a"),
+        TextChunk("b"),
+        error,
+        TextChunk("c"),
+        TextChunk("", "stop", 3, 4),
+        _END,
+    ]
+    out = list(merged(items))
+    assert out[0] == TextChunk("ab")
+    assert out[1] is error
+    assert out[2] == TextChunk("c")
+    assert out[3] == TextChunk("", "stop", 3, 4)
+    assert out[4] is _END
