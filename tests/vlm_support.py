@@ -220,13 +220,15 @@ def build_vlm_bundle(
     golden_tokens: int = 6,
     projector_file: Path | None = None,
     golden_offset: str = "",
+    labels: tuple[str, ...] = (),
 ) -> BuiltBundle:
     """A signed vision-language bundle: the text model,
     its projector, the pinned chat template and two golden completions with photos (a reddish
     and a bluish part, PNG files) recorded here with `edge_bundle.llama_vision` at `context`, as
     the packager records them. `projector_file` replaces the projector after the goldens were
     recorded (a projector made for another text model); `golden_offset` is appended to every
-    expected text (a golden the model does not reproduce)."""
+    expected text (a golden the model does not reproduce). With `labels` the bundle classifies:
+    the classification prompt, each golden's label scores and a small knowledge base."""
     import hashlib
     from datetime import UTC, datetime
 
@@ -249,6 +251,21 @@ def build_vlm_bundle(
         "chat_template.jinja": SourceFile(work / "chat_template.jinja", "tokenizer"),
     }
     prompt = photo_prompt()
+    classify_prompt = photo_prompt(
+        question=f"Which defect does this photo show? Answer with one of: {', '.join(labels)}."
+    )
+    knowledge_path = None
+    if labels:
+        from edge_bundle.knowledge import KNOWLEDGE_FILE, KnowledgeBase
+
+        entries = {
+            label: {"title": label.capitalize(), "severity": "minor", "root_causes": [f"{label} cause"],
+                    "corrective_actions": [f"fix the {label}"]}
+            for label in labels
+        }  # fmt: skip
+        (work / KNOWLEDGE_FILE).write_bytes(KnowledgeBase.from_mapping(entries).to_bytes())
+        files[KNOWLEDGE_FILE] = SourceFile(work / KNOWLEDGE_FILE, "knowledge")
+        knowledge_path = KNOWLEDGE_FILE
     llama = Llama(
         model_path=str(text_gguf), n_ctx=context, n_threads=threads, seed=0, verbose=False
     )
@@ -270,12 +287,17 @@ def build_vlm_bundle(
                 stream=False,
             )
             expected = str(out["choices"][0]["text"]) + golden_offset  # type: ignore[index]
+            scores = (
+                projector.label_scores(llama, classify_prompt, [photo], labels) if labels else {}
+            )
             goldens.append(
                 VisionGolden(
                     prompt=prompt,
                     images=(arcname,),
                     max_tokens=golden_tokens,
                     expected_text=expected,
+                    label=max(scores, key=scores.__getitem__) if scores else None,
+                    scores=tuple(round(scores[label], 6) for label in labels),
                 )
             )
     finally:
@@ -288,6 +310,8 @@ def build_vlm_bundle(
         task="vision-language",
         runtime="llama",
         compatible_profiles=("generic-x86-64-avx2",),
+        labels=labels,
+        knowledge_path=knowledge_path,
         generation=Generation(
             context_size=context,
             chat_template=ChatTemplate(
@@ -303,6 +327,7 @@ def build_vlm_bundle(
                 image_side=pair.image_size,
                 image_tokens=image_tokens,
                 golden=tuple(goldens),
+                classify_prompt=classify_prompt if labels else None,
             ),
         ),
     )

@@ -28,6 +28,7 @@ from edge_agent.device.predictions import Predictions
 from edge_agent.device.store import BundleStore
 from edge_agent.device.telemetry import Telemetry
 from edge_agent.device.texts import Texts
+from edge_agent.device.vision_classes import VisionClassifications
 from edge_agent.disk import DiskWatch
 from edge_agent.engine.core import InferenceCore
 from edge_agent.engine.generation import GenerationService
@@ -109,12 +110,14 @@ def build_device(
         max_bytes=settings.feedback_max_bytes,
         max_count=settings.feedback_max_count,
     )
+    texts = Texts(settings, generation, core.pixels)
+    vision = VisionClassifications(generation, texts, core)
     return Device(
         settings=settings,
         metrics=metrics,
         models=models,
-        predictions=Predictions(settings, core, explainer, metrics, publisher),
-        texts=Texts(settings, generation, core.pixels),
+        predictions=Predictions(settings, core, explainer, metrics, publisher, vision),
+        texts=texts,
         explainer=explainer,
         feedback=FeedbackDesk(feedback, records, core, metrics, publisher, disk),
         records=records,

@@ -141,6 +141,7 @@ class Device:
         explain: bool = False,
         listener: Listener | None = None,
         client_request_id: str | None = None,
+        structured: bool = False,
     ) -> Answer:
         return await self.predictions.predict(
             name,
@@ -151,6 +152,7 @@ class Device:
             explain=explain,
             listener=listener,
             client_request_id=client_request_id,
+            structured=structured,
         )
 
     def request_record(self, request_id: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from edge_agent.device.explain import Explainer, Listener
 from edge_agent.device.ports import Publisher
+from edge_agent.device.vision_classes import VisionClassifications
 from edge_agent.engine.core import InferenceCore
 from edge_agent.engine.types import Prediction, new_request_id
 from edge_agent.errors import AgentError, error_code
@@ -56,12 +57,14 @@ class Predictions:
         explainer: Explainer,
         metrics: AgentMetrics,
         publisher: Publisher | None,
+        vision: VisionClassifications | None = None,
     ) -> None:
         self.settings = settings
         self.core = core
         self.explainer = explainer
         self.metrics = metrics
         self.publisher = publisher
+        self.vision = vision
 
     async def predict(
         self,
@@ -74,15 +77,26 @@ class Predictions:
         explain: bool = False,
         listener: Listener | None = None,
         client_request_id: str | None = None,
+        structured: bool = False,
     ) -> Answer:
         """Classify a photo with model `name`; `explain` starts the explanation (when the model
-        names an explainer), `listener` hears when it ends."""
+        names an explainer; `structured` asks it for JSON), `listener` hears when it ends. A
+        vision-language model that classifies answers like a classifier."""
         request_id = request_id or new_request_id()
         admission = self.core.lane.admission
         arrived = time.perf_counter()
         outcome = "error"
         try:
             with admission.admit() as entry:
+                if self.vision is not None and self.vision.serves(name):
+                    received, prediction = await self._with_vision(name, photo, request_id, top_k)
+                    explainer = self.vision.generation.generator(name).bundle.manifest.explainer
+                    outcome = "ok"
+                    # Not a classifier slot: the work queues on the llm thread, admitted there.
+                    return await self._answered(
+                        prediction, received, transport, client_request_id, explain, explainer,
+                        listener, structured,
+                    )  # fmt: skip
                 self.core.classifier(name)  # unknown or not-ready models fail before the upload
                 started = time.perf_counter()
                 received = photo if isinstance(photo, Photo) else await photo()
@@ -105,6 +119,41 @@ class Predictions:
             elapsed = time.perf_counter() - arrived if outcome == "ok" else None
             self.core.record(name, transport, outcome, elapsed)
             self.metrics.in_flight.set(admission.in_flight)
+        explainer = self.core.classifier(name).bundle.manifest.explainer
+        return await self._answered(
+            prediction, received, transport, client_request_id, explain, explainer, listener,
+            structured,
+        )  # fmt: skip
+
+    async def _with_vision(
+        self, name: str, photo: PhotoSource, request_id: str, top_k: int
+    ) -> tuple[Photo, Prediction]:
+        assert self.vision is not None
+        self.vision.generation.generator(name)  # unknown or not-ready models: before the upload
+        started = time.perf_counter()
+        received = photo if isinstance(photo, Photo) else await photo()
+        prediction = await self.vision.predict(
+            name,
+            received.image,
+            request_id=request_id,
+            top_k=top_k,
+            receive_s=time.perf_counter() - started,
+            keep=True,
+        )
+        return received, prediction
+
+    async def _answered(
+        self,
+        prediction: Prediction,
+        received: Photo,
+        transport: str,
+        client_request_id: str | None,
+        explain: bool,
+        explainer: str | None,
+        listener: Listener | None,
+        structured: bool,
+    ) -> Answer:
+        """Publish an HTTP result to MQTT when configured, and start the explanation."""
         if (
             transport == "http"
             and self.publisher is not None
@@ -116,7 +165,12 @@ class Predictions:
             await self.publisher.publish_result(prediction, source)
         if not explain:
             return Answer(prediction)
-        explainer = self.core.classifier(name).bundle.manifest.explainer
-        return Answer(
-            prediction, self.explainer.start(prediction, explainer, received.note, listener)
+        started = self.explainer.start(
+            prediction,
+            explainer,
+            received.note,
+            listener,
+            photo=received.image,
+            structured=structured,
         )
+        return Answer(prediction, started)

@@ -45,6 +45,7 @@ class TextAsk:
     top_p: float = 0.95
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    json_schema: str | None = None  # the output must follow this JSON schema (JSON text)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Texts:
         prepared, photos = self._checked(model, ask)
         if not photos:
             return prepared
-        images = await self._decode(prepared.generator, photos)
+        images = await self.decode(prepared.generator, photos)
         return replace(prepared, request=replace(prepared.request, images=images))
 
     def _checked(self, model: str, ask: TextAsk) -> tuple[Prepared, tuple[bytes, ...]]:
@@ -130,10 +131,11 @@ class Texts:
             top_p=ask.top_p,
             stop=generator.stops(ask.stop),
             seed=ask.seed,
+            json_schema=ask.json_schema,
         )
         return Prepared(generator, request), photos
 
-    async def _decode(self, generator: Generator, photos: tuple[bytes, ...]) -> tuple[Pixels, ...]:
+    async def decode(self, generator: Generator, photos: tuple[bytes, ...]) -> tuple[Pixels, ...]:
         """The photos decoded (hardened decoder) and fitted, on a worker thread, one after the
         other, while their pixels hold the decode budget."""
         side = generator.vision.image_side if generator.vision else 0

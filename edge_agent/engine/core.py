@@ -269,7 +269,7 @@ class InferenceCore:
             timings_ms={stage: seconds * 1000 for stage, seconds in timings.items()},
         )
         if keep:
-            self._keep(prediction, data)
+            self.keep(prediction, data)
         self._observe(classifier, image, scored.score)
         for hook in self.after_answer:
             hook(name, image, scored.label)
@@ -323,7 +323,7 @@ class InferenceCore:
 
         self._record_pool.submit(observe)
 
-    def _keep(self, prediction: Prediction, data: bytes) -> None:
+    def keep(self, prediction: Prediction, data: bytes) -> None:
         """Write the record off the request path; under a backlog, keep the answer only."""
         if not self.records.enabled:
             return

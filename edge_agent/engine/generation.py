@@ -20,8 +20,9 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from edge_agent.engine.generator import Generator
 from edge_agent.engine.lane import InferenceLane
@@ -31,6 +32,7 @@ from edge_agent.runtimes.base import TextChunk, TextRequest
 from edge_agent.settings import AgentSettings
 
 _END = object()
+T = TypeVar("T")
 
 
 class _Handoff:
@@ -155,6 +157,16 @@ class GenerationService:
                     yield item
         finally:
             cancel.set()
+            self.in_flight -= 1
+
+    async def call(self, work: Callable[[], T]) -> T:
+        """Run `work` on the llm thread (a classification with a vision-language model), admitted
+        and counted like a generation."""
+        self.admit()
+        self.in_flight += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        finally:
             self.in_flight -= 1
 
     def _yield_cpu(self) -> None:

@@ -27,7 +27,7 @@ from edge_bundle.errors import BundleError
 from edge_bundle.hashing import sha256_file
 from edge_bundle.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_image
 from edge_bundle.llama_vision import IMAGE_MARKER, Pixels, fit_image
-from edge_bundle.manifest import Generation, Vision
+from edge_bundle.manifest import Generation, Vision, VisionGolden
 from edge_bundle.profiles import HardwareProfile
 
 #: The tasks a generator serves.
@@ -185,6 +185,30 @@ def _check_vision(bundle: VerifiedBundle, vision: Vision | None) -> None:
         )
 
 
+#: How far a golden photo's label score may move on the box (the packager's machine computed
+#: it); the label itself must not change.
+SCORE_TOLERANCE = 0.02
+
+
+def _check_scores(
+    generator: Generator,
+    prompt: str,
+    photos: tuple[Pixels, ...],
+    golden: VisionGolden,
+    number: int,
+) -> list[str]:
+    labels = generator.bundle.manifest.labels
+    scores = cast(VisionSession, generator.session).label_scores(prompt, photos, labels)
+    label = max(labels, key=scores.__getitem__)
+    worst = max(abs(scores[name] - golden.scores[i]) for i, name in enumerate(labels))
+    if label != golden.label or worst > SCORE_TOLERANCE:
+        return [
+            f"golden photo {number} is classified {label!r} (scores differ by up to {worst:.4f}), "
+            f"packaged as {golden.label!r} within {SCORE_TOLERANCE}"
+        ]
+    return []
+
+
 def run_text_selftest(generator: Generator) -> SelfTestReport:
     """Replay every golden greedy completion (with its photos, for a vision-language bundle);
     each must come out exactly as packaged."""
@@ -207,6 +231,8 @@ def run_text_selftest(generator: Generator) -> SelfTestReport:
             golden.prompt, max_tokens=golden.max_tokens, temperature=0.0, images=photos
         )
         samples.append((f"golden completion with photos {number}", request, golden.expected_text))
+        if golden.scores and vision is not None and vision.classify_prompt is not None:
+            failures += _check_scores(generator, vision.classify_prompt, photos, golden, number)
     for what, request, expected in samples:
         text = "".join(
             chunk.text

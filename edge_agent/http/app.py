@@ -15,7 +15,7 @@ import hmac
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -337,6 +337,13 @@ def _add_routes(app: FastAPI, device: Device, updater: UpdateStatus | None) -> N
         explain: Annotated[
             bool, Query(description="stream an explanation afterwards, if the model has one")
         ] = True,
+        explanation_format: Annotated[
+            Literal["text", "json"],
+            Query(
+                description="json: the explanation as JSON (root_cause, actions, "
+                "confidence_note), decoding constrained to that schema"
+            ),
+        ] = "text",
     ) -> JSONResponse:
         request_id = new_request_id()
         request.state.request_id = request_id
@@ -351,6 +358,7 @@ def _add_routes(app: FastAPI, device: Device, updater: UpdateStatus | None) -> N
             top_k=top_k,
             explain=explain,
             client_request_id=client_id,
+            structured=explanation_format == "json",
         )
         body = answer.prediction.to_json()
         body["links"] = {"self": f"/v1/requests/{request_id}"}

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edge_agent.device.api import Device
 from edge_agent.device.texts import TextAsk
+from edge_agent.errors import BadRequestError
 from edge_agent.http.openapi import BODY, error_responses
 from edge_agent.runtimes.base import TextChunk
 
@@ -37,6 +38,40 @@ CHAT_DESCRIPTION = (
     "body limit caps what a request carries."
 )
 Stop = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=4)]
+MAX_SCHEMA_CHARS = 16_000
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(default="answer", max_length=64)
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: `text`, `json_object` (any JSON object) or `json_schema`
+    (decoding constrained to the schema with llama.cpp's grammar)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def schema_text(self) -> str | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return '{"type": "object"}'
+        if self.json_schema is None:
+            raise BadRequestError(
+                'response_format json_schema needs {"json_schema": {"schema": {...}}}'
+            )
+        text = json.dumps(self.json_schema.schema_, sort_keys=True)
+        if len(text) > MAX_SCHEMA_CHARS:
+            raise BadRequestError(
+                f"the JSON schema is {len(text)} characters; keep it under {MAX_SCHEMA_CHARS}"
+            )
+        return text
 
 
 class _Body(BaseModel):
@@ -48,6 +83,7 @@ class _Body(BaseModel):
     stop: Stop | str | None = None
     seed: int | None = None
     stream: bool = False
+    response_format: ResponseFormat | None = None
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -65,6 +101,7 @@ class _Body(BaseModel):
             top_p=self.top_p,
             stop=self.stops(),
             seed=self.seed,
+            json_schema=self.response_format.schema_text() if self.response_format else None,
         )
 
 

@@ -228,6 +228,9 @@ class MqttHandlers:
             )
             note = request.document.get("note") if request.document else None
             photo = Photo(request.image, note if isinstance(note, str) else None)
+            wanted = request.document.get("explanation_format") if request.document else None
+            if wanted not in (None, "text", "json"):
+                raise BadRequestError("explanation_format must be 'text' or 'json'")
             answer = await self._patiently(
                 message,
                 functools.partial(
@@ -238,6 +241,7 @@ class MqttHandlers:
                     top_k=request.top_k,
                     explain=True,
                     listener=functools.partial(self._explained, reply_to, properties),
+                    structured=wanted == "json",
                 ),
             )
         except DrainingError:

@@ -49,6 +49,8 @@ class TextRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     images: tuple[NDArray[np.uint8], ...] = ()
+    # A JSON schema (as JSON text) the output must follow: decoding is constrained to it.
+    json_schema: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,12 @@ class VisionSession(TextSession, Protocol):
     @property
     def image_positions(self) -> int:
         """Context positions one image takes, its wrapper tokens included (measured at load)."""
+        ...
+
+    def label_scores(
+        self, prompt: str, images: tuple[NDArray[np.uint8], ...], labels: tuple[str, ...]
+    ) -> dict[str, float]:
+        """Each label's probability as the answer to `prompt` (normalised over the labels)."""
         ...
 
 

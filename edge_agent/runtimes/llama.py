@@ -18,14 +18,16 @@ encodes an image and the first real photo would pay for the encoder's first-call
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
-from edge_agent.errors import InferenceError, RuntimeLoadError
+from edge_agent.errors import BadRequestError, InferenceError, RuntimeLoadError
 from edge_agent.runtimes.base import TextChunk, TextRequest
 from edge_bundle.bundle import VerifiedBundle
 from edge_bundle.errors import BundleError
@@ -36,6 +38,19 @@ from edge_bundle.manifest import Vision
 from edge_bundle.profiles import HardwareProfile
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=8)
+def _grammar(schema: str | None) -> Any:
+    """llama.cpp's grammar for a JSON schema (None: unconstrained); built once per schema."""
+    if schema is None:
+        return None
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    try:
+        return LlamaGrammar.from_json_schema(schema, verbose=False)
+    except Exception as exc:  # the converter raises whatever the schema trips over
+        raise BadRequestError(f"the JSON schema cannot be turned into a grammar: {exc}") from exc
 
 
 class LlamaSession:
@@ -85,6 +100,7 @@ class LlamaSession:
                 repeat_penalty=1.0,  # as the packager's golden completions (no penalty)
                 stop=list(request.stop),
                 seed=request.seed,
+                grammar=_grammar(request.json_schema),
                 stream=True,
             )
             finish: str | None = None
@@ -101,11 +117,21 @@ class LlamaSession:
                     break
                 between_tokens()
             pieces.close()
-        except InferenceError:
+        except (InferenceError, BadRequestError):
             raise
         except Exception as exc:  # llama-cpp-python raises untyped errors; translate them here
             raise InferenceError(f"llama.cpp failed while generating: {exc}") from exc
         yield TextChunk("", finish or "length", prompt_tokens, completion_tokens)
+
+    def label_scores(
+        self, prompt: str, images: tuple[NDArray[np.uint8], ...], labels: tuple[str, ...]
+    ) -> dict[str, float]:
+        if self._projector is None:
+            raise InferenceError("this model takes no images (it has no projector)")
+        try:
+            return self._projector.label_scores(self._llama, prompt, images, labels)
+        except Exception as exc:  # llama-cpp-python and the projector raise untyped errors
+            raise InferenceError(f"llama.cpp failed while scoring the labels: {exc}") from exc
 
     def close(self) -> None:
         projector, self._projector = self._projector, None
