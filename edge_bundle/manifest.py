@@ -80,7 +80,7 @@ UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
 Count = Annotated[StrictInt, Field(ge=1)]
 Millis = Annotated[float, Field(ge=0)]
 Dim = Annotated[int | str, PlainValidator(_dimension)]
-Task = Literal["image-classification", "text-generation", "vision-language"]
+Task = Literal["image-classification", "text-generation", "vision-language", "anomaly-detection"]
 Runtime = Literal["onnx", "llama"]
 FileRole = Literal[
     "model",
@@ -329,6 +329,95 @@ class Generation(_Strict):
     vision: Vision | None = None
 
 
+Side = Annotated[StrictInt, Field(ge=1, le=8192)]
+Rate = Annotated[float, Field(ge=0, le=1)]
+ANOMALY_LABELS = ("normal", "anomalous")
+ANOMALY_GOLDEN_KEY = "score"
+
+
+class MemoryBank(_Strict):
+    """An anomaly bundle's memory bank: how it is stored and how it was chosen."""
+
+    precision: Literal["float32", "float16"]
+    size: Count  # bank entries (patch features) after the coreset
+    dim: Count  # channels of one patch feature
+    patches_seen: Count  # patches of the good images the coreset was chosen from
+    images: Count  # good images whose patches were offered to the coreset
+    coreset: Literal["greedy-k-center"] = "greedy-k-center"
+    projection_dim: Count | None = None  # random projection the selection ran on
+
+
+class AnomalyCalibration(_Strict):
+    """How the threshold was set: a target false-alarm rate on held-out good images, the
+    alarms counted there, and the rate's exact binomial interval at `confidence`."""
+
+    method: Literal["held-out-quantile"] = "held-out-quantile"
+    target_false_alarm_rate: Annotated[float, Field(gt=0, lt=1)]
+    held_out_good: Count
+    false_alarms: Annotated[StrictInt, Field(ge=0)]
+    false_alarm_interval: tuple[Rate, Rate]
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    good_score_p50: Annotated[float, Field(ge=0)]
+    good_score_max: Annotated[float, Field(ge=0)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        low, high = self.false_alarm_interval
+        if self.false_alarms > self.held_out_good:
+            raise ValueError("false_alarms cannot exceed held_out_good")
+        if low > high:
+            raise ValueError("false_alarm_interval must be (low, high) with low <= high")
+        return self
+
+
+class AnomalyEvaluation(_Strict):
+    """Figures on labelled defect folders (build-time evaluation only, never in the bank)."""
+
+    good_images: Count
+    defect_images: Count
+    image_auroc: Rate
+    recall: dict[str, Rate]  # per defect folder, at the threshold
+    peak_on_mask: Rate | None = None  # share of masked defects whose map peaks on the mask
+    masked_images: Annotated[StrictInt, Field(ge=0)] = 0
+
+
+class Anomaly(_Strict):
+    """What an anomaly-detection bundle needs beside its model: PatchCore over a backbone's
+    mid-level features. The model takes `preprocessing` (top level) at `input_size` and
+    outputs `score_output` (N,) and `score_map_output` (N, h, w) of `score_map_size`, each
+    map cell covering input_size / score_map_size pixels; a score above `threshold` is
+    anomalous. Golden samples (top-level `golden`) carry one pair ("score", value)."""
+
+    method: Literal["patchcore"] = "patchcore"
+    backbone: Text
+    backbone_sha256: Sha256Hex
+    feature_layers: tuple[Text, ...] = Field(min_length=1)
+    aggregation: Literal["avgpool3x3"] = "avgpool3x3"
+    input_size: tuple[Side, Side]
+    source_size: tuple[Side, Side] | None = None  # the (h, w) every training photo had
+    score_map_size: tuple[Side, Side]
+    score_output: Text = "score"
+    score_map_output: Text = "score_map"
+    threshold: Annotated[float, Field(gt=0)]
+    memory_bank: MemoryBank
+    calibration: AnomalyCalibration
+    evaluation: AnomalyEvaluation | None = None
+    # Parity of the bundle (ONNX Runtime) with the reference scorer, relative to the threshold.
+    parity_tolerance: Annotated[float, Field(gt=0, lt=1)]
+    parity_max_difference: Annotated[float, Field(ge=0)]
+    # The held-out good images' patch features (float16 .npy), for `build-anomaly --update`.
+    calibration_features: RelativePath | None = None
+    updated_from: Count | None = None  # the version this one extended
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if any(m > i for m, i in zip(self.score_map_size, self.input_size, strict=True)):
+            raise ValueError("score_map_size cannot exceed input_size")
+        if self.score_output == self.score_map_output:
+            raise ValueError("score_output and score_map_output must differ")
+        return self
+
+
 class ManifestBody(_Strict):
     """Everything in a manifest except `files`: what the packager decides before hashing."""
 
@@ -357,6 +446,8 @@ class ManifestBody(_Strict):
     generation: Generation | None = None
     # A classifier may name the text-generation bundle that explains its answers.
     explainer: Name | None = None
+    # Anomaly detection (task "anomaly-detection"): threshold, score map, memory bank.
+    anomaly: Anomaly | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -377,6 +468,7 @@ class ManifestBody(_Strict):
         for golden in vision.golden if vision is not None else ():
             if golden.scores and len(golden.scores) != len(self.labels):
                 raise ValueError("a golden's scores must give one score per label")
+        _check_anomaly(self)
         return self
 
     @property
@@ -416,6 +508,8 @@ class Manifest(ManifestBody):
         referenced += [s.input_path for s in (self.golden.samples if self.golden else ())]
         if self.reference_check is not None:
             referenced += [*self.reference_check.inputs, self.reference_check.outputs_path]
+        if self.anomaly is not None and self.anomaly.calibration_features is not None:
+            referenced.append(self.anomaly.calibration_features)
         missing = sorted(set(referenced) - set(paths))
         if missing:
             raise ValueError(f"{missing} are referenced but not listed in files; add them")
@@ -432,9 +526,10 @@ class Manifest(ManifestBody):
 
     def to_bytes(self) -> bytes:
         """The canonical JSON of this manifest: sorted keys, UTF-8, indent 2, final newline."""
-        text = json.dumps(
-            self.model_dump(mode="json"), sort_keys=True, indent=2, ensure_ascii=False
-        )
+        data = self.model_dump(mode="json")
+        if data.get("anomaly") is None:  # other tasks' manifests stay byte-for-byte as before
+            data.pop("anomaly", None)
+        text = json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False)
         return (text + "\n").encode("utf-8")
 
     @classmethod
@@ -453,6 +548,31 @@ class Manifest(ManifestBody):
             return cls.model_validate_json(data)
         except ValidationError as exc:
             raise ManifestError(f"invalid {MANIFEST_FILE}: {describe_errors(exc)}") from exc
+
+
+def _check_anomaly(body: ManifestBody) -> None:
+    """An anomaly-detection bundle (and only one) has an `anomaly` section, runs on ONNX, has
+    its preprocessing, labels normal/anomalous, the outputs it names, and golden scores."""
+    anomaly = body.anomaly
+    if (body.task == "anomaly-detection") != (anomaly is not None):
+        raise ValueError("an anomaly-detection bundle (and only one) has an 'anomaly' section")
+    if anomaly is None:
+        return
+    if body.runtime != "onnx":
+        raise ValueError("an anomaly-detection bundle runs on runtime 'onnx'")
+    if body.preprocessing is None:
+        raise ValueError("an anomaly-detection bundle needs its preprocessing")
+    if body.labels not in ((), ANOMALY_LABELS):
+        raise ValueError(f"an anomaly-detection bundle's labels are {list(ANOMALY_LABELS)}")
+    names = {spec.name for spec in body.outputs}
+    wanted = {anomaly.score_output, anomaly.score_map_output}
+    if body.outputs and not wanted <= names:
+        raise ValueError(f"outputs must include {sorted(wanted)} (the anomaly section names them)")
+    for sample in body.golden.samples if body.golden is not None else ():
+        if [key for key, _ in sample.expected_topk] != [ANOMALY_GOLDEN_KEY]:
+            raise ValueError(
+                f"an anomaly golden sample expects exactly one ({ANOMALY_GOLDEN_KEY!r}, value)"
+            )
 
 
 def check_schema_version(value: object) -> int:
