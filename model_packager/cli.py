@@ -23,7 +23,7 @@ from edge_bundle.errors import (
     WrongRoleError,
 )
 from model_packager import commands
-from model_packager.commands import build, inspect, keygen, publish, trust, verify
+from model_packager.commands import build, build_anomaly, inspect, keygen, publish, trust, verify
 from model_packager.errors import (
     CalibrationError,
     ExportError,
@@ -43,6 +43,7 @@ COMMANDS: tuple[Callable[[commands.Subparsers], None], ...] = (
     keygen.register,
     verify.register,
     build.register,
+    build_anomaly.register,
     inspect.register,
     publish.register,
     trust.register,

@@ -125,6 +125,11 @@ def _class_row(record: ClassEvaluation) -> dict[str, Any]:
     }
 
 
+def render_template(template: str, view: dict[str, Any]) -> str:
+    """Another pipeline's page (`templates/NAME.html.j2`) with the shared style sheet."""
+    return _render(template, view)
+
+
 def _render(template: str, view: dict[str, Any]) -> str:
     env = ImmutableSandboxedEnvironment(autoescape=True)
     files = resources.files("model_packager")
@@ -238,4 +243,11 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() and abs(value) >= 1 else f"{value:.4f}"
 
 
-__all__ = ["LlmReportData", "ReportData", "histogram_svg", "render_llm_report", "render_report"]
+__all__ = [
+    "LlmReportData",
+    "ReportData",
+    "histogram_svg",
+    "render_llm_report",
+    "render_report",
+    "render_template",
+]
