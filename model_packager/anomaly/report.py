@@ -108,7 +108,7 @@ def _evaluation(anomaly: Anomaly) -> dict[str, Any] | None:
         "peak": None if peak is None else f"{100 * peak:.0f} %",
         "masked": evaluation.masked_images,
         "rows": [
-            {"name": name, "count": "", "recall": f"{100 * recall:.0f} %"}
+            {"name": name, "recall": f"{100 * recall:.0f} %"}
             for name, recall in sorted(evaluation.recall.items())
         ],
     }
