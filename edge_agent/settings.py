@@ -338,6 +338,36 @@ class AgentSettings(BaseSettings):
         description="free space under state_dir below which the disk counts as full",
     )
 
+    # Anomaly gates (#20): an anomaly bundle in front of a classifier (see engine/chain.py).
+    anomaly_gates: dict[str, str] = Field(
+        default_factory=dict,
+        description="CLASSIFIER = ANOMALY_BUNDLE pairs: the gate run in front of each "
+        "classifier, overriding the manifest's anomaly_gate; an empty name turns it off",
+    )
+    anomaly_good_labels: tuple[str, ...] = Field(
+        default=("ok",),
+        description="a chained classifier's labels for a good part: an anomalous part given one "
+        "is answered unknown_defect",
+    )
+    anomaly_min_confidence: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="an anomalous part classified below this confidence is an unknown_defect",
+    )
+
+    @field_validator("anomaly_gates")
+    @classmethod
+    def _check_gates(cls, gates: dict[str, str]) -> dict[str, str]:
+        for classifier, gate in gates.items():
+            for name in (classifier, gate) if gate else (classifier,):
+                if re.fullmatch(SEGMENT, name) is None:
+                    raise ValueError(
+                        f"anomaly_gates: {name!r} is not a model name (1-64 letters, digits, "
+                        "'_', '.' or '-')"
+                    )
+        return gates
+
     # Language models and explanations.
     max_generations: int = Field(
         default=4, ge=1, le=64, description="generations running or waiting; beyond it 503"

@@ -446,6 +446,9 @@ class ManifestBody(_Strict):
     generation: Generation | None = None
     # A classifier may name the text-generation bundle that explains its answers.
     explainer: Name | None = None
+    # A classifier may name the anomaly-detection bundle that runs in front of it (its gate):
+    # the agent's `anomaly_gates` setting overrides it per station.
+    anomaly_gate: Name | None = None
     # Anomaly detection (task "anomaly-detection"): threshold, score map, memory bank.
     anomaly: Anomaly | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
@@ -527,8 +530,9 @@ class Manifest(ManifestBody):
     def to_bytes(self) -> bytes:
         """The canonical JSON of this manifest: sorted keys, UTF-8, indent 2, final newline."""
         data = self.model_dump(mode="json")
-        if data.get("anomaly") is None:  # other tasks' manifests stay byte-for-byte as before
-            data.pop("anomaly", None)
+        for newer in ("anomaly", "anomaly_gate"):  # earlier manifests stay byte-for-byte
+            if data.get(newer) is None:
+                data.pop(newer, None)
         text = json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False)
         return (text + "\n").encode("utf-8")
 

@@ -36,6 +36,7 @@ class BuildOptions:
     enforce_latency: bool = False
     knowledge: Path | None = None
     explainer: str | None = None  # a text-generation bundle that explains the predictions
+    anomaly_gate: str | None = None  # an anomaly-detection bundle run in front of the classifier
     recipe: str | None = None  # an int8-static recipe by name; None tries the profile class's
     golden_count: int = 4
     golden_tolerance: float = 0.05

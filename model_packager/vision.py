@@ -217,6 +217,7 @@ def _contents(
         golden=golden,
         knowledge_path=KNOWLEDGE_FILE if plan.knowledge is not None else None,
         explainer=options.explainer,
+        anomaly_gate=options.anomaly_gate,
         extra={
             "output_kind": output_kind(candidate.session, validation_set[0].tensor),
             "quantization_choice": choice.reason,

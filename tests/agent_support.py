@@ -138,6 +138,7 @@ def build_bundle(
     model_builder: Callable[[Path, int], Path] | None = None,
     model_bytes: bytes | None = None,
     explainer: str | None = None,
+    anomaly_gate: str | None = None,
 ) -> BuiltBundle:
     """A signed image-classification bundle; `golden_offset` shifts the recorded expectations.
 
@@ -183,6 +184,7 @@ def build_bundle(
         golden=Golden(tolerance=1e-4, samples=tuple(samples)),
         knowledge_path="knowledge.json",
         explainer=explainer,
+        anomaly_gate=anomaly_gate,
         extra={"output_kind": "logits"},
     )
     path = write_bundle(out_dir / f"{name}-{version}.bundle", files, body, keys.key)

@@ -15,6 +15,7 @@ from typing import Any
 
 from edge_agent.device.explain import Explainer, Explanation, Listener
 from edge_agent.device.feedback import FeedbackDesk
+from edge_agent.device.heatmaps import Heatmaps
 from edge_agent.device.models import Models
 from edge_agent.device.predictions import Answer, PhotoSource, Predictions
 from edge_agent.device.telemetry import Telemetry
@@ -53,6 +54,7 @@ class Device:
         records: RequestRecords,
         shadow: ShadowRunner,
         telemetry: Telemetry,
+        heatmaps: Heatmaps | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -64,6 +66,7 @@ class Device:
         self.records = records
         self.shadow = shadow
         self.telemetry = telemetry
+        self.heatmaps = heatmaps or Heatmaps(settings, records, models.core.pixels)
 
     # ---- state -----------------------------------------------------------------------------
     @property
@@ -168,6 +171,10 @@ class Device:
         if data is None:
             raise UnknownRequestError(f"no image kept for request {request_id}")
         return data
+
+    async def request_heatmap(self, request_id: str) -> bytes:
+        """The heatmap overlay (PNG) of a kept anomaly answer."""
+        return await self.heatmaps.render(request_id)
 
     def explanation(self, request_id: str) -> Explanation:
         job = self.explainer.get(request_id)

@@ -20,7 +20,8 @@ from typing import Protocol, TypeVar
 
 from edge_agent import __version__
 from edge_agent.device.store import BundleStore
-from edge_agent.engine.classifier import Classifier, load_classifier
+from edge_agent.engine.anomaly import load_served
+from edge_agent.engine.classifier import Classifier
 from edge_agent.engine.generator import (
     GENERATIVE_TASKS,
     Generator,
@@ -140,7 +141,7 @@ def prepare(
     """
     check_fits(bundle, profile)
     classifier, report = _load_and_test(
-        bundle, lambda: load_classifier(bundle, profile, cache_dir), run_selftest
+        bundle, lambda: load_served(bundle, profile, cache_dir), run_selftest
     )
     if not check_references:
         return Candidate(bundle, classifier, report)

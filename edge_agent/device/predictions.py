@@ -6,7 +6,8 @@ only then takes its admission slot (so text generation yields to it and the in-f
 it): a slow upload holds no slot. Inside the slot it classifies; it counts the outcome under its
 transport, and then (outside the slot) publishes an HTTP result to MQTT when configured and starts
 the explanation when asked. HTTP hands over how to read its upload (`receive`), MQTT the photo it
-already parsed.
+already parsed. A classifier with an anomaly gate (`gate_for`: the `anomaly_gates` setting over
+the manifest's `anomaly_gate`) runs the gate first on the same decoded photo (engine.chain).
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class Predictions:
                         prediction, received, transport, client_request_id, explain, explainer,
                         listener, structured,
                     )  # fmt: skip
-                self.core.classifier(name)  # unknown or not-ready models fail before the upload
+                # Unknown or not-ready models fail before the upload.
+                gate = self.gate_for(name)
                 started = time.perf_counter()
                 received = photo if isinstance(photo, Photo) else await photo()
                 receive_s = time.perf_counter() - started
@@ -110,6 +112,7 @@ class Predictions:
                         top_k=top_k,
                         receive_s=receive_s,
                         deadline=slot.deadline,
+                        gate=gate,
                     )
             outcome = "ok"
         except (AgentError, BundleError) as exc:
@@ -124,6 +127,14 @@ class Predictions:
             prediction, received, transport, client_request_id, explain, explainer, listener,
             structured,
         )  # fmt: skip
+
+    def gate_for(self, name: str) -> str | None:
+        """The anomaly bundle run in front of classifier `name`: the `anomaly_gates` setting,
+        else its manifest's `anomaly_gate` (None: no gate). Raises when `name` cannot serve."""
+        manifest = self.core.classifier(name).bundle.manifest
+        if name in self.settings.anomaly_gates:
+            return self.settings.anomaly_gates[name] or None
+        return manifest.anomaly_gate
 
     async def _with_vision(
         self, name: str, photo: PhotoSource, request_id: str, top_k: int

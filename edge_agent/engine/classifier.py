@@ -5,6 +5,11 @@ The pipeline is split into the stages the agent times and schedules separately: 
 input), `prepare` (the bundle's preprocessing spec), `infer` (the runtime) and `postprocess`
 (probabilities, top-k, knowledge-base entry). The golden self-test and the benchmarks call the
 very same methods, so what is tested is what is served.
+
+What the self-test, shadow runs and drift need of a model's output goes through three small
+methods (`golden_scores`, `top_label`, `drift_baseline`), so an anomaly detector
+(`engine.anomaly.AnomalyDetector`, a classifier of normal / anomalous) serves through the same
+core, self-test, shadow runner, drift monitor and updater.
 """
 
 from __future__ import annotations
@@ -30,12 +35,13 @@ from edge_bundle.scores import OutputKind, to_probabilities
 
 @dataclass(frozen=True)
 class Scored:
-    """The postprocessed answer for one image."""
+    """The postprocessed answer for one image (`detection`: an anomaly detector's findings)."""
 
     label: str
     score: float
     top_k: tuple[tuple[str, float], ...]
     knowledge: KnowledgeEntry | None
+    detection: Any = None
 
 
 @dataclass
@@ -84,13 +90,43 @@ class Classifier:
             )
         return probabilities
 
-    def postprocess(self, probabilities: NDArray[np.float32], top_k: int) -> Scored:
+    def postprocess(
+        self,
+        probabilities: NDArray[np.float32],
+        top_k: int,
+        image_size: tuple[int, int] | None = None,
+    ) -> Scored:
+        """Top-k and knowledge; `image_size` (width, height of the photo) is for detectors."""
         row = probabilities[0]
         order = np.argsort(-row, kind="stable")[: max(1, min(top_k, len(self.labels)))]
         ranked = tuple((self.labels[int(i)], float(row[i])) for i in order)
         label, score = ranked[0]
         entry = self.knowledge.entry(label) if self.knowledge is not None else None
         return Scored(label, score, ranked, entry)
+
+    def identity(self) -> dict[str, Any]:
+        """Which bundle answered, as an answer's `model` field says it."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "bundle_sha256": self.bundle.bundle_sha256,
+        }
+
+    def golden_scores(self, row: NDArray[np.float32]) -> dict[str, float]:
+        """One image's output as the golden samples' expected_topk names it: p(label)."""
+        return dict(zip(self.labels, (float(p) for p in row), strict=True))
+
+    def top_label(self, output: NDArray[np.float32]) -> str:
+        """The first image's answer (what a shadow run compares)."""
+        return self.labels[int(output[0].argmax())]
+
+    def confidence(self, scored: Scored) -> float:
+        """What the drift monitor bins as `confidence` for this answer."""
+        return scored.score
+
+    def drift_baseline(self) -> dict[str, Any] | None:
+        """What live inputs are compared with (None: no drift monitoring)."""
+        return self.bundle.manifest.drift_baseline
 
     def describe(self) -> dict[str, Any]:
         manifest = self.bundle.manifest

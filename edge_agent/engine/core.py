@@ -13,6 +13,7 @@ the request record and drift statistics off the request path.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -24,7 +25,9 @@ from typing import Any, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from edge_agent.engine.classifier import Classifier
+from edge_agent.engine.anomaly import AnomalyDetector
+from edge_agent.engine.chain import ChainPolicy, chain_answer, unavailable
+from edge_agent.engine.classifier import Classifier, Scored
 from edge_agent.engine.drift import DriftMonitor
 from edge_agent.engine.lane import InferenceLane, lower_priority
 from edge_agent.engine.memory import (
@@ -35,10 +38,10 @@ from edge_agent.engine.memory import (
 )
 from edge_agent.engine.records import RequestRecords
 from edge_agent.engine.types import ModelState, Prediction
-from edge_agent.errors import NotReadyError, UnknownModelError
+from edge_agent.errors import AgentError, NotReadyError, UnknownModelError
 from edge_agent.metrics import AgentMetrics
 from edge_agent.settings import AgentSettings
-from edge_bundle.imaging import DecodedImage
+from edge_bundle.imaging import DecodedImage, decode_image, decoded_pixels
 from edge_bundle.preprocess import input_statistics
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,31 @@ LATENCY_WINDOW = 2048
 
 #: Called once an answer is ready: (model name, the decoded photo, the active model's label).
 AfterAnswer = Callable[[str, DecodedImage, str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Answered:
+    """One photo through one or more models (a gate first): what each said, and the times."""
+
+    models: tuple[Classifier, ...]
+    image: DecodedImage
+    scored: tuple[Scored, ...]
+    timings: dict[str, float]
+
+
+def decode_target(models: Sequence[Classifier]) -> tuple[int, int] | None:
+    """The decode-time reduction target that serves every model (None: full size)."""
+    targets = [model.spec.decode_target() for model in models]
+    if any(target is None for target in targets):
+        return None
+    sides = [target for target in targets if target is not None]
+    return max(h for h, _ in sides), max(w for _, w in sides)
+
+
+def _infer(
+    models: Sequence[Classifier], tensors: Sequence[NDArray[Any]]
+) -> list[NDArray[np.float32]]:
+    return [model.infer(tensor) for model, tensor in zip(models, tensors, strict=True)]
 
 
 class InferenceCore:
@@ -70,6 +98,7 @@ class InferenceCore:
         self.pixels = PixelBudget(settings.decode_pixel_budget)
         map_large_blocks()  # so that a large decode's blocks go back to the system when freed
         self.after_answer = tuple(after_answer)
+        self.chain = ChainPolicy(settings.anomaly_good_labels, settings.anomaly_min_confidence)
         self.models: dict[str, ModelState] = {}
         self._decode_pool = ThreadPoolExecutor(
             settings.decode_threads, "decode", initializer=lower_priority(settings.inference_nice)
@@ -187,21 +216,44 @@ class InferenceCore:
         receive_s: float = 0.0,
         keep: bool = True,
         deadline: float | None = None,
+        gate: str | None = None,
     ) -> Prediction:
-        """Classify `data` with model `name`. The caller holds an admission slot; work still
+        """Classify `data` with model `name` (after the anomaly bundle `gate`, on the same
+        decoded photo, when one is named). The caller holds an admission slot; work still
         waiting for the inference thread at `deadline` (the slot's) is dropped."""
         classifier = self.classifier(name)
-        pixels = classifier.decode_pixels(data, max_pixels=self.settings.max_image_pixels)
+        detector, gate_reason = self._gate(gate)
+        models = (classifier,) if detector is None else (detector, classifier)
+        target = decode_target(models)
+        pixels = decoded_pixels(data, max_pixels=self.settings.max_image_pixels, target_hw=target)
         try:
             with self.lane.prediction():
                 async with self.pixels.reserve(pixels, self._decode_wait_s(deadline)):
-                    return await self._predict(
-                        classifier, name, data, request_id, top_k, receive_s, keep, deadline
-                    )
+                    answered = await self._run(models, target, data, receive_s, top_k, deadline)
         finally:
             if pixels >= LARGE_PIXELS and self.pixels.large_held == 0:
                 # After the record thread's pending work, which may still hold the pixels.
                 self._record_pool.submit(give_memory_back)
+        prediction = self._prediction(name, answered, request_id, gate_reason)
+        if keep:
+            self.keep(prediction, data)
+        for model, scored in zip(models, answered.scored, strict=True):
+            self._observe(model, answered.image, model.confidence(scored))
+            for hook in self.after_answer:
+                hook(model.name, answered.image, scored.label)
+        return prediction
+
+    def _gate(self, gate: str | None) -> tuple[AnomalyDetector | None, str | None]:
+        """The gate's detector, or why it cannot run (the classifier then answers alone)."""
+        if gate is None:
+            return None, None
+        try:
+            model = self.classifier(gate)
+        except AgentError as exc:
+            return None, f"the anomaly gate {gate!r} cannot run: {exc.message}"
+        if not isinstance(model, AnomalyDetector):
+            return None, f"the anomaly gate {gate!r} is not an anomaly-detection bundle"
+        return model, None
 
     def _decode_wait_s(self, deadline: float | None) -> float:
         wait_s = self.settings.decode_wait_ms / 1000
@@ -209,33 +261,36 @@ class InferenceCore:
             return wait_s
         return min(wait_s, deadline - time.monotonic())
 
-    async def _predict(
+    async def _run(
         self,
-        classifier: Classifier,
-        name: str,
+        models: tuple[Classifier, ...],
+        target: tuple[int, int] | None,
         data: bytes,
-        request_id: str,
-        top_k: int,
         receive_s: float,
-        keep: bool,
+        top_k: int,
         deadline: float | None,
-    ) -> Prediction:
+    ) -> Answered:
+        """Decode once, prepare and infer each model, postprocess; timed by stage."""
         if self.lane.alone():
             # Nothing else to overlap with: one hop to the inference thread instead of two
             # (each thread hand-off costs ~1-4 ms on a busy 2-core box).
-            image, tensor, decode_s, prepare_s, probabilities, infer_s = await self.lane.run(
-                lambda: self._whole_pipeline(classifier, data), deadline=deadline
+            image, tensors, decode_s, prepare_s, outputs, infer_s = await self.lane.run(
+                lambda: self._whole_pipeline(models, target, data), deadline=deadline
             )
         else:
             loop = asyncio.get_running_loop()
-            image, tensor, decode_s, prepare_s = await loop.run_in_executor(
-                self._decode_pool, self._decode_and_prepare, classifier, data
+            image, tensors, decode_s, prepare_s = await loop.run_in_executor(
+                self._decode_pool, self._decode_and_prepare, models, target, data
             )
             started = time.perf_counter()
-            probabilities = await self.lane.run(lambda: classifier.infer(tensor), deadline=deadline)
+            outputs = await self.lane.run(lambda: _infer(models, tensors), deadline=deadline)
             infer_s = time.perf_counter() - started
         started = time.perf_counter()
-        scored = classifier.postprocess(probabilities, top_k)
+        size = (image.width, image.height)
+        scored = tuple(
+            model.postprocess(output, top_k, size)
+            for model, output in zip(models, outputs, strict=True)
+        )
         post_s = time.perf_counter() - started
         timings = {
             "receive": receive_s,
@@ -244,18 +299,22 @@ class InferenceCore:
             "infer": infer_s,
             "postprocess": post_s,
         }
+        return Answered(models, image, scored, timings)
+
+    def _prediction(
+        self, name: str, answered: Answered, request_id: str, gate_reason: str | None
+    ) -> Prediction:
+        """The answer of the last model (the one asked for), with the gate's findings."""
+        timings = answered.timings
         for stage, seconds in timings.items():
             self.metrics.stage_seconds.labels(name, stage).observe(seconds)
-        pipeline_ms = (decode_s + prepare_s + infer_s + post_s) * 1000
+        pipeline_ms = (sum(timings.values()) - timings["receive"]) * 1000
+        classifier, scored, image = answered.models[-1], answered.scored[-1], answered.image
         key = (classifier.name, classifier.version)
         self.model_latencies.setdefault(key, deque(maxlen=LATENCY_WINDOW)).append(pipeline_ms)
         prediction = Prediction(
             request_id=request_id,
-            model={
-                "name": classifier.name,
-                "version": classifier.version,
-                "bundle_sha256": classifier.bundle.bundle_sha256,
-            },
+            model=classifier.identity(),
             label=scored.label,
             score=scored.score,
             top_k=scored.top_k,
@@ -267,38 +326,41 @@ class InferenceCore:
                 "decoded_at_reduction": image.reduction,
             },
             timings_ms={stage: seconds * 1000 for stage, seconds in timings.items()},
+            detection=scored.detection.to_json() if scored.detection is not None else None,
         )
-        if keep:
-            self.keep(prediction, data)
-        self._observe(classifier, image, scored.score)
-        for hook in self.after_answer:
-            hook(name, image, scored.label)
+        if len(answered.models) == 2:
+            return chain_answer(
+                self.chain, prediction, classifier, answered.models[0], answered.scored[0]
+            )
+        if gate_reason is not None:
+            return dataclasses.replace(prediction, anomaly=unavailable(gate_reason))
         return prediction
 
     def _whole_pipeline(
-        self, classifier: Classifier, data: bytes
-    ) -> tuple[DecodedImage, NDArray[Any], float, float, NDArray[np.float32], float]:
-        image, tensor, decode_s, prepare_s = self._decode_and_prepare(classifier, data)
+        self, models: tuple[Classifier, ...], target: tuple[int, int] | None, data: bytes
+    ) -> tuple[DecodedImage, list[NDArray[Any]], float, float, list[NDArray[np.float32]], float]:
+        image, tensors, decode_s, prepare_s = self._decode_and_prepare(models, target, data)
         started = time.perf_counter()
-        probabilities = classifier.infer(tensor)
-        return image, tensor, decode_s, prepare_s, probabilities, time.perf_counter() - started
+        outputs = _infer(models, tensors)
+        return image, tensors, decode_s, prepare_s, outputs, time.perf_counter() - started
 
     def _decode_and_prepare(
-        self, classifier: Classifier, data: bytes
-    ) -> tuple[DecodedImage, NDArray[Any], float, float]:
+        self, models: tuple[Classifier, ...], target: tuple[int, int] | None, data: bytes
+    ) -> tuple[DecodedImage, list[NDArray[Any]], float, float]:
         started = time.perf_counter()
-        image = classifier.decode(
+        image = decode_image(
             data,
             max_pixels=self.settings.max_image_pixels,
             max_bytes=self.settings.max_body_bytes,
+            target_hw=target,
         )
         decoded = time.perf_counter()
-        tensor = classifier.prepare(image)
-        return image, tensor, decoded - started, time.perf_counter() - decoded
+        tensors = [model.prepare(image) for model in models]
+        return image, tensors, decoded - started, time.perf_counter() - decoded
 
     def drift_monitor(self, classifier: Classifier) -> DriftMonitor | None:
         """The drift monitor of this model version (made on first use), None without baseline."""
-        baseline = classifier.bundle.manifest.drift_baseline
+        baseline = classifier.drift_baseline()
         if not baseline:
             return None
         key = (classifier.name, classifier.version)

@@ -116,8 +116,7 @@ class ShadowRunner:
 
             def classify() -> tuple[str, float]:
                 started = time.perf_counter()
-                probabilities = candidate.infer(candidate.prepare(image))
-                label = candidate.labels[int(probabilities[0].argmax())]
+                label = candidate.top_label(candidate.infer(candidate.prepare(image)))
                 return label, time.perf_counter() - started
 
             label, seconds = await self.lane.run(classify)

@@ -26,7 +26,8 @@ def new_request_id() -> str:
 
 @dataclass(frozen=True)
 class Prediction:
-    """One classification, shaped for every transport (and for an explanation to follow)."""
+    """One classification (or anomaly verdict), shaped for every transport (and for an
+    explanation to follow)."""
 
     request_id: str
     model: dict[str, Any]
@@ -37,9 +38,13 @@ class Prediction:
     image: dict[str, Any]
     timings_ms: dict[str, float]
     created_at: float = field(default_factory=time.time)
+    #: An anomaly bundle's own findings (score, verdict, threshold, regions, score_map): top level.
+    detection: dict[str, Any] | None = None
+    #: A chained classifier's gate: the anomaly bundle's findings (and its model), nested.
+    anomaly: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body = {
             "request_id": self.request_id,
             "model": self.model,
             "label": self.label,
@@ -50,6 +55,11 @@ class Prediction:
             "timings_ms": {stage: round(ms, 3) for stage, ms in self.timings_ms.items()},
             "created_at": self.created_at,
         }
+        if self.detection is not None:
+            body.update(self.detection)
+        if self.anomaly is not None:
+            body["anomaly"] = self.anomaly
+        return body
 
 
 @dataclass

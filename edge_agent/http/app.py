@@ -4,7 +4,8 @@ the lifespan that starts and stops the agent, and the updater's status for /v1/u
 POST /v1/models/{name}/predict   classify a photo (raw image body, multipart, or JSON base64)
 GET  /v1/models                  installed models, their state and last self-test
 GET  /v1/models/{name}           one of them
-GET  /v1/requests/{id}           a kept prediction;  GET .../image (admin) its photo
+GET  /v1/requests/{id}           a kept prediction;  GET .../image (admin) its photo,
+                                 GET .../heatmap (admin) an anomaly answer's overlay (PNG)
 POST /v1/admin/bundles           install a bundle (admin token)
 GET  /healthz  /readyz  /metrics /docs  /openapi.json  and  /  (a small upload page)
 """
@@ -435,6 +436,20 @@ def _add_routes(app: FastAPI, device: Device, updater: UpdateStatus | None) -> N
     )
     async def get_request_image(request_id: str) -> Response:
         return Response(device.request_image(request_id), media_type="application/octet-stream")
+
+    @app.get(
+        "/v1/requests/{request_id}/heatmap",
+        tags=["requests"],
+        summary="The heatmap overlay of a kept anomaly answer, PNG (admin)",
+        dependencies=admin,
+        response_class=Response,
+        responses={
+            **error_responses(401, 404, 503),
+            200: {"content": {"image/png": {"schema": BINARY}}},
+        },
+    )
+    async def get_request_heatmap(request_id: str) -> Response:
+        return Response(await device.request_heatmap(request_id), media_type="image/png")
 
     @app.post(
         "/v1/admin/bundles",

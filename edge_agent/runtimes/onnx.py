@@ -54,6 +54,18 @@ class OnnxSession:
             raise InferenceError(f"ONNX Runtime failed to run the model: {exc}") from exc
         return np.asarray(outputs[0], dtype=np.float32)
 
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(str(o.name) for o in self._session.get_outputs())
+
+    def run_named(self, batch: NDArray[Any], names: list[str]) -> list[NDArray[np.float32]]:
+        """The outputs `names` for `batch` (only what they need is computed)."""
+        try:
+            outputs = self._session.run(names, {self._input: batch})
+        except Exception as exc:  # onnxruntime raises untyped errors; translate them here
+            raise InferenceError(f"ONNX Runtime failed to run the model: {exc}") from exc
+        return [np.asarray(output, dtype=np.float32) for output in outputs]
+
     def close(self) -> None:
         self._session = None
 

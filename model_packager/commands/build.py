@@ -67,6 +67,12 @@ def register(subparsers: Subparsers) -> None:
         metavar="NAME",
         help="classifiers: the language-model bundle that explains predictions (two-tier answer)",
     )
+    bundle.add_argument(
+        "--anomaly-gate",
+        metavar="NAME",
+        help="classifiers: the anomaly-detection bundle (build-anomaly) the agent runs in front "
+        "of this classifier; an anomalous part it calls ok is answered unknown_defect",
+    )
     quant = parser.add_argument_group("quantization and validation")
     quant.add_argument(
         "--quantization",
@@ -218,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
         enforce_latency=args.enforce_latency,
         knowledge=args.knowledge,
         explainer=args.explainer,
+        anomaly_gate=args.anomaly_gate,
         golden_count=args.golden_count,
         golden_tolerance=args.golden_tolerance,
         allow_pickle=args.allow_pickle,
