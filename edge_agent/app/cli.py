@@ -131,9 +131,15 @@ def _export_feedback(args: argparse.Namespace) -> int:
         max_bytes=settings.feedback_max_bytes,
         max_count=settings.feedback_max_count,
     )
-    summary = export(store, args.out)
+    summary = export(store, args.out, settings.anomaly_good_labels)
     print(json.dumps(summary, indent=2))
     print(f"dataset written to {args.out} (one folder per label, records.jsonl, summary.json)")
+    if summary["anomaly"]["false_alarms"]:
+        print(
+            f"anomaly false alarms in {args.out / 'anomaly' / 'false_alarms'}: relearn them with "
+            f"model-packager build-anomaly --update OLD.bundle --good "
+            f"{args.out / 'anomaly' / 'false_alarms'} --profile PROFILE --key KEY --out DIR"
+        )
     return 0
 
 

@@ -272,6 +272,7 @@ def make_record(
             "label": request["label"],
             "score": request["score"],
             "top_k": request["top_k"],
+            **_anomaly_verdict(request),
         },
         "model": request["model"],
         "predicted_at": request.get("created_at"),
@@ -279,10 +280,42 @@ def make_record(
     }
 
 
-def export(store: FeedbackStore, out: Path) -> dict[str, Any]:
+def _anomaly_verdict(request: dict[str, Any]) -> dict[str, Any]:
+    """An anomaly bundle's (or a chained classifier's gate's) verdict on the kept request."""
+    nested = request.get("anomaly")
+    found: dict[str, Any] = nested if isinstance(nested, dict) else request
+    verdict = found.get("verdict")
+    if verdict not in ("normal", "anomalous"):
+        return {}
+    return {"anomaly_verdict": verdict, "anomaly_score": found.get("score")}
+
+
+def anomaly_folder(record: dict[str, Any], truth: str | None, good: tuple[str, ...]) -> str | None:
+    """Where an anomaly answer's photo goes for `build-anomaly --update`: `false_alarms` (the
+    verdict was anomalous, the technician corrected it to a good label or to `normal`),
+    `missed_defects` (normal, corrected to a defect), else None."""
+    verdict = record["prediction"].get("anomaly_verdict")
+    if record["verdict"] != "corrected" or verdict is None or truth is None:
+        return None
+    is_good = truth == "normal" or truth in good
+    if verdict == "anomalous" and is_good:
+        return "false_alarms"
+    if verdict == "normal" and not is_good:
+        return "missed_defects"
+    return None
+
+
+def export(store: FeedbackStore, out: Path, good: tuple[str, ...] = ("ok",)) -> dict[str, Any]:
     """A retraining dataset: `LABEL/ID.ext` for confirmed and corrected photos (by the label the
-    technician gave), `records.jsonl` with every record, and a summary of corrections."""
+    technician gave), `records.jsonl` with every record, and a summary of corrections.
+
+    Anomaly answers corrected by a technician also go, flat, to `anomaly/false_alarms/` (good
+    parts the detector flagged: `model-packager build-anomaly --update OLD --good` that folder)
+    and `anomaly/missed_defects/` (defects it called normal: evaluation folders for the next
+    build). `good` are the classifier labels of a good part (setting `anomaly_good_labels`).
+    A `rejected` photo (not a valid photo of a part) goes to neither: it is no good part."""
     out.mkdir(parents=True, exist_ok=True)
+    anomaly: Counter[str] = Counter()
     corrections: Counter[tuple[str, str]] = Counter()
     verdicts: Counter[str] = Counter()
     written = 0
@@ -304,6 +337,11 @@ def export(store: FeedbackStore, out: Path) -> dict[str, Any]:
             suffix = IMAGE_SUFFIX.get(record.get("image_format", ""), ".img")
             (folder / f"{record['feedback_id']}{suffix}").write_bytes(image)
             written += 1
+            kind = anomaly_folder(record, truth, good)
+            if kind is not None:
+                (out / "anomaly" / kind).mkdir(parents=True, exist_ok=True)
+                (out / "anomaly" / kind / f"{record['feedback_id']}{suffix}").write_bytes(image)
+                anomaly[kind] += 1
     summary = {
         "records": sum(verdicts.values()),
         "verdicts": dict(verdicts),
@@ -312,6 +350,10 @@ def export(store: FeedbackStore, out: Path) -> dict[str, Any]:
             {"predicted": predicted, "corrected_to": truth, "count": count}
             for (predicted, truth), count in corrections.most_common()
         ],
+        "anomaly": {
+            "false_alarms": anomaly["false_alarms"],
+            "missed_defects": anomaly["missed_defects"],
+        },
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -169,3 +169,43 @@ def test_shadow_mode_compares_the_next_version(agent: AgentProcess, built: dict[
     assert shadow["agreement"] is not None and shadow["failed"] == 0
     stopped = httpx.delete(f"{agent.url}/v1/admin/shadow/surface-ad", headers=ADMIN)
     assert stopped.status_code == 200
+
+
+def test_export_feedback_lays_out_false_alarms_and_missed_defects(
+    agent: AgentProcess, built: dict[str, Any], tmp_path: Path
+) -> None:
+    def correct(answer: dict[str, Any], label: str) -> None:
+        sent = {
+            "request_id": answer["request_id"],
+            "verdict": "corrected",
+            "corrected_label": label,
+        }
+        deadline = time.monotonic() + 10  # records are written off the request path
+        while (response := httpx.post(f"{agent.url}/v1/feedback", json=sent, headers=ADMIN)).status_code == 404:  # fmt: skip
+            assert time.monotonic() < deadline, response.text
+            time.sleep(0.1)
+        assert response.status_code == 201, response.text
+
+    lamp = [part_photo(TEST_SEED + 1, "ok", i, lamp=NEW_LAMP).jpeg() for i in range(6)]
+    flagged = [a for a in (predict(agent, "surface-ad", p) for p in lamp) if a["verdict"] == "anomalous"]  # fmt: skip
+    chained = [a for a in (predict(agent, "defects", p) for p in lamp) if a["label"] == "unknown_defect"]  # fmt: skip
+    assert flagged and chained  # the new lamp's good parts are false alarms
+    for answer in flagged[:2]:
+        correct(answer, "normal")
+    correct(chained[0], "ok")
+    missed = predict(agent, "surface-ad", built["good"][2].read_bytes())
+    correct(missed, "anomalous")
+    out = tmp_path / "export"
+    result = subprocess.run(
+        [".venv/bin/edge-agent", "export-feedback", "--state-dir", str(built["state"]),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "build-anomaly --update" in result.stdout
+    false_alarms = sorted((out / "anomaly" / "false_alarms").iterdir())
+    assert len(false_alarms) == min(2, len(flagged)) + 1
+    assert [p.suffix for p in false_alarms] == [".jpg"] * len(false_alarms)
+    first = cv2.imdecode(np.frombuffer(false_alarms[0].read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    assert first.shape == (128, 128, 3)  # the station's photos as they came: ready for --good
+    assert len(list((out / "anomaly" / "missed_defects").iterdir())) == 1
