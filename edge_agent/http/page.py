@@ -4,6 +4,8 @@ Self-contained (no external scripts, styles or fonts: the line may have no inter
 usable on a phone or a desktop with keyboard and screen reader. The photo is scaled down in the
 browser to about 2 megapixels before upload. The answer shows the class, confidence, alternatives,
 root causes and corrective actions, and streams the explanation when the model has an explainer.
+An anomaly answer (an anomaly bundle's, or a classifier's gate's) is drawn over the photo: the
+score map colour-mapped on a canvas and the regions outlined.
 One tap confirms; correcting picks one of the model's labels, with an optional note. Recent
 feedback at this station is listed below. When the agent has an admin token, the page asks for it
 once and keeps it in the browser's local storage.
@@ -117,8 +119,14 @@ $("photo-form").onsubmit = async e => {
   if (!r.ok) { $("result").innerHTML = '<p class="err">' + esc(d.error.message) + "</p>"; return; }
   current = d;
   const k = d.knowledge || {};
-  $("result").innerHTML = '<p class="label" id="answer-label">' + esc(k.title || d.label) + " — " +
-    (d.score * 100).toFixed(1) + '%</p><p><span class="sev">severity: ' + esc(k.severity || "n/a") +
+  const found = d.score_map ? d : (d.anomaly && d.anomaly.score_map ? d.anomaly : null);
+  const headline = d.verdict ? esc(d.verdict) + " — score " + d.score.toFixed(2) + " (threshold " + d.threshold.toFixed(2) + ")"
+    : esc(k.title || d.label) + " — " + (d.score * 100).toFixed(1) + "%";
+  $("result").innerHTML = '<p class="label" id="answer-label">' + headline +
+    (found ? '</p><p id="anomaly-line">Anomaly check: <strong>' + esc(found.verdict) + "</strong>, " +
+      found.regions.length + (found.regions.length === 1 ? " region" : " regions") +
+      '</p><canvas id="heatmap" role="img" aria-label="The photo with where it differs from good parts"></canvas><p>' : "") +
+    '</p><p><span class="sev">severity: ' + esc(k.severity || "n/a") +
     '</span> <span class="muted">class ' + esc(d.label) + "</span></p>" +
     "<h2>Likely causes</h2><ol>" + list(k.root_causes) + "</ol>" +
     "<h2>What to do</h2><ol>" + list(k.corrective_actions) + "</ol>" +
@@ -130,10 +138,33 @@ $("photo-form").onsubmit = async e => {
     if (l === d.label) continue;
     const o = document.createElement("option"); o.value = l; o.textContent = l; sel.appendChild(o);
   }
+  if (found) drawHeatmap(body, found, d.image).catch(() => {});
   $("feedback").hidden = false; $("feedback-status").textContent = "";
   if (d.explanation && d.explanation.status === "pending") streamExplanation(d.explanation.url);
   else if (d.explanation) $("explanation").innerHTML = '<p class="muted">Explanation unavailable: ' + esc(d.explanation.reason) + "</p>";
 };
+
+// The score map over the photo: blue well below the threshold, green at it, red above; the
+// regions (in the photo's pixels) outlined in white.
+async function drawHeatmap(file, found, image) {
+  const bitmap = await createImageBitmap(file);
+  const c = $("heatmap"), scale = Math.min(1, 640 / Math.max(bitmap.width, bitmap.height));
+  c.width = Math.round(bitmap.width * scale); c.height = Math.round(bitmap.height * scale);
+  c.style.maxWidth = "100%";
+  const g = c.getContext("2d");
+  g.drawImage(bitmap, 0, 0, c.width, c.height);
+  const [rows, cols] = found.score_map.size, values = found.score_map.values, t = found.threshold;
+  const cw = c.width / cols, ch = c.height / rows;
+  for (let i = 0; i < rows; i++) for (let j = 0; j < cols; j++) {
+    const level = Math.max(0, Math.min(1, (values[i][j] / t - 0.8) / 0.4));
+    g.fillStyle = "hsla(" + Math.round((1 - level) * 240) + ",100%,50%," + (0.15 + 0.35 * level).toFixed(2) + ")";
+    g.fillRect(j * cw, i * ch, cw + 0.5, ch + 0.5);
+  }
+  g.strokeStyle = "#fff"; g.lineWidth = 2;
+  const sx = c.width / image.width, sy = c.height / image.height;
+  for (const r of found.regions) g.strokeRect(r.x * sx, r.y * sy, r.width * sx, r.height * sy);
+  c.dataset.regions = String(found.regions.length);
+}
 
 function streamExplanation(url) {
   const box = $("explanation");

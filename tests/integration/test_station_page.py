@@ -78,3 +78,35 @@ def test_upload_see_answer_correct_and_see_history(
         # The page runs whole under its own Content-Security-Policy: nothing of it was blocked.
         logs = driver.get_log("browser")  # type: ignore[attr-defined]
         assert not [e for e in logs if "Content Security Policy" in e["message"]], logs
+
+
+def test_an_anomaly_answer_is_drawn_over_the_photo(tmp_path: Path, browser: object) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.anomaly_agent_support import build_anomaly
+    from tests.anomaly_parts import part_photo
+
+    driver = browser
+    keys = make_keys(tmp_path / "keys")
+    bundle = build_anomaly(tmp_path / "anomaly", keys)
+    state = tmp_path / "state"
+    subprocess.run(
+        [".venv/bin/edge-agent", "install", str(bundle), "--state-dir", str(state),
+         "--trusted-key", str(keys.public)],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    image = tmp_path / "chip.jpg"
+    image.write_bytes(part_photo(41, "chip", 0, side=256).jpeg())
+    with run_agent(state, "--trusted-key", str(keys.public)) as agent:
+        agent.wait_ready()
+        driver.get(agent.url + "/")  # type: ignore[attr-defined]
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#model option"))
+        driver.find_element(By.ID, "file").send_keys(str(image))  # type: ignore[attr-defined]
+        driver.find_element(By.ID, "classify").click()  # type: ignore[attr-defined]
+        canvas = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#heatmap[data-regions]"))
+        assert int(canvas.get_attribute("data-regions")) >= 1
+        assert canvas.get_attribute("width") == "256"
+        assert "anomalous" in driver.find_element(By.ID, "anomaly-line").text  # type: ignore[attr-defined]
+        driver.save_screenshot(str(ARTIFACTS / "station-anomaly.png"))  # type: ignore[attr-defined]
