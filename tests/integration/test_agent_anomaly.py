@@ -56,7 +56,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     install(state, chained.path, keys)
     install(state, v2, keys, "--no-activate")
     install(state, v1, keys)
-    return {"root": root, "keys": keys, "state": state, "good": sorted((root / "good").iterdir())}
+    good = sorted((root / "good").iterdir())
+    return {"root": root, "keys": keys, "state": state, "good": good, "v1": v1, "v2": v2}
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +210,49 @@ def test_export_feedback_lays_out_false_alarms_and_missed_defects(
     first = cv2.imdecode(np.frombuffer(false_alarms[0].read_bytes(), np.uint8), cv2.IMREAD_COLOR)
     assert first.shape == (128, 128, 3)  # the station's photos as they came: ready for --good
     assert len(list((out / "anomaly" / "missed_defects").iterdir())) == 1
+
+
+def test_an_update_through_the_updater_passes_probation_and_mqtt_answers_the_same(
+    built: dict[str, Any], tmp_path: Path
+) -> None:
+    from tests.integration.test_updates import DEVICE, SITE, Watcher, publish, update_env
+    from tests.mqtt_support import TestClient, body, running_broker
+    from tests.update_support import file_server, release_key, signed_notice
+
+    keys = built["keys"]
+    state = tmp_path / "state"
+    install(state, built["v1"], keys)
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "v2.bundle").write_bytes(built["v2"].read_bytes())
+    signing, public = release_key(tmp_path / "release")
+    with running_broker(tmp_path / "broker") as broker, file_server(files) as (url, _log):
+        env = update_env(broker, public, EDGE_AGENT_PROBATION_S="3", EDGE_AGENT_PROBATION_MIN_SAMPLES="3")  # fmt: skip
+        with run_agent(state, "--trusted-key", str(keys.public), env=env) as agent:
+            agent.wait_ready()
+            client = TestClient(broker.port, f"station-{time.monotonic_ns()}")
+            reply = "lineside/v1/replies/station"
+            client.subscribe(reply)
+            client.publish(
+                f"lineside/v1/{SITE}/{DEVICE}/infer/surface-ad", chip(3),
+                response_topic=reply, correlation=b"c1", content_type="image/jpeg",
+            )  # fmt: skip
+            [message] = client.wait_for(1, topic=reply)
+            answer = body(message)
+            assert answer["verdict"] == "anomalous" and answer["regions"], answer
+            assert answer["threshold"] > 0 and answer["model"]["version"] == 1
+            client.close()
+            watcher = Watcher(broker.port)
+            notice = signed_notice(signing, built["v2"], f"{url}/v2.bundle", sequence=7, name="surface-ad")  # fmt: skip
+            publish(broker, notice)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:  # live traffic during probation
+                predict(agent, "surface-ad", built["good"][0].read_bytes())
+                time.sleep(0.1)
+            committed = watcher.wait("committed", sequence=7, timeout=90)
+            phases = [r["phase"] for r in watcher.reports() if r["sequence"] == 7]
+            watcher.close()
+            assert committed["version"] == 2
+            assert "probation" in phases and "staging" in phases
+            after = predict(agent, "surface-ad", chip(4))
+            assert after["model"]["version"] == 2 and after["verdict"] == "anomalous"
