@@ -1,5 +1,5 @@
 """GGUF files made by the packager: converting a Hugging Face causal LM into GGUF f16 with
-llama.cpp's converter (after merging a LoRA adapter), quantizing with llama.cpp's own quantizer,
+llama.cpp's converter (after merging a LoRA adapter; a vision-language checkpoint too), quantizing with llama.cpp's own quantizer,
 and probing that llama.cpp can load a file at all. Reading a file's header is
 `model_packager.gguf_header`'s.
 
@@ -51,13 +51,21 @@ def convert_to_gguf(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def merge_causal_adapter(model_dir: Path, adapter: Path, out: Path, *, allow_pickle: bool) -> Path:
-    """Merge a LoRA adapter into a causal LM and save it with its tokenizer files in `out`."""
+#: What a vision-language checkpoint keeps beside its tokenizer: the converters read them too.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
+
+
+def merge_adapter(
+    model_dir: Path, adapter: Path, out: Path, *, allow_pickle: bool, vision: bool = False
+) -> Path:
+    """Merge a LoRA adapter into a causal LM (or, with `vision`, an image-text model) and save
+    it with its tokenizer (and image-processor) files in `out`."""
     try:
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-        base = AutoModelForCausalLM.from_pretrained(
+        model_class = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+        base = model_class.from_pretrained(
             model_dir, use_safetensors=not allow_pickle, dtype="auto"
         )
         merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
@@ -68,7 +76,7 @@ def merge_causal_adapter(model_dir: Path, adapter: Path, out: Path, *, allow_pic
             f"merging adapter {adapter} into {model_dir} failed: {type(exc).__name__}: "
             f"{first[0] if first else ''}; check the adapter was trained on this base model"
         ) from exc
-    for name in TOKENIZER_FILES:
+    for name in (*TOKENIZER_FILES, *(PROCESSOR_FILES if vision else ())):
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, out / name)
     return out

@@ -37,7 +37,7 @@ from model_packager.llm.eval import (
     loaded,
     measure_generation,
 )
-from model_packager.llm.gguf import convert_to_gguf, merge_causal_adapter, probe_load, quantize_gguf
+from model_packager.llm.gguf import convert_to_gguf, merge_adapter, probe_load, quantize_gguf
 from model_packager.llm.plan import GgufChoice, LlmPlan
 from model_packager.llm.template import PinnedTemplate, choose_template
 from model_packager.llm.vision import (
@@ -46,7 +46,6 @@ from model_packager.llm.vision import (
     convert_projector,
     golden_photos,
     kv_cache_mb,
-    merge_vision_adapter,
     vision_outcome,
 )
 from model_packager.progress import Progress
@@ -156,9 +155,12 @@ def prepare_reference(
     model_dir = source.path
     if source.adapter is not None:
         progress.step(f"merging LoRA adapter {source.adapter.name}")
-        merge = merge_vision_adapter if source.vision else merge_causal_adapter
-        model_dir = merge(
-            source.path, source.adapter, work / "merged", allow_pickle=source.uses_pickle
+        model_dir = merge_adapter(
+            source.path,
+            source.adapter,
+            work / "merged",
+            allow_pickle=source.uses_pickle,
+            vision=source.vision,
         )
     progress.step(f"converting {source.describe()} to GGUF f16 (llama.cpp's converter)")
     reference = convert_to_gguf(model_dir, work / "reference-f16.gguf")

@@ -1,5 +1,6 @@
 """The image side of a vision-language build: the projector (converted from the Hugging Face
-checkpoint with llama.cpp's converter, or given beside a GGUF), the check that it fits the text
+checkpoint with llama.cpp's converter, or given beside a GGUF; the adapter is merged by
+`gguf.merge_adapter`), the check that it fits the text
 model, the golden multimodal completions and the image benchmark.
 
 The projector ships as it was converted (f16): no gate measures what quantizing it would cost,
@@ -10,7 +11,6 @@ the pixels the packager used; each completion is generated twice and must repeat
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -27,7 +27,7 @@ from edge_bundle.imaging import decode_image
 from edge_bundle.llama_vision import IMAGE_MARKER, Pixels, Projector, fit_image
 from edge_bundle.manifest import VisionGolden
 from model_packager.errors import ExportError, PackagerError, SourceError
-from model_packager.llm.gguf import TOKENIZER_FILES, _last_lines, _run_child
+from model_packager.llm.gguf import _last_lines, _run_child
 from model_packager.llm.template import PinnedTemplate
 
 VISION_QUESTION = "Describe the defect in this photo."
@@ -37,7 +37,6 @@ VISION_GOLDEN_TOKENS = 16
 GOLDEN_DIR = "golden"
 MIN_GOLDEN_PHOTOS, MAX_GOLDEN_PHOTOS = 2, 4
 BENCH_ROUNDS = 3
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
 _PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -53,30 +52,6 @@ class VisionOutcome:
     golden_files: dict[str, Path]  # bundle path -> PNG written in the work folder
     timing: dict[str, float]
     classify_prompt: str | None = None
-
-
-def merge_vision_adapter(model_dir: Path, adapter: Path, out: Path, *, allow_pickle: bool) -> Path:
-    """Merge a LoRA adapter into a vision-language checkpoint; save it with its tokenizer and
-    image-processor files in `out` (both converters read them)."""
-    try:
-        from peft import PeftModel
-        from transformers import AutoModelForImageTextToText
-
-        base = AutoModelForImageTextToText.from_pretrained(
-            model_dir, use_safetensors=not allow_pickle, dtype="auto"
-        )
-        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-        merged.save_pretrained(out, safe_serialization=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()
-        raise ExportError(
-            f"merging adapter {adapter} into {model_dir} failed: {type(exc).__name__}: "
-            f"{first[0] if first else ''}; check the adapter was trained on this base model"
-        ) from exc
-    for name in (*TOKENIZER_FILES, *PROCESSOR_FILES):
-        if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, out / name)
-    return out
 
 
 def convert_projector(model_dir: Path, out: Path) -> Path:
