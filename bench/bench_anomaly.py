@@ -8,7 +8,12 @@ running several builds would). Reported: each side's times, the median of per-ro
 update / build (target <= 0.2), the bank sizes, and from the last round's bundles: image AUROC
 per defect type, the score map's peak on the mask, the false-alarm rate on new good parts
 against the calibrated interval, and on parts under the new lamp before and after the update.
-int8 is not benchmarked: the backbone ships in float32 (see docs/anomaly.md).
+int8 against float32: one more build with `--quantization int8` and the int8 gate's tolerance
+opened (`--int8-tolerance 0.49`, so that the int8 graph is written whatever its score shift;
+the manifest records the measured shift, from which the default gate's verdict follows), then
+the float32 and int8 graphs alone timed in interleaved rounds on one test photo (batch 1, the
+profile's threads, spinning off): per-round p50 ratio float32 / int8, its median and spread,
+and image AUROC of both graphs on the same test photos (new good parts against every defect).
 
     python -m bench.bench_anomaly [--rounds 3]
 """
@@ -70,6 +75,86 @@ def _update(root: Path, out: Path) -> float:
     )  # fmt: skip
     assert code == 0
     return time.perf_counter() - start
+
+
+def _int8_build(root: Path, out: Path, side: int) -> bool:
+    code = main(
+        ["build-anomaly", "--good", str(root / "good"), "--defects", str(root / "defects"),
+         "--name", "int8", "--profile", PROFILE, "--key", str(root / "bundle.key"),
+         "--out", str(out), "--input-size", str(side), "--quantization", "int8",
+         "--int8-tolerance", "0.49", "--quiet"]
+    )  # fmt: skip
+    return code == 0
+
+
+def _int8_versus_fp32(root: Path, out: Path, side: int, rounds: int) -> dict[str, Any]:
+    """Speed and AUROC of the float32 graph (parts-1) against the int8 one (int8-1)."""
+    from model_packager.onnx_tools import make_session
+
+    if not _int8_build(root, out, side):
+        return {"int8_build": "refused by the int8 gate's AUROC limit (see the build's message)"}
+    trust = TrustStore.from_files([root / "bundle.pub"])
+    graphs, figures = {}, {}
+    for key, name in (("float32", "parts-1"), ("int8", "int8-1")):
+        staging = root / f"open-{key}"
+        staging.mkdir(exist_ok=True)
+        bundle = open_bundle(out / f"{name}.bundle", trust, staging)
+        session = make_session(bundle.path("model.onnx"), 2)
+        spec = PreprocessSpec.model_validate(bundle.manifest.preprocessing)
+        good, _ = _score(
+            session, spec, [part_photo(32, "ok", i, side=side) for i in range(TEST_GOOD)]
+        )
+        bad = np.concatenate(
+            [
+                _score(
+                    session, spec, [part_photo(32, d, i, side=side) for i in range(TEST_DEFECTS)]
+                )[0]
+                for d in DEFECTS
+            ]
+        )
+        graphs[key] = session
+        figures[key] = {"auroc_all_defects": round(auroc(good, bad), 4)}
+        if key == "int8":
+            record = bundle.manifest.anomaly.quantization  # type: ignore[union-attr]
+            figures["gate_record"] = record.model_dump(mode="json") if record else None
+    photo = part_photo(32, "ok", 0, side=side).pixels
+    tensor = preprocess(cv2.cvtColor(photo, cv2.COLOR_BGR2RGB), spec).astype(np.float32)
+    samples: dict[str, list[float]] = {"float32": [], "int8": []}
+    ratios = []
+    for index in range(rounds):
+        order = ("float32", "int8") if index % 2 == 0 else ("int8", "float32")
+        p50 = {}
+        for key in order:
+            times = _time_runs(graphs[key], tensor, 30)
+            samples[key] += times
+            p50[key] = statistics.median(times)
+        ratios.append(p50["float32"] / p50["int8"])
+    return {
+        **figures,
+        "auroc_drop": round(
+            figures["float32"]["auroc_all_defects"] - figures["int8"]["auroc_all_defects"], 4
+        ),
+        "p50_ms": {k: round(statistics.median(v), 3) for k, v in samples.items()},
+        "p95_ms": {k: round(float(np.percentile(v, 95)), 3) for k, v in samples.items()},
+        "speedup_float32_over_int8": {
+            "median_of_rounds": round(statistics.median(ratios), 3),
+            "min_round": round(min(ratios), 3),
+            "max_round": round(max(ratios), 3),
+            "rounds": rounds,
+        },
+    }
+
+
+def _time_runs(session: Any, tensor: Any, count: int) -> list[float]:
+    name = session.get_inputs()[0].name
+    for _ in range(3):
+        session.run(None, {name: tensor})
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        session.run(None, {name: tensor})
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times
 
 
 def _quality(root: Path, out: Path, side: int) -> dict[str, Any]:
@@ -135,6 +220,7 @@ def run_config(good: int, side: int, rounds: int) -> dict[str, Any]:
             builds.append(_build(root, out, side))
             updates.append(_update(root, out))
         quality = _quality(root, root / f"round-{rounds - 1}", side)
+        int8 = _int8_versus_fp32(root, root / f"round-{rounds - 1}", side, 2 * rounds + 2)
     ratios = [u / b for u, b in zip(updates, builds, strict=True)]
     return {
         "good_images": good,
@@ -148,7 +234,18 @@ def run_config(good: int, side: int, rounds: int) -> dict[str, Any]:
             "max_round": round(max(ratios), 3),
         },
         "quality": quality,
+        "int8_vs_float32": int8,
     }
+
+
+def _int8_cell(figures: dict[str, Any]) -> str:
+    if "speedup_float32_over_int8" not in figures:
+        return "int8 refused"
+    speed = figures["speedup_float32_over_int8"]
+    return (
+        f"{speed['median_of_rounds']:.2f}x ({speed['min_round']:.2f}-{speed['max_round']:.2f}), "
+        f"{figures['float32']['auroc_all_defects']:.3f} / {figures['int8']['auroc_all_defects']:.3f}"
+    )
 
 
 def main_bench() -> None:
@@ -170,11 +267,22 @@ def main_bench() -> None:
                 min(v1["auroc_per_defect"].values()),
                 v1["peak_on_mask"],
                 f"{v1['false_alarm_rate_new_lamp']:.0%} -> {v2['false_alarm_rate_new_lamp']:.0%}",
+                _int8_cell(r["int8_vs_float32"]),
             ]
         )
     print(
         format_table(
-            ["config", "build", "update", "update/build", "bank", "min AUROC", "peak", "lamp FA"],
+            [
+                "config",
+                "build",
+                "update",
+                "update/build",
+                "bank",
+                "min AUROC",
+                "peak",
+                "lamp FA",
+                "fp32/int8 speed, AUROC",
+            ],
             rows,
         )
     )

@@ -381,6 +381,37 @@ class AnomalyEvaluation(_Strict):
     masked_images: Annotated[StrictInt, Field(ge=0)] = 0
 
 
+class AnomalyQuantization(_Strict):
+    """The backbone's precision inside an anomaly bundle's one graph (`--quantization`): int8
+    (static, calibrated on good images) when its scores matched the float32 graph's within
+    `tolerance` x threshold with no verdict changed, and image AUROC fell by at most
+    `max_auroc_drop`; the scoring head and the bank stay float. The figures are the build's."""
+
+    backbone: Literal["float32", "int8"]
+    requested: Literal["none", "int8", "auto"]
+    recipe: Text | None = None
+    calibration_images: Annotated[StrictInt, Field(ge=0)] = 0
+    compared_images: Annotated[StrictInt, Field(ge=0)] = 0
+    tolerance: Annotated[float, Field(gt=0, lt=1)] | None = None
+    max_difference: Annotated[float, Field(ge=0)] | None = None  # |int8 - float32| / threshold
+    swapped_pairs: Annotated[StrictInt, Field(ge=0)] | None = None
+    flipped_verdicts: Annotated[StrictInt, Field(ge=0)] | None = None
+    max_auroc_drop: Rate | None = None
+    auroc_float32: Rate | None = None
+    auroc_int8: Rate | None = None
+    p50_ms_float32: Annotated[float, Field(ge=0)] | None = None  # the graph alone, build machine
+    p50_ms_int8: Annotated[float, Field(ge=0)] | None = None
+    speedup: Annotated[float, Field(gt=0)] | None = None  # median of rounds, float32 / int8 p50
+    reason: Text
+    inherited_from: Count | None = None  # an update keeps the earlier version's backbone
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.backbone == "int8" and self.requested == "none":
+            raise ValueError("an int8 backbone needs --quantization int8 or auto")
+        return self
+
+
 class Anomaly(_Strict):
     """What an anomaly-detection bundle needs beside its model: PatchCore over a backbone's
     mid-level features. The model takes `preprocessing` (top level) at `input_size` and
@@ -408,6 +439,7 @@ class Anomaly(_Strict):
     # The held-out good images' patch features (float16 .npy), for `build-anomaly --update`.
     calibration_features: RelativePath | None = None
     updated_from: Count | None = None  # the version this one extended
+    quantization: AnomalyQuantization | None = None  # None: built before the option existed
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -47,7 +47,8 @@ def fit_new(
     def reference_rows(tensors: Any) -> Any:
         return scoring.patch_rows(backbone.features, tensors)[0]
 
-    rows, map_hw = scoring.patch_rows(backbone.features, batch(bank_photos))
+    bank_tensors = batch(bank_photos)
+    rows, map_hw = scoring.patch_rows(backbone.features, bank_tensors)
     candidates = rows.reshape(-1, rows.shape[-1])
     size = min(options.max_bank, max(1, math.ceil(options.coreset_ratio * len(candidates))))
     progress.step(f"greedy coreset: {size} of {len(candidates)} patches")
@@ -81,6 +82,8 @@ def fit_new(
         reference_rows=reference_rows,
         export=export,
         golden_sources=[],
+        features_graph=features_graph,
+        calibration=bank_tensors,
     )
 
 

@@ -26,6 +26,7 @@ from edge_bundle.manifest import (
     Anomaly,
     AnomalyCalibration,
     AnomalyEvaluation,
+    AnomalyQuantization,
     Golden,
     GoldenSample,
     Lineage,
@@ -33,7 +34,7 @@ from edge_bundle.manifest import (
 )
 from edge_bundle.preprocess import preprocess_bytes
 from edge_bundle.profile_host import matches_host
-from model_packager.anomaly import calibrate, gate, graph, patchcore, report, scoring
+from model_packager.anomaly import calibrate, gate, graph, int8, patchcore, report, scoring
 from model_packager.anomaly.fit import Fit
 from model_packager.anomaly.images import Photo, batch
 from model_packager.anomaly.options import AnomalyOptions
@@ -99,6 +100,11 @@ def finish(
     progress.step("parity gate: the bundle against the reference scorer")
     parity = _parity(session, scored, threshold, options.parity_tolerance)
     gate.require(parity, f"the {precision} bank's")
+    quantization, path, session = _backbone(
+        fit, options, scored, threshold, graph.stored_bank(fit.bank, precision), (path, session),
+        work, progress,
+    )  # fmt: skip
+    notes = fit.notes + ((quantization.reason,) if quantization is not None else ())
     files: dict[str, Path | SourceFile] = {"model.onnx": SourceFile(path, "model")}
     golden_record = _write_golden(
         golden, session, fit, work, files, options.parity_tolerance * threshold
@@ -130,6 +136,7 @@ def finish(
         parity_max_difference=round(parity.max_difference, 8),
         calibration_features=CALIBRATION_FEATURES,
         updated_from=fit.previous.version if fit.previous is not None else None,
+        quantization=quantization,
     )
     progress.step("benchmarking decode + preprocess + infer")
     timing = measure_pipeline(session, golden[0][1], fit.spec, samples=options.bench_samples)
@@ -161,7 +168,7 @@ def finish(
         ),
         golden=golden_record,
         anomaly=anomaly,
-        extra={"bank_precision_choice": reason, "notes": list(fit.notes)},
+        extra={"bank_precision_choice": reason, "notes": list(notes)},
     )
     seconds = time.perf_counter() - started
     page = report.render(
@@ -180,11 +187,59 @@ def finish(
             good_scores=tuple(float(v) for v in held_scores),
             defect_scores=_defect_scores(fit, shipped),
             heatmaps=_heatmaps(fit, checked, shipped, threshold),
-            notes=fit.notes,
+            notes=notes,
         )
     )
     summary = _summary(anomaly, reason, parity, timing.p50, timing.p95, seconds)
     return Contents(files, body, page, summary)
+
+
+def _backbone(
+    fit: Fit,
+    options: AnomalyOptions,
+    scored: list[_Scored],
+    threshold: float,
+    stored: Any,
+    fp32: tuple[Path, Any],
+    work: Path,
+    progress: Progress,
+) -> tuple[AnomalyQuantization | None, Path, Any]:
+    """The backbone's precision: an update keeps the earlier one's (its bank was learnt from
+    those features); a build asked for int8 or auto measures an int8 backbone against `fp32`
+    (the float32 graph that passed the parity gate) and ships it when it passes."""
+    path, session = fp32
+    if fit.previous is not None or fit.features_graph is None or fit.calibration is None:
+        earlier = fit.previous.anomaly if fit.previous is not None else None
+        if earlier is None or earlier.quantization is None:
+            return None, path, session
+        kept = earlier.quantization.inherited_from or fit.previous.version  # type: ignore[union-attr]
+        return earlier.quantization.model_copy(update={"inherited_from": kept}), path, session
+    if options.quantization == "none":
+        return int8.not_requested(), path, session
+    progress.step("int8 backbone: quantizing and measuring it against the float32 graph")
+    features = int8.quantize_features(
+        fit.features_graph, fit.calibration, work / "features-int8.onnx"
+    )
+    int8_path = graph.append_head(features, stored, work / "model-int8.onnx")
+    int8_session = make_session(int8_path, fit.profile.onnx.intra_op_threads)
+    tensors = np.concatenate([s.tensors for s in scored])
+    fp32_scores = scoring.bundle_scores(session, tensors)[0]
+    int8_scores = scoring.bundle_scores(int8_session, tensors)[0]
+    good, validation = len(fit.held_out_photos), len(scored[0].tensors) if fit.defects else 0
+    judged = int8.judge(
+        options.quantization,
+        (fp32_scores, session),
+        (int8_scores, int8_session),
+        (good, validation) if fit.defects and good else None,
+        threshold,
+        options.int8_tolerance,
+        tensors[:1],
+        min(len(fit.calibration), int8.MAX_CALIBRATION),
+        per_round=max(2, options.bench_samples // 3),
+    )
+    if judged.chosen:
+        return judged.record, int8_path, int8_session
+    return judged.record, path, session
 
 
 def _reference(fit: Fit, tensors: NDArray[np.float32]) -> _Scored:
@@ -335,6 +390,11 @@ def _summary(
         f"bank        {bank.size} x {bank.dim} {bank.precision} from {bank.patches_seen} patches "
         f"of {bank.images} images ({reason})",
         f"parity      {parity.line()}",
+        *(
+            (f"backbone    {anomaly.quantization.backbone}: {anomaly.quantization.reason}",)
+            if anomaly.quantization is not None
+            else ()
+        ),
         f"latency     p50 {p50:.2f} ms, p95 {p95:.2f} ms",
         f"time        {seconds:.1f} s",
     ]

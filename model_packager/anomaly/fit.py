@@ -40,4 +40,8 @@ class Fit:
     export: Callable[[Any, Path], Path]  # (stored bank, path) -> the one ONNX graph
     golden_sources: list[tuple[str, bytes]]  # earlier golden files kept by an update
     previous: Manifest | None = None
+    # A fresh build's float32 features graph and its calibration images (the bank's good
+    # images, preprocessed), from which an int8 backbone can be made; None in an update.
+    features_graph: Path | None = None
+    calibration: NDArray[np.float32] | None = None
     notes: tuple[str, ...] = ()

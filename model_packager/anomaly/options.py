@@ -13,6 +13,8 @@ DEFAULT_TARGET = 0.01
 DEFAULT_CORESET_RATIO = 0.1
 DEFAULT_HOLD_OUT = 0.3
 DEFAULT_PARITY_TOLERANCE = 0.005
+DEFAULT_INT8_TOLERANCE = 0.03
+QUANTIZATION_MODES = ("none", "int8", "auto")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,10 @@ class AnomalyOptions:
     hold_out: float = DEFAULT_HOLD_OUT
     bank_precision: str = "auto"  # auto (measured), float32 or float16
     parity_tolerance: float = DEFAULT_PARITY_TOLERANCE
+    # The backbone in int8 when measured safe against the float32 graph (anomaly/int8.py):
+    # none, int8 (refused when the gate fails) or auto (float32 kept when it fails).
+    quantization: str = "none"
+    int8_tolerance: float = DEFAULT_INT8_TOLERANCE
     golden_count: int = 4
     bench_samples: int = 30
     seed: int = 0
@@ -60,6 +66,10 @@ class AnomalyOptions:
             raise PackagerError("--bank-precision is auto, float32 or float16")
         if not 0 < self.parity_tolerance < 0.5:
             raise PackagerError("--parity-tolerance is a fraction of the threshold, e.g. 0.005")
+        if self.quantization not in QUANTIZATION_MODES:
+            raise PackagerError("--quantization is none, int8 or auto")
+        if not 0 < self.int8_tolerance < 0.5:
+            raise PackagerError("--int8-tolerance is a fraction of the threshold, e.g. 0.03")
         if self.masks is not None and self.defects is None:
             raise PackagerError("--masks needs --defects: masks belong to defect images")
         if self.golden_count < 1 or self.bench_samples < 1 or self.max_bank < 16:

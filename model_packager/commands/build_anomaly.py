@@ -71,6 +71,14 @@ def register(subparsers: Subparsers) -> None:
         default="auto",
         help="memory bank storage; auto: float16 when the parity gate measures it safe",
     )
+    model.add_argument(
+        "--quantization",
+        choices=("none", "int8", "auto"),
+        default="none",
+        help="the backbone in int8 (static, calibrated on the good images) when it measures "
+        "within --int8-tolerance of the float32 graph with no verdict changed and image AUROC "
+        "at most 0.01 lower: int8 refuses the build otherwise, auto keeps float32 (default none)",
+    )
     calibration = parser.add_argument_group("threshold and gates")
     calibration.add_argument(
         "--false-alarm-rate",
@@ -89,6 +97,12 @@ def register(subparsers: Subparsers) -> None:
         type=float,
         default=0.005,
         help="largest |bundle - reference| score difference, as a share of the threshold",
+    )
+    calibration.add_argument(
+        "--int8-tolerance",
+        type=float,
+        default=0.03,
+        help="largest |int8 - float32| score difference, as a share of the threshold",
     )
     calibration.add_argument("--golden-count", type=int, default=4, help="golden samples")
     calibration.add_argument("--bench-samples", type=int, default=30, help="latency samples")
@@ -124,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
         hold_out=args.hold_out,
         bank_precision=args.bank_precision,
         parity_tolerance=args.parity_tolerance,
+        quantization=args.quantization,
+        int8_tolerance=args.int8_tolerance,
         golden_count=args.golden_count,
         bench_samples=args.bench_samples,
         seed=args.seed,

@@ -174,3 +174,51 @@ def test_update_with_good_parts_under_a_new_lamp_brings_false_alarms_back(
     assert after <= anomaly.calibration.false_alarm_interval[1], f"{before:.0%} -> {after:.0%}"
     chips = [part_photo(TEST_SEED, "chip", i, lamp=NEW_LAMP) for i in range(TEST_DEFECTS)]
     assert auroc(score(lamp)[0], score(chips)[0]) >= 0.95
+
+
+def test_an_int8_backbone_is_shipped_only_when_its_measured_gate_passes(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    """`--quantization auto`: the int8 backbone is measured against the float32 graph; whichever
+    way the gate goes (the figures depend on the data, not on the CPU class: the pair-safe
+    recipe computes the same on every x86 class), the decision must follow from the recorded
+    figures and the shipped graph must be the one recorded."""
+    out = tmp_path / "out"
+    code = main(
+        [
+            "build-anomaly",
+            "--good", str(workspace["root"] / "good"),
+            "--defects", str(workspace["root"] / "defects"),
+            "--name", "quantized",
+            "--profile", PROFILE,
+            "--key", str(workspace["key"]),
+            "--out", str(out),
+            "--input-size", "128",
+            "--quantization", "auto",
+            "--bench-samples", "3",
+            "--quiet",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    bundle = _open(out / "quantized-1.bundle", workspace["pub"], tmp_path / "q")
+    anomaly = bundle.manifest.anomaly
+    assert anomaly is not None and anomaly.quantization is not None
+    record = anomaly.quantization
+    assert record.requested == "auto" and record.recipe and record.compared_images >= 14
+    assert record.auroc_float32 is not None and record.auroc_int8 is not None
+    assert record.max_difference is not None and record.tolerance is not None
+    assert record.p50_ms_float32 and record.p50_ms_int8 and record.speedup
+    passed = (
+        record.max_difference <= record.tolerance
+        and record.swapped_pairs == 0
+        and record.flipped_verdicts == 0
+        and record.auroc_float32 - record.auroc_int8 <= 0.01
+    )
+    assert (record.backbone == "int8") == passed, record.reason
+    assert ("passed the gate" in record.reason) == passed
+    assert (f"{record.auroc_int8:.4f}") in record.reason
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(bundle.path("model.onnx"))).graph.node}
+    assert ("QuantizeLinear" in ops) == passed
+    assert record.reason in bundle.manifest.extra["notes"]

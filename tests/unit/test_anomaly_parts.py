@@ -133,3 +133,14 @@ def test_the_parity_gate_counts_order_and_verdicts() -> None:
     assert swapped.swapped_pairs == 1 and not swapped.passed
     flipped = gate.compare(reference, np.array([10.0, 20.0, 30.0, 39.0]), 40.0, 0.01)
     assert flipped.flipped_verdicts == 1 and not flipped.passed
+
+
+def test_the_int8_record_needs_int8_asked_for() -> None:
+    from pydantic import ValidationError
+
+    from edge_bundle.manifest import AnomalyQuantization
+    from model_packager.anomaly import int8
+
+    assert int8.not_requested().backbone == "float32"
+    with pytest.raises(ValidationError, match="needs --quantization int8 or auto"):
+        AnomalyQuantization(backbone="int8", requested="none", reason="x")
