@@ -39,7 +39,7 @@ def load_calibration(
     directory: Path, spec: PreprocessSpec, *, limit: int | None = None
 ) -> list[ImageSample]:
     """Every image under `directory` (sorted, recursive), preprocessed with `spec`."""
-    files = _image_files(directory, "calibration")
+    files = image_files(directory, "calibration")
     if limit is not None:
         files = files[:limit]
     return [_sample(path, spec) for path in files]
@@ -70,7 +70,7 @@ def load_labelled(
     samples = []
     for folder in folders:
         index = labels.index(folder.name)
-        samples += [_sample(path, spec, index) for path in _image_files(folder, "evaluation")]
+        samples += [_sample(path, spec, index) for path in image_files(folder, "evaluation")]
     return samples
 
 
@@ -86,7 +86,9 @@ def labels_of(samples: Sequence[ImageSample]) -> NDArray[np.int64] | None:
     return np.array([sample.label for sample in samples], dtype=np.int64)
 
 
-def _image_files(directory: Path, what: str) -> list[Path]:
+def image_files(directory: Path, what: str) -> list[Path]:
+    """The image files under `directory` (hidden ones left out), sorted; `CalibrationError` when
+    the folder is missing, empty or holds over `MAX_IMAGES` files."""
     if not directory.is_dir():
         raise CalibrationError(f"{what} folder {directory} does not exist")
     files = sorted(

@@ -22,13 +22,13 @@ from numpy.typing import NDArray
 from edge_bundle.errors import ImageError
 from edge_bundle.imaging import decode_image
 from edge_bundle.preprocess import PreprocessSpec, preprocess
+from model_packager.datasets import image_files
 from model_packager.errors import CalibrationError
 
 #: Good images needed: MIN_BANK for the memory bank plus MIN_HELD_OUT held out for the threshold.
 MIN_BANK = 8
 MIN_HELD_OUT = 4
 MIN_GOOD = MIN_BANK + MIN_HELD_OUT
-MAX_IMAGES = 5000
 MASK_SUFFIXES = (".png", ".bmp")
 
 
@@ -46,7 +46,7 @@ class Photo:
 
 def load_good(directory: Path, spec: PreprocessSpec, *, minimum: int = MIN_GOOD) -> list[Photo]:
     """Every image under `directory` (sorted, recursive); at least `minimum` of them."""
-    files = _image_files(directory, "good")
+    files = image_files(directory, "good")
     if len(files) < minimum:
         raise CalibrationError(
             f"good folder {directory} holds {len(files)} images; an anomaly bundle needs at "
@@ -69,7 +69,7 @@ def load_defects(directory: Path, spec: PreprocessSpec, masks: Path | None = Non
         )
     photos = []
     for folder in folders:
-        for path in _image_files(folder, "defect"):
+        for path in image_files(folder, "defect"):
             mask = _mask(masks / folder.name, path) if masks is not None else None
             photos.append(_photo(path, spec, folder.name, mask))
     return photos
@@ -96,24 +96,6 @@ def check_one_size(photos: list[Photo], expected: tuple[int, int] | None = None)
 
 def batch(photos: list[Photo]) -> NDArray[np.float32]:
     return np.concatenate([photo.tensor for photo in photos]).astype(np.float32)
-
-
-def _image_files(directory: Path, what: str) -> list[Path]:
-    if not directory.is_dir():
-        raise CalibrationError(f"{what} folder {directory} does not exist")
-    files = sorted(
-        path
-        for path in directory.rglob("*")
-        if path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(directory).parts)
-    )
-    if not files:
-        raise CalibrationError(
-            f"{what} folder {directory} holds no images; add JPEG/PNG/WebP/BMP photos of parts"
-        )
-    if len(files) > MAX_IMAGES:
-        raise CalibrationError(f"{what} folder {directory} holds over {MAX_IMAGES} files")
-    return files
 
 
 def _photo(
