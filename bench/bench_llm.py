@@ -1,7 +1,7 @@
 """Language-model benchmark, one run: generation through the agent vs llama-cpp-python called
 directly, and the classifier's latency while an explanation streams.
 
-    python -m bench.bench_llm [--rounds 8] [--tokens 64] [--classify 60]
+    python -m bench.bench_llm [--rounds 16] [--tokens 64] [--classify 60]
 
 - generation: the real small GGUF on PyPI (Gemma 3 270M, Q4_K_M), 2 threads (the generic
   profile), greedy, the same prompt: tokens/s and time to first token through the agent (HTTP
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--classify", type=int, default=60)
     args = parser.parse_args(argv)
