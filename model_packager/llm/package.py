@@ -43,7 +43,6 @@ from model_packager.llm.template import PinnedTemplate, choose_template
 from model_packager.llm.vision import (
     check_labels,
     check_pair,
-    convert_projector,
     golden_photos,
     kv_cache_mb,
     vision_outcome,
@@ -168,7 +167,7 @@ def prepare_reference(
     projector = None
     if source.vision:
         progress.step("converting the vision tower to a projector (mmproj, f16)")
-        projector = convert_projector(model_dir, work / "mmproj-f16.gguf")
+        projector = convert_to_gguf(model_dir, work / "mmproj-f16.gguf", projector=True)
     if source.adapter is not None:
         shutil.rmtree(model_dir, ignore_errors=True)  # the GGUFs hold it now; free the disk
     return reference, projector

