@@ -123,6 +123,8 @@ class Texts:
                 f"{max_tokens} that is over the model's context of {context}; shorten the "
                 "prompt, send fewer photos or ask for fewer tokens"
             )
+        if ask.json_schema is not None:
+            generator.session.check_json_schema(ask.json_schema)
         self.generation.admit()
         request = TextRequest(
             prompt,

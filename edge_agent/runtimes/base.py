@@ -68,6 +68,10 @@ class TextSession(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
+    def check_json_schema(self, schema: str) -> None:
+        """Raise `BadRequestError` when decoding cannot be constrained to `schema` (JSON text)."""
+        ...
+
     def stream(
         self,
         request: TextRequest,

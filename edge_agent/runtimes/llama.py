@@ -71,6 +71,9 @@ class LlamaSession:
     def count_tokens(self, text: str) -> int:
         return len(self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=True))
 
+    def check_json_schema(self, schema: str) -> None:
+        _grammar(schema)  # built (and cached) now, so a bad schema is refused before answering
+
     def _evaluate(self, request: TextRequest) -> tuple[str | list[int], int]:
         """The prompt `create_completion` continues from, and how many positions it takes."""
         if not request.images:

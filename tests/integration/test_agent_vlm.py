@@ -462,3 +462,20 @@ def test_chat_can_ask_for_json_of_a_schema(agent_url: str) -> None:
         timeout=120,
     )
     assert json.loads(answer_of(response))["defect"] in ("scratch", "dent")
+
+
+def test_a_schema_that_cannot_be_a_grammar_is_refused_before_any_answer(agent_url: str) -> None:
+    for stream in (False, True):
+        response = httpx.post(
+            f"{agent_url}/v1/chat/completions",
+            json={
+                "model": "sorter",
+                "messages": [{"role": "user", "content": QUESTION}],
+                "stream": stream,
+                "max_tokens": 16,
+                "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}},
+            },
+            timeout=60,
+        )  # fmt: skip
+        assert response.status_code == 400, response.text
+        assert "cannot be turned into a grammar" in response.json()["error"]["message"]

@@ -85,6 +85,9 @@ class FakeTextSession:
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
+    def check_json_schema(self, schema: str) -> None:
+        return None
+
     def stream(
         self,
         request: TextRequest,
