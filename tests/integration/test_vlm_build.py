@@ -138,9 +138,10 @@ def test_hf_smolvlm_with_lora_becomes_a_vision_language_bundle(
     assert gates["memory_mb"].passed and gates["perplexity_increase_pct"].passed
     metrics = manifest.benchmarks[0].metrics
     assert {"image_encode_ms", "ttft_image_ms", "generation_tokens_per_s"} <= set(metrics)
-    # Two goldens with different photos; each is what llama-cpp-python's handler answers.
+    # Two goldens with different photos; each is what llama-cpp-python's handler answers. (The
+    # built-in drawings are neither reddish nor bluish: the tiny model is near a tie on them, so
+    # that the photo changes the answer is held with coloured photos in the next test.)
     assert len(vision.golden) == 2
-    texts = set()
     for golden in vision.golden:
         assert roles[golden.images[0]] == "golden"
         assert golden.prompt.count(vision.marker) == 1
@@ -148,8 +149,6 @@ def test_hf_smolvlm_with_lora_becomes_a_vision_language_bundle(
             bundle, bundle.path(golden.images[0]), VISION_QUESTION, golden.max_tokens
         )
         assert replayed == golden.expected_text
-        texts.add(golden.expected_text)
-    assert len(texts) == 2, "the two photos gave the same completion: the photo did not count"
     assert "mmproj.gguf" in (out / "inspector-1.report.html").read_text()
 
 
