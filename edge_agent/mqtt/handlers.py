@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -143,20 +142,19 @@ class MqttHandlers:
         """A message's dedupe key: correlation data or request id, else the packet itself."""
         if self.routes.is_notice(message.topic):
             return None  # notices are idempotent by their sequence
-        digest = hashlib.sha256(message.payload).hexdigest()[:32]
         scope = message.response_topic or message.topic
         if message.correlation_data is not None:
-            return Identity(f"cd|{scope}|{message.correlation_data.hex()}", digest, always=True)
+            return Identity(f"cd|{scope}|{message.correlation_data.hex()}", always=True)
         request_id = (
             peek_request_id(message.payload)
             if message.topic != self.routes.feedback_submit
             else None  # a feedback's request_id names the prediction it is about
         )
         if request_id is not None:
-            return Identity(f"id|{scope}|{request_id}", digest, always=True)
+            return Identity(f"id|{scope}|{request_id}", always=True)
         # A redelivery (DUP) keeps its packet identifier; identical photos sent as two messages
-        # have two, so they stay two events.
-        return Identity(f"pkt|{message.topic}|{message.mid}|{digest}", digest, always=False)
+        # have two, and the service adds the payload's digest to the key.
+        return Identity(f"pkt|{message.topic}|{message.mid}", always=False)
 
     def refuse(self, message: Inbound, error: AgentError) -> list[Outgoing]:
         """The error reply `message` would get for `error`, without processing it."""

@@ -11,6 +11,8 @@ the `on_message` callback, which must only hand them on.
 - Reconnects back off exponentially with full jitter; every connect resubscribes and republishes
   the retained "online" status; the last will publishes "offline".
 - TCP_NODELAY is set on the socket: with Nagle's algorithm a QoS 1 round trip took 88 ms here.
+- Incoming PUBLISH packets are decoded by `wire.PublishClient`, which copies a payload once
+  where paho copies it about twenty times (9 ms of a 3.8 MB photo's receive).
 - Incoming QoS 1 messages are acknowledged by the application (`ack`) once their result is in the
   outbox, so a crash before that makes the broker deliver them again. MQTT 5's Receive Maximum
   tells the broker how many may be unacknowledged at once (the service's workers plus its
@@ -44,6 +46,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_agent.mqtt.outbox import Outbox, OutboxError, OutboxMessage
 from edge_agent.mqtt.topics import Topic, TopicFilter
+from edge_agent.mqtt.wire import PublishClient
 from edge_agent.settings import AgentSettings
 
 log = logging.getLogger(__name__)
@@ -185,7 +188,7 @@ class MqttLink:
         settings = self.settings
         self.generation += 1
         generation = self.generation
-        client = paho.Client(
+        client = PublishClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
