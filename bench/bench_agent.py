@@ -547,7 +547,16 @@ def decode_phase(
             raise RuntimeError("OpenCV could not decode the benchmark JPEG")
         return cv2.resize(image, (side, side))
 
-    cases = {"agent_reduced_decode_preprocess": agent, "naive_full_imdecode_resize": naive}
+    def entropy_floor() -> object:
+        # The least work any decode of this file can do on one core: libjpeg still reads every
+        # Huffman-coded coefficient at 1/8 scale; no colour conversion, no resize.
+        return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8)
+
+    cases = {
+        "agent_reduced_decode_preprocess": agent,
+        "naive_full_imdecode_resize": naive,
+        "entropy_decode_floor": entropy_floor,
+    }
     return interleaved(cases, rounds=args.rounds, per_round=args.per_round, warmup=args.warmup)
 
 
@@ -651,6 +660,10 @@ def summarize_decode(samples: dict[str, list[list[float]]]) -> dict[str, Any]:
         "agent_reduced_decode_preprocess": summarize_ms(flatten(agent)),
         "naive_full_imdecode_resize": summarize_ms(flatten(naive)),
         "speedup_p50": round_ratios(naive, agent, 50),
+        # The decode's entropy (Huffman) stage alone, and the speed-up no single-core decode of
+        # this file can pass: what the >= 3x target is up against.
+        "entropy_decode_floor": summarize_ms(flatten(samples["entropy_decode_floor"])),
+        "naive_over_entropy_floor_p50": round_ratios(naive, samples["entropy_decode_floor"], 50),
     }
 
 
@@ -720,6 +733,7 @@ def verdict(
         "3_server_timing_p95_ms": server_p95,
         "3_met": server_p95 <= TARGETS["server_timing_p95_ms_max"],
         "4_decode_speedup_p50": decode_speedup,
+        "4_ceiling": decode["naive_over_entropy_floor_p50"]["median_of_rounds"],
         "4_met": decode_speedup >= TARGETS["decode_speedup_min"],
         "5_two_concurrent_p95_over_single_p50": two_ratio,
         "5_met": two_ratio <= TARGETS["two_concurrent_p95_over_single_p50_max"],
@@ -768,7 +782,7 @@ def print_report(
     rows = [
         [name, f"{entry['p50_ms']:.2f}/{entry['p95_ms']:.2f}"]
         for name, entry in decode.items()
-        if name != "speedup_p50"
+        if "p50_ms" in entry
     ]
     print(format_table(["decode + resize", "p50/p95 ms"], rows))
     print()
@@ -801,7 +815,8 @@ def print_report(
         f"(<= 1.10; multipart {outcome['1_http_multipart_over_in_process_p50']:.3f})",
         "2": f"naive p50 / http raw p50 = {outcome['2_naive_over_http_raw_p50']:.3f} (> 1)",
         "3": f"server-side p95 = {outcome['3_server_timing_p95_ms']:.1f} ms (<= 100)",
-        "4": f"decode+resize speed-up = {outcome['4_decode_speedup_p50']:.2f}x (>= 3)",
+        "4": f"decode+resize speed-up = {outcome['4_decode_speedup_p50']:.2f}x (>= 3; "
+        f"single-core ceiling, naive / entropy decode alone = {outcome['4_ceiling']:.2f}x)",
         "5": f"2 concurrent p95 / single p50 = {outcome['5_two_concurrent_p95_over_single_p50']:.3f}"
         " (<= 2.2)",
         "6": "http / in-process throughput = "
