@@ -31,7 +31,7 @@ from edge_agent.mqtt.link import Inbound
 from edge_agent.mqtt.messages import to_json
 from edge_agent.mqtt.outbox import Answered, Draft, OutboxDiskFullError, PutResult
 from edge_agent.mqtt.routes import Routes
-from edge_agent.mqtt.service import BROKER_SLACK, MqttService
+from edge_agent.mqtt.service import BROKER_SLACK, DIGEST_INLINE_BYTES, MqttService
 from edge_agent.settings import AgentSettings, EventMapping
 from tests.unit.agent_fixtures import agent_settings, clean_environment
 from tests.unit.device_fakes import FakeLink, FakeLinks, outbox_rows, wait_until
@@ -97,11 +97,19 @@ def bodies(service: MqttService) -> list[dict[str, Any]]:
     return [json.loads(payload) for _, _, payload, _ in outbox_rows(service.outbox)]
 
 
-def request(image: bytes = b"hello", request_id: str | None = None) -> bytes:
+def request(image: bytes = b"hello", request_id: str | None = None, note: str = "") -> bytes:
     document: dict[str, Any] = {"image": "aGVsbG8=" if image == b"hello" else "d29ybGQ="}
     if request_id is not None:
         document["request_id"] = request_id
+    if note:
+        document["note"] = note
     return to_json(document)
+
+
+#: Small payloads are digested on the event loop, large ones in a thread: both paths.
+PADDING = pytest.mark.parametrize(
+    "padding", [0, DIGEST_INLINE_BYTES + 1], ids=["small payload", "large payload"]
+)
 
 
 def test_a_backlog_waits_for_its_model_and_gets_results(settings: AgentSettings) -> None:
@@ -282,13 +290,17 @@ def test_a_copy_arriving_while_the_first_is_processed_waits_for_its_answer(
     asyncio.run(scenario())
 
 
-def test_a_reused_id_with_another_payload_is_refused(settings: AgentSettings) -> None:
+@PADDING
+def test_a_reused_id_with_another_payload_is_refused(settings: AgentSettings, padding: int) -> None:
     async def scenario() -> None:
         device = SlowDevice()
         device.ready.set()
         service, link, _ = await started(settings, device)
-        link.deliver(REQUEST, request(request_id="same"), response_topic="replies/a")
-        link.deliver(REQUEST, request(b"world", request_id="same"), response_topic="replies/a")
+        pad = "x" * padding
+        link.deliver(REQUEST, request(request_id="same", note=pad), response_topic="replies/a")
+        link.deliver(
+            REQUEST, request(b"world", request_id="same", note=pad), response_topic="replies/a"
+        )
         await wait_until(lambda: len(link.acked) == 2, "both answered")
         first, second = bodies(service)
         assert first["label"] == "scratch"
@@ -301,13 +313,17 @@ def test_a_reused_id_with_another_payload_is_refused(settings: AgentSettings) ->
     asyncio.run(scenario())
 
 
-def test_two_identical_photos_as_two_events_are_two_events(settings: AgentSettings) -> None:
+@PADDING
+def test_two_identical_photos_as_two_events_are_two_events(
+    settings: AgentSettings, padding: int
+) -> None:
     async def scenario() -> None:
         device = SlowDevice()
         device.ready.set()
         service, link, _ = await started(settings, device)
-        first = link.deliver(EVENTS, b"\xff\xd8same photo")
-        second = link.deliver(EVENTS, b"\xff\xd8same photo")
+        photo = b"\xff\xd8same photo" + bytes(padding)
+        first = link.deliver(EVENTS, photo)
+        second = link.deliver(EVENTS, photo)
         await wait_until(lambda: len(link.acked) == 2, "both answered")
         results = bodies(service)
         assert len(results) == 2 and results[0]["message_id"] != results[1]["message_id"]
