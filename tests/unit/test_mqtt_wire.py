@@ -134,7 +134,7 @@ def test_an_empty_topic_is_refused_in_mqtt_3() -> None:
 
 def test_a_photo_is_decoded_many_times_faster_than_by_paho() -> None:
     """The payload is copied once: against paho's decoder on the same 4 MB packet, in one run
-    (a ratio, so it holds on any machine; measured about 90x here)."""
+    (a ratio, so it holds on any machine; about 55x on an AMD EPYC Zen 4)."""
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     props.ResponseTopic, props.CorrelationData = "plant/replies/1", b"42"
     props.ContentType, props.UserProperty = "image/jpeg", [("station", "3")]
