@@ -30,6 +30,12 @@ The row being put is never dropped (a message larger than `max_bytes` on its own
 `OutboxFullError`), and every drop is counted per kind in `depth()["dropped"]` for telemetry and
 metrics. Totals are kept in memory (loaded at open) so `put()` never scans the table.
 
+Recent messages. What was stored lately is also kept in memory (`RECENT_MAX_MESSAGES`,
+`RECENT_MAX_BYTES`), in row order, until the broker acknowledges it: while the owner thread keeps
+up, `pending()` is answered from there, without a query, which is how a reply goes straight from
+its commit to the wire. Older rows (after a reconnect, or a backlog larger than the bound) are
+read from the file as before.
+
 Threads. One connection (check_same_thread=False) behind one lock: SQLite admits one writer at a
 time anyway, so per-thread connections would only add busy retries, and the eviction choice, the
 insert and the in-memory totals must change together in one critical section.
@@ -108,6 +114,9 @@ _SELECT_PENDING = (
     " FROM outbox WHERE row_id > ? ORDER BY row_id LIMIT ?"
 )
 _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+#: Stored messages also kept in memory for `pending()` (see "Recent messages").
+RECENT_MAX_MESSAGES = 256
+RECENT_MAX_BYTES = 8 * 1024 * 1024
 # After a checkpoint SQLite truncates the WAL to this size, so a burst does not leave a big file.
 _WAL_SIZE_LIMIT = 4 * 1024 * 1024
 
@@ -215,6 +224,10 @@ class Outbox:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._conn: sqlite3.Connection | None = _open_checked(path, synchronous)
         self._answered_keys: set[str] = set()
+        # Every row stored with a row id above `_recent_after` is in `_recent` unless deleted.
+        self._recent: dict[int, OutboxMessage] = {}
+        self._recent_bytes = 0
+        self._recent_after = 0
         try:
             with self._errors("load the outbox totals"):
                 self._answered_keys = {
@@ -225,6 +238,10 @@ class Outbox:
                 ):
                     self._count[_as_kind(kind)] = count
                     self._bytes[_as_kind(kind)] = size
+                row = self._conn.execute(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"
+                ).fetchone()
+                self._recent_after = int(row[0]) if row is not None else 0
         except BaseException:
             self.close()  # release the file lock for whoever fixes the problem
             raise
@@ -338,9 +355,15 @@ class Outbox:
                     self._dropped[victim_kind] += 1
                     dropped[victim_kind] = dropped.get(victim_kind, 0) + 1
                     all_dropped[victim_kind] = all_dropped.get(victim_kind, 0) + 1
-                results.append(PutResult(replace(message, row_id=row_id), dropped))
+                stored = replace(message, row_id=row_id)
+                results.append(PutResult(stored, dropped))
+                for victim_row, _kind, _size in victims:
+                    self._forget(victim_row)
+                self._recent[row_id] = stored
+                self._recent_bytes += stored.size
             self._count = count
             self._bytes = sizes
+            self._bound_recent()
         if all_dropped:
             log.warning("outbox full: dropped %s to store new messages", all_dropped)
         return results
@@ -408,7 +431,16 @@ class Outbox:
         if limit < 1:
             raise ValueError(f"pending() limit must be at least 1, not {limit}")
         with self._lock, self._errors("read pending messages"):
-            rows = self._live().execute(_SELECT_PENDING, (after_row_id, limit)).fetchall()
+            conn = self._live()
+            if after_row_id >= self._recent_after:  # all of them are in memory
+                found = []
+                for row_id, message in self._recent.items():
+                    if row_id > after_row_id:
+                        found.append(message)
+                        if len(found) == limit:
+                            break
+                return found
+            rows = conn.execute(_SELECT_PENDING, (after_row_id, limit)).fetchall()
         return [_message(row) for row in rows]
 
     def ack(self, row_id: int) -> None:
@@ -430,6 +462,7 @@ class Outbox:
                 conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             self._count[_as_kind(row[0])] -= 1
             self._bytes[_as_kind(row[0])] -= row[1]
+            self._forget(row_id)
 
     def depth(self) -> dict[str, Any]:
         """What is waiting, and what was dropped since this outbox was opened."""
@@ -490,6 +523,22 @@ class Outbox:
                     break
             cursor.close()
         return victims
+
+    def _forget(self, row_id: int) -> None:
+        """A deleted row leaves the in-memory recent messages (under the lock)."""
+        message = self._recent.pop(row_id, None)
+        if message is not None:
+            self._recent_bytes -= message.size
+
+    def _bound_recent(self) -> None:
+        """Keep the recent messages within their bounds: the oldest go back to being read from
+        the file (under the lock)."""
+        while self._recent and (
+            len(self._recent) > RECENT_MAX_MESSAGES or self._recent_bytes > RECENT_MAX_BYTES
+        ):
+            row_id = next(iter(self._recent))
+            self._forget(row_id)
+            self._recent_after = row_id
 
     def _live(self) -> sqlite3.Connection:
         if self._conn is None:

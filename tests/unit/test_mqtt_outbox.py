@@ -272,3 +272,44 @@ def test_concurrent_puts_from_four_threads_keep_every_row_exactly_once(outbox: O
         mine = [i for i in ids if i.startswith(f"{t}-")]
         assert mine == [f"{t}-{i}" for i in range(per_thread)]
     assert outbox.depth()["messages"] == 4 * per_thread
+
+
+@pytest.mark.parametrize("recent_max", [1, 3, 256])
+def test_pending_from_memory_is_what_the_file_holds(
+    path: Path, monkeypatch: pytest.MonkeyPatch, recent_max: int
+) -> None:
+    """Recent messages are served from memory; whatever the mix of puts, drops, acks, reopening
+    and cursors, `pending()` returns exactly the rows the file holds, in order."""
+    import random
+
+    from edge_agent.mqtt import outbox as module
+
+    monkeypatch.setattr(module, "RECENT_MAX_MESSAGES", recent_max)
+    rng = random.Random(7)
+    kinds: list[Kind] = ["reply", "result", "telemetry", "feedback"]
+    box = Outbox(path, max_bytes=4000, max_messages=12)
+    try:
+        for step in range(400):
+            action = rng.random()
+            if action < 0.5:
+                kind = rng.choice(kinds)
+                box.put("t/x", bytes(rng.randrange(10, 600)), kind=kind, fsync=False)
+            elif action < 0.75:
+                rows = box.pending(limit=50)
+                if rows:
+                    box.ack(rng.choice(rows).row_id)
+            elif action < 0.78:
+                box.close()
+                box = Outbox(path, max_bytes=4000, max_messages=12)
+            stored = [
+                row[0] for row in box._live().execute("SELECT row_id FROM outbox ORDER BY row_id")
+            ]
+            for after in {0, *stored[:1], *stored[-2:], *(r - 1 for r in stored[-2:])}:
+                limit = rng.randrange(1, 6)
+                expected = [
+                    module._message(row)
+                    for row in box._live().execute(module._SELECT_PENDING, (after, limit))
+                ]
+                assert box.pending(after_row_id=after, limit=limit) == expected, (step, after)
+    finally:
+        box.close()
