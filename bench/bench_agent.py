@@ -15,7 +15,9 @@ bytes for every case. Cases, warmed up and then timed in rotating rounds:
   c  bench/naive_app.py under uvicorn (UploadFile -> cv2.imdecode -> cv2.resize -> default
      InferenceSession on the fp32 model), multipart, same client.
 
-Then, in process: the agent's reduced decode + preprocess vs a full cv2.imdecode + cv2.resize;
+Then, in process: the agent's reduced decode + preprocess vs a full cv2.imdecode + cv2.resize,
+and the decode's entropy stage alone (a 1/8 greyscale decode: the single-core ceiling of that
+speed-up);
 throughput of the agent over HTTP vs InferenceCore.predict in process at several concurrencies;
 latency under two concurrent requests; and int8 throughput at batch 1 vs 2/4 (micro-batching).
 Finally the agent's RSS and peak RSS. Request records are off on both sides (the in-process core
