@@ -377,6 +377,13 @@ class AgentSettings(BaseSettings):
         ge=0,
         description="longest pause between two tokens while classifications are in flight",
     )
+    generation_nice: int = Field(
+        default=19,
+        ge=0,
+        le=19,
+        description="nice value added to the llm thread and llama.cpp's threads it starts, so "
+        "that a classification arriving mid-token takes the CPU from them (0: same priority)",
+    )
     max_generation_tokens: int = Field(default=512, ge=1, description="cap on max_tokens")
     explanation_max_tokens: int = Field(default=96, ge=1, le=1024)
     explanation_timeout_s: float = Field(

@@ -38,6 +38,7 @@ from edge_agent.engine.generator import GENERATIVE_TASKS
 from edge_agent.engine.reference_check import ReferenceReport
 from edge_agent.engine.reference_check import status as reference_status
 from edge_agent.engine.selftest import SelfTestReport, run_selftest
+from edge_agent.engine.threads import on_own_thread
 from edge_agent.engine.types import GeneratorState, ModelState
 from edge_agent.errors import AgentError, UnknownModelError
 from edge_agent.metrics import AgentMetrics
@@ -187,13 +188,16 @@ class Models:
         """Verify, load, self-test and activate a bundle; the old one serves until the swap."""
         async with self._lock:
             try:
-                candidate = await asyncio.to_thread(
-                    stage_and_prepare,
-                    self.store,
-                    bundle_file,
-                    self.profile,
-                    self.settings.cache_dir,
-                    self.settings.memory_budget_mb,
+                candidate = await on_own_thread(
+                    functools.partial(
+                        stage_and_prepare,
+                        self.store,
+                        bundle_file,
+                        self.profile,
+                        self.settings.cache_dir,
+                        self.settings.memory_budget_mb,
+                    ),
+                    nice=self.settings.inference_nice,
                 )
             except (AgentError, OSError) as exc:
                 self.metrics.installs.labels("rejected").inc()
@@ -327,7 +331,10 @@ class Models:
             if version is None or self.serving_version(name) == version:
                 continue
             try:
-                candidate = await asyncio.to_thread(self._prepare_installed, name, version)
+                candidate = await on_own_thread(
+                    functools.partial(self._prepare_installed, name, version),
+                    nice=self.settings.inference_nice,
+                )
             except AgentError as exc:
                 log.error("cannot serve %s@%s: %s", name, version, exc.message)
                 self._failed(name, version, exc.message)

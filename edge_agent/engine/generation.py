@@ -8,6 +8,12 @@ tokens the generator pauses while classifications are in flight (for at most
 `generation_pause_ms` per token), so on a 2-core box the fast answer keeps its budget and the
 explanation simply streams a little later.
 
+The llm thread runs `generation_nice` steps below the event loop (its OpenMP workers inherit
+that), under the decode and inference threads (`inference_nice`): a classification that arrives
+while a token is being computed takes the CPU at once instead of waiting for the pause between
+tokens. Without contention the nice value changes nothing. Nothing else keeps a thread that has
+run llama.cpp (`engine.threads`).
+
 Chunks cross from the llm thread to the event loop through a `_Handoff`: the thread wakes the
 loop once per batch, not once per token, and whatever arrived by the time the loop runs is
 merged into one chunk. When the loop keeps up, that is one token per chunk as before; when it
@@ -25,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from edge_agent.engine.generator import Generator
-from edge_agent.engine.lane import InferenceLane
+from edge_agent.engine.lane import InferenceLane, lower_priority
 from edge_agent.engine.types import GeneratorState
 from edge_agent.errors import NotReadyError, OverloadedError, UnknownModelError
 from edge_agent.runtimes.base import TextChunk, TextRequest
@@ -88,7 +94,10 @@ class GenerationService:
         self.lane = lane
         self.models: dict[str, GeneratorState] = {}
         self.in_flight = 0
-        self._pool = ThreadPoolExecutor(1, "llm")
+        # llama.cpp's OpenMP workers are started by this thread and inherit its priority.
+        self._pool = ThreadPoolExecutor(
+            1, "llm", initializer=lower_priority(settings.generation_nice)
+        )
 
     def set_model(self, name: str, state: GeneratorState) -> None:
         previous = self.models.get(name)
