@@ -15,6 +15,18 @@ Cases:
   HTTP p50);
 - events: camera events offered at rising rates to an event mapping; the highest rate answered
   completely with nothing shed is the sustained rate.
+
+Floors: the same requests to a bare peer (`bench.bare_peer`, its own process: the agent's MQTT
+receiving client and a bare uvicorn app, answering without any work), interleaved with the cases
+above, and the outbox commit of one reply alone (`Outbox.put_many` of a reply as the agent
+sends it, with its dedupe identity, on the same disk). The echo crosses the broker twice, a
+request and its reply four times, so:
+- small round trip floor = bare request/reply + the agent's pipeline (its inference, from the
+  replies) + the reply's commit, over the broker echo: what any responder doing that inference
+  pays when no answer may be lost (also reported without the commit);
+- photo floor = (HTTP to the agent - HTTP to the bare peer + MQTT to the bare peer) / HTTP to the
+  agent: the agent's HTTP answer with only the transport changed to MQTT (the broker takes the
+  whole 3.8 MB before it forwards a byte; HTTP reads it while it is sent).
 Writes bench/results/mqtt.json.
 """
 
@@ -22,13 +34,16 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +65,8 @@ from bench.common import (
     summarize_ms,
     write_json,
 )
-from tests.agent_support import build_bundle, make_keys, run_agent
+from edge_agent.mqtt.outbox import Answered, Draft, Outbox
+from tests.agent_support import build_bundle, free_port, make_keys, run_agent
 from tests.mqtt_support import Broker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +148,26 @@ def small_jpeg() -> bytes:
     ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 60])
     assert ok and len(data) <= 1024, len(data)
     return data.tobytes()
+
+
+@contextlib.contextmanager
+def bare_peer(broker_port: int) -> Iterator[str]:
+    """`bench.bare_peer` in its own process; yields its HTTP URL once it answers."""
+    http_port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.bare_peer", str(broker_port), str(http_port)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == b"ready"
+        yield f"http://127.0.0.1:{http_port}"
+    finally:
+        assert process.stdin is not None
+        process.stdin.close()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def install(state: Path, bundle: Path, key: Path) -> None:
@@ -249,8 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 state, "--trusted-key", str(keys.public), "--trusted-key", str(DEMO_KEY), env=env
             ) as agent:
                 agent.wait_ready(120)
-                time.sleep(1.0)
-                result = measure(agent.url, broker.port, args)
+                with bare_peer(broker.port) as bare_url:
+                    time.sleep(1.0)
+                    result = measure(
+                        agent.url, bare_url, work / "bench-outbox.db", broker.port, args
+                    )
         finally:
             broker.stop()
     path = write_json("mqtt", result)
@@ -258,10 +297,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def measure(url: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
+def measure(
+    url: str, bare_url: str, outbox_path: Path, port: int, args: argparse.Namespace
+) -> dict[str, Any]:
     requester = Requester(port, "bench/replies/1")
     small, photo = small_jpeg(), phone_photo()
     http = httpx.Client(base_url=url, timeout=60)
+    bare_http = httpx.Client(base_url=bare_url, timeout=60)
     pipelines: list[float] = []
 
     def over_http() -> None:
@@ -273,15 +315,34 @@ def measure(url: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
     def over_mqtt() -> None:
         assert b'"label"' in requester.request(f"{BASE}/infer/defects", photo)
 
+    def bare_over_http() -> None:
+        response = bare_http.post("/", content=photo, headers={"Content-Type": "image/jpeg"})
+        assert response.status_code == 200, response.text
+
+    reply = requester.request(f"{BASE}/infer/tiny", small)
+    outbox = Outbox(outbox_path, max_bytes=1 << 30, max_messages=1_000_000)
+
+    def commit_reply() -> None:
+        key = uuid.uuid4().hex
+        draft = Draft("bench/replies/1", reply, "reply", key, {"CorrelationData": key})
+        outbox.put_many([draft], answered=Answered(key, key))
+
     cases = {
         "broker_echo": lambda: requester.echo(small),
         "small_round_trip": lambda: pipelines.append(
             pipeline_ms(requester.request(f"{BASE}/infer/tiny", small))
         ),
+        "bare_round_trip": lambda: requester.request("bench/bare/small", small),
+        "outbox_commit": commit_reply,
     }
     small_samples = interleaved(cases, rounds=args.rounds, per_round=args.per_round * 5, warmup=20)
     photo_samples = interleaved(
-        {"photo_http": over_http, "photo_mqtt": over_mqtt},
+        {
+            "photo_http": over_http,
+            "photo_mqtt": over_mqtt,
+            "bare_photo_http": bare_over_http,
+            "bare_photo_mqtt": lambda: requester.request("bench/bare/photo", photo),
+        },
         rounds=args.rounds,
         per_round=max(5, args.per_round // 2),
         warmup=3,
@@ -290,6 +351,8 @@ def measure(url: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
     events = event_rates(port, rates, 2.0 if args.quick else 4.0, photo_for_events(), url)
     requester.close()
     http.close()
+    bare_http.close()
+    outbox.close()
     summary = {
         name: summarize_ms(flatten(rounds))
         for name, rounds in {**small_samples, **photo_samples}.items()
@@ -303,16 +366,19 @@ def measure(url: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
     )
     small_ratio = round_ratios(small_samples["small_round_trip"], small_samples["broker_echo"])
     pipeline_p50 = percentile(pipelines, 50)
+    floors = transport_floors(small_samples, photo_samples, pipeline_p50 / 1000)
     checks = {
         "small_round_trip_over_broker_echo_p50<=3": {
             "value": small_ratio["median_of_rounds"],
             "met": small_ratio["median_of_rounds"] <= 3.0,
             "rounds": [small_ratio["min_round"], small_ratio["max_round"]],
             "agent_pipeline_p50_ms": round(pipeline_p50, 3),
+            "floor": floors["small_round_trip_floor_over_broker_echo"]["median_of_rounds"],
         },
         "photo_mqtt_over_http_p50<=1.1": {
             "value": ratio["median_of_rounds"],
             "met": ratio["median_of_rounds"] <= 1.1,
+            "floor": floors["photo_mqtt_floor_over_http"]["median_of_rounds"],
         },
         "sustained_events_per_s": {"value": sustained},
     }
@@ -326,6 +392,11 @@ def measure(url: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"photo over MQTT / over HTTP, p50: {ratio['median_of_rounds']}x (rounds {ratio['min_round']}-{ratio['max_round']})"
     )
+    for name, floor in floors.items():
+        print(
+            f"{name}: {floor['median_of_rounds']}x (rounds {floor['min_round']}-"
+            f"{floor['max_round']})"
+        )
     print(f"sustained events/s with nothing shed: {sustained}")
     for name, check in checks.items():
         print(f"  {name}: {check}")
@@ -333,6 +404,7 @@ def measure(url: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
         "summary": summary,
         "small_round_trip_over_broker_echo": small_ratio,
         "photo_mqtt_over_http": ratio,
+        "floors": floors,
         "events": events,
         "checks": checks,
         "photo_bytes": len(photo),
@@ -344,6 +416,65 @@ def measure(url: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
             "broker": "mosquitto, set_tcp_nodelay",
         },
         "libraries": library_versions(["paho-mqtt", "onnxruntime", "fastapi", "uvicorn", "httpx"]),
+    }
+
+
+def transport_floors(
+    small: dict[str, list[list[float]]], photo: dict[str, list[list[float]]], pipeline_s: float
+) -> dict[str, dict[str, float]]:
+    """Per round: the small round trip's floor (bare request/reply + the agent's pipeline + the
+    reply's commit; and without the commit) over the broker echo, the agent's small round trip over that floor, and the photo's floor
+    (the agent over HTTP with the transport changed to MQTT, as the bare peer measures it) over
+    the agent over HTTP."""
+
+    def per_round(value: Any, rounds: int) -> dict[str, float]:
+        values = sorted(value(number) for number in range(rounds))
+        return {
+            "median_of_rounds": round(statistics.median(values), 3),
+            "min_round": round(values[0], 3),
+            "max_round": round(values[-1], 3),
+        }
+
+    def p50(samples: dict[str, list[list[float]]], case: str, number: int) -> float:
+        return percentile(samples[case][number], 50)
+
+    def floor(number: int) -> float:
+        return (
+            p50(small, "bare_round_trip", number) + pipeline_s + p50(small, "outbox_commit", number)
+        )
+
+    rounds = len(small["broker_echo"])
+    return {
+        "bare_round_trip_over_broker_echo": per_round(
+            lambda n: p50(small, "bare_round_trip", n) / p50(small, "broker_echo", n), rounds
+        ),
+        "small_round_trip_floor_without_commit_over_broker_echo": per_round(
+            lambda n: (
+                (p50(small, "bare_round_trip", n) + pipeline_s) / p50(small, "broker_echo", n)
+            ),
+            rounds,
+        ),
+        "small_round_trip_floor_over_broker_echo": per_round(
+            lambda n: floor(n) / p50(small, "broker_echo", n), rounds
+        ),
+        "small_round_trip_over_floor": per_round(
+            lambda n: p50(small, "small_round_trip", n) / floor(n), rounds
+        ),
+        "bare_photo_mqtt_over_http": per_round(
+            lambda n: p50(photo, "bare_photo_mqtt", n) / p50(photo, "bare_photo_http", n),
+            len(photo["photo_http"]),
+        ),
+        "photo_mqtt_floor_over_http": per_round(
+            lambda n: (
+                (
+                    p50(photo, "photo_http", n)
+                    - p50(photo, "bare_photo_http", n)
+                    + p50(photo, "bare_photo_mqtt", n)
+                )
+                / p50(photo, "photo_http", n)
+            ),
+            len(photo["photo_http"]),
+        ),
     }
 
 
