@@ -10,7 +10,8 @@ between its two transports is what MQTT itself costs a request of that size.
 
     python -m bench.bare_peer BROKER_PORT HTTP_PORT
 
-It prints `ready` once subscribed and serving, and runs until stdin closes.
+With BROKER_PORT 0 it serves HTTP only (bench/bench_agent.py). It prints `ready` once subscribed
+and serving, and runs until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -74,25 +75,25 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 async def serve(http_port: int) -> None:
+    """uvicorn until SIGTERM or SIGINT (its own handlers)."""
     config = uvicorn.Config(app, port=http_port, http="h11", log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
-    while not server.started:
+    while not server.started and not task.done():
         await asyncio.sleep(0.01)
     print("ready", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    server.should_exit = True
     await task
 
 
 def main(argv: list[str]) -> int:
     broker_port, http_port = int(argv[0]), int(argv[1])
-    client = start_mqtt(broker_port)
+    client = start_mqtt(broker_port) if broker_port else None
     try:
         asyncio.run(serve(http_port))
     finally:
-        client.disconnect()
-        client.loop_stop()
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
     return 0
 
 

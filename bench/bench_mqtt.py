@@ -156,14 +156,13 @@ def bare_peer(broker_port: int) -> Iterator[str]:
     http_port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "bench.bare_peer", str(broker_port), str(http_port)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT,
+        stdout=subprocess.PIPE, cwd=ROOT,
     )  # fmt: skip
     try:
         assert process.stdout is not None and process.stdout.readline().strip() == b"ready"
         yield f"http://127.0.0.1:{http_port}"
     finally:
-        assert process.stdin is not None
-        process.stdin.close()
+        process.terminate()
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
