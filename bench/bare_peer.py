@@ -6,7 +6,9 @@ Over MQTT it subscribes to `bench/bare/#` with the agent's own receiving client
 Response Topic with its Correlation Data and a 16-byte payload. Over HTTP it is a bare ASGI app
 under uvicorn (h11, as the agent) that reads the whole body and answers a 16-byte JSON. The
 difference between the agent and this process is what the agent's work costs; the difference
-between its two transports is what MQTT itself costs a request of that size.
+between its two transports is what MQTT itself costs a request of that size. It sets the same
+allocator thresholds as the agent (`engine.memory.map_large_blocks`): without them, receiving a
+photo page-faults its buffers in again every time, and the floor would be slower than the agent.
 
     python -m bench.bare_peer BROKER_PORT HTTP_PORT
 
@@ -27,6 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.engine.memory import map_large_blocks
 from edge_agent.mqtt.wire import PublishClient
 
 ANSWER = b'{"label":"bare"}'
@@ -87,6 +90,7 @@ async def serve(http_port: int) -> None:
 
 def main(argv: list[str]) -> int:
     broker_port, http_port = int(argv[0]), int(argv[1])
+    map_large_blocks()
     client = start_mqtt(broker_port) if broker_port else None
     try:
         asyncio.run(serve(http_port))
