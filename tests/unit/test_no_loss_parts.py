@@ -62,6 +62,17 @@ def test_answered_messages_expire_and_are_bounded(tmp_path: Path) -> None:
         assert rows.fetchone()[0] <= 100 + 64  # pruned every 64 puts
 
 
+def test_pruning_keeps_the_newest_identities_and_memory_matches_the_file(tmp_path: Path) -> None:
+    with outbox(tmp_path / "outbox.sqlite3", answered_window_s=3600, answered_max=50) as box:
+        for number in range(200):
+            box.put_many([], answered=Answered(f"k{number:03d}", "d"))
+            stored = {row[0] for row in box._live().execute("SELECT key FROM answered")}
+            assert box._answered_keys == stored  # `might_have` answers from memory
+        # The last prune (at put 193) kept the newest 50; the 7 puts since are kept too.
+        assert stored == {f"k{number:03d}" for number in range(143, 200)}
+        assert box.recall("k199") is not None and box.recall("k100") is None
+
+
 def test_an_outbox_of_the_previous_schema_is_upgraded(tmp_path: Path) -> None:
     path = tmp_path / "outbox.sqlite3"
     with outbox(path) as box:
