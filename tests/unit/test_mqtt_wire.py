@@ -4,7 +4,7 @@ broken ones, and the payload copied once (fast on a photo)."""
 from __future__ import annotations
 
 import struct
-import time
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings
@@ -132,21 +132,26 @@ def test_an_empty_topic_is_refused_in_mqtt_3() -> None:
         decode_publish(0x30, bytearray(b"\x00\x00payload"), V311)
 
 
-def test_a_photo_is_decoded_many_times_faster_than_by_paho() -> None:
-    """The payload is copied once: against paho's decoder on the same 4 MB packet, in one run
-    (a ratio, so it holds on any machine; about 55x on an AMD EPYC Zen 4)."""
+def test_a_photo_is_copied_once_where_paho_holds_several_copies() -> None:
+    """The payload is copied once: the memory a 4 MB packet's decode holds at its peak is one
+    payload, where paho's holds three (counted by tracemalloc, so the verdict is the same on any
+    machine and under any load; the time it saves is in docs/mqtt.md: 8.5 ms -> 0.15 ms)."""
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     props.ResponseTopic, props.CorrelationData = "plant/replies/1", b"42"
     props.ContentType, props.UserProperty = "image/jpeg", [("station", "3")]
-    data = packet(b"lineside/v1/site/box/infer/defects", 7, props, bytes(4 * 1024 * 1024))
+    payload = 4 * 1024 * 1024
+    data = packet(b"lineside/v1/site/box/infer/defects", 7, props, bytes(payload))
 
-    def best(decode: object) -> float:
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
+    def peak(decode: object) -> int:
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
             decode(0x32, data, V5)  # type: ignore[operator]
-            times.append(time.perf_counter() - start)
-        return min(times)
+            return tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
 
     same(decode_publish(0x32, data, V5), _packet.decode_publish(0x32, data, V5))
-    assert best(_packet.decode_publish) > 5 * best(decode_publish)
+    assert peak(decode_publish) < payload + 64 * 1024
+    assert peak(_packet.decode_publish) >= 2 * payload  # the contrast: why wire.py exists
