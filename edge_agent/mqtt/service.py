@@ -340,8 +340,10 @@ class MqttService:
         handling = self._handling
         try:
             identity = handling.identify(message)
-            digest = self._digest(message.payload)
+            # Only a message with an identity needs its digest (a notice has none).
+            digest = self._digest(message.payload) if identity is not None else None
             if identity is not None and not identity.always:
+                assert digest is not None
                 identity = Identity(f"{identity.key}|{await digest}", always=False)
             self._held["model"] += 1
             self._show_held()
@@ -356,7 +358,9 @@ class MqttService:
                 if previous is not None:
                     await asyncio.shield(previous)  # keep arrival order per source topic
                 answered = (
-                    Answered(identity.key, await digest) if fresh and identity is not None else None
+                    Answered(identity.key, await digest)
+                    if fresh and identity is not None and digest is not None
+                    else None
                 )
                 await self._commit(outgoing, answered)
             self.link.ack(message)
@@ -385,12 +389,13 @@ class MqttService:
         return done
 
     async def _answer(
-        self, message: Inbound, identity: Identity | None, digest: asyncio.Future[str]
+        self, message: Inbound, identity: Identity | None, digest: asyncio.Future[str] | None
     ) -> tuple[list[Outgoing], bool]:
         """(what goes back, whether it was computed now rather than recalled)."""
         assert self._handling is not None
         if (
             identity is not None
+            and digest is not None  # given with every identity
             and (identity.always or message.dup)
             and self.outbox.might_have(identity.key)
         ):
