@@ -74,6 +74,38 @@ def test_ack_deletes_the_row_and_is_idempotent(outbox: Outbox) -> None:
     assert depth["by_kind"]["telemetry"] == 0 and depth["by_kind"]["result"] == 1
 
 
+def test_every_commit_runs_in_the_synchronous_mode_it_needs(outbox: Outbox) -> None:
+    """Replies and acks commit with NORMAL, everything else with FULL (fsynced); the mode is
+    switched only when it changes, not twice around every reply."""
+    conn = outbox._conn
+    assert conn is not None
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+
+    def committed_with() -> int:  # the mode of the last commit is still in effect after it
+        return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    normal, full = 1, 2
+    first = outbox.put("t/r", b"1", kind="reply")
+    assert committed_with() == normal
+    outbox.put("t/r", b"2", kind="reply")
+    outbox.ack(first.message.row_id)
+    assert committed_with() == normal
+    outbox.put("t/x", b"3", kind="result")
+    assert committed_with() == full
+    outbox.ack(first.message.row_id + 1)
+    assert committed_with() == normal
+    outbox.put("t/r", b"4", kind="reply", fsync=True)
+    assert committed_with() == full
+    switches = [s for s in statements if s.startswith("PRAGMA synchronous =")]
+    assert switches == [
+        "PRAGMA synchronous = NORMAL",
+        "PRAGMA synchronous = FULL",
+        "PRAGMA synchronous = NORMAL",
+        "PRAGMA synchronous = FULL",
+    ]
+
+
 def test_pending_after_pages_through_the_rows(outbox: Outbox) -> None:
     ids = [outbox.put("t", str(i).encode(), kind="result").message.row_id for i in range(10)]
     pages: list[list[int]] = []
