@@ -125,8 +125,9 @@ class MqttLink:
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"\0")
 
-    def ack(self, message: Inbound) -> None:
-        """Acknowledge a QoS 1 message (only on the connection it arrived on)."""
+    def ack(self, message: Inbound, *, wake: bool = True) -> None:
+        """Acknowledge a QoS 1 message (only on the connection it arrived on); `wake` False
+        leaves it queued for the caller's next `wake`."""
         if message.qos == 0:
             return
 
@@ -134,7 +135,9 @@ class MqttLink:
             if generation == message.generation:
                 client.ack(message.mid, message.qos)
 
-        self.call(command)
+        self._commands.put(command)
+        if wake:
+            self.wake()
 
     def publish_now(
         self, topic: Topic, payload: bytes, *, qos: int = 0, expiry_s: int | None = None
@@ -250,10 +253,10 @@ class MqttLink:
                 with contextlib.suppress(BlockingIOError):
                     while self._wake_r.recv(4096):
                         pass
-            self._run_commands(client)
-            if self.connected:
+            if self.connected:  # answers first: the acks and commands can wait that long
                 ever = True
                 self._pump(client)
+            self._run_commands(client)
             if (sock in writable or client.want_write()) and (
                 client.loop_write() != MQTTErrorCode.MQTT_ERR_SUCCESS
             ):

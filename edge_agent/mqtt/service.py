@@ -154,7 +154,7 @@ class Link(Protocol):
 
     def wake(self) -> None: ...
 
-    def ack(self, message: Inbound) -> None: ...
+    def ack(self, message: Inbound, *, wake: bool = True) -> None: ...
 
     def publish_now(
         self, topic: Topic, payload: bytes, *, qos: int = 0, expiry_s: int | None = None
@@ -362,8 +362,7 @@ class MqttService:
                     if fresh and identity is not None and digest is not None
                     else None
                 )
-                await self._commit(outgoing, answered)
-            self.link.ack(message)
+                await self._commit(outgoing, answered, ack=message)
         except DrainingError:
             log.debug("draining: %s left for the broker to deliver again", message.topic)
         except _AbandonedError:
@@ -444,11 +443,16 @@ class MqttService:
             del self._claims[identity.key]
             mine.set_result(None)
 
-    async def _commit(self, outgoing: list[Outgoing], answered: Answered | None) -> None:
-        """Store the answers (and the identity they answer); keep trying while the disk is full.
+    async def _commit(
+        self, outgoing: list[Outgoing], answered: Answered | None, ack: Inbound | None = None
+    ) -> None:
+        """Store the answers (and the identity they answer), then acknowledge `ack`, the message
+        they answer, with the same wake of the link; keep trying while the disk is full.
 
         Raises `_AbandonedError` when the agent stops before they could be stored."""
         if not outgoing and answered is None:
+            if ack is not None:
+                self.link.ack(ack)
             return
         drafts = self._drafts(outgoing)
         delay = RETRY_FIRST_S
@@ -458,9 +462,9 @@ class MqttService:
                 try:
                     if all(item.kind == "reply" for item in outgoing) and len(drafts) <= 1:
                         # A reply is committed without an fsync (~0.1 ms): a thread hop costs more.
-                        self._store(drafts, answered)
+                        self._store(drafts, answered, ack)
                     else:
-                        await asyncio.to_thread(self._store, drafts, answered)
+                        await asyncio.to_thread(self._store, drafts, answered, ack)
                     return
                 except OutboxError as exc:
                     if isinstance(exc, OutboxDiskFullError) and self.disk is not None:
@@ -497,11 +501,15 @@ class MqttService:
                 )
         return drafts
 
-    def _store(self, drafts: list[Draft], answered: Answered | None) -> None:
+    def _store(
+        self, drafts: list[Draft], answered: Answered | None, ack: Inbound | None = None
+    ) -> None:
         for result in self.outbox.put_many(drafts, answered=answered):
             for kind, count in result.dropped.items():
                 self.metrics.outbox_dropped.labels(kind).inc(count)
-        self.link.wake()
+        if ack is not None:
+            self.link.ack(ack, wake=False)
+        self.link.wake()  # one wake: the link publishes the answers, then acknowledges
 
     def _show_held(self) -> None:
         for reason, count in self._held.items():

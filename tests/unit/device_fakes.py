@@ -218,7 +218,7 @@ class FakeLink:
     def wake(self) -> None:
         self.wakes += 1
 
-    def ack(self, message: Inbound) -> None:
+    def ack(self, message: Inbound, *, wake: bool = True) -> None:
         self.acked.append(message)
 
     def publish_now(self, topic: Topic, payload: bytes, *, qos: int = 0) -> None:

@@ -168,7 +168,7 @@ def test_the_loop_stores_what_waits_in_batches_and_acks_only_what_is_committed(
             self.inbox = inbox
             self.acked: list[Inbound] = []
 
-        def ack(self, message: Inbound) -> None:
+        def ack(self, message: Inbound, *, wake: bool = True) -> None:
             site, device = message.topic.split("/")[2:4]
             # Read through another engine: only what is committed is visible to it.
             stored_when_acked.append(observer.device(site, device) is not None)

@@ -352,7 +352,10 @@ def test_a_shed_reply_carries_correlation_data_and_request_id(settings: AgentSet
         link.deliver(REQUEST, request(request_id="r2"), response_topic="replies/2")
         at_ack: list[int] = []
         original = link.ack
-        link.ack = lambda m: (at_ack.append(len(outbox_rows(service.outbox))), original(m))[1]  # type: ignore[method-assign]
+        link.ack = lambda m, **kw: (
+            at_ack.append(len(outbox_rows(service.outbox))),
+            original(m, **kw),
+        )[1]  # type: ignore[method-assign]
         shed = link.deliver(
             REQUEST,
             request(request_id="r3"),

@@ -74,7 +74,10 @@ def test_an_answer_is_in_the_outbox_before_its_message_is_acknowledged(
         service, link = await started(settings, handler)
         at_ack: list[int] = []
         original = link.ack
-        link.ack = lambda m: (at_ack.append(len(outbox_rows(service.outbox))), original(m))[1]  # type: ignore[method-assign]
+        link.ack = lambda m, **kw: (
+            at_ack.append(len(outbox_rows(service.outbox))),
+            original(m, **kw),
+        )[1]  # type: ignore[method-assign]
         sent = link.deliver(f"{BASE}/infer/defects", b"x", response_topic="replies/1")
         await wait_until(lambda: link.acked == [sent], "the message acknowledged")
         assert at_ack == [1]
