@@ -204,6 +204,14 @@ class AgentSettings(BaseSettings):
     decode_threads: int = Field(
         default=2, ge=1, le=64, description="threads decoding and preprocessing images"
     )
+    inline_max_ms: float = Field(
+        default=1.0,
+        ge=0,
+        le=20,
+        description="a small photo (up to 320x320) to a model whose recent small photos took at "
+        "most this long (median) runs on the event loop when nothing else is running, saving "
+        "two thread hand-offs (0: always on the inference thread)",
+    )
 
     # Request records (for feedback and explanations that refer to a request later).
     keep_requests_s: float = Field(default=86_400.0, ge=0, description="how long records are kept")

@@ -7,7 +7,9 @@ device's one predict path does), which bounds everything the core can be asked t
 passes the slot's deadline on to the lane. Decoding also holds pixels of the decode memory budget
 (`memory.PixelBudget`), and memory is given back to the system after a large decode.
 Once an answer is ready the core calls its "after answer" hooks (shadow runs use one) and keeps
-the request record and drift statistics off the request path.
+the request record and drift statistics off the request path (on a thread at nice 19). A tiny
+prediction (a small photo to a model that answers such photos in about a millisecond) runs on the
+event loop itself when nothing else is queued for inference (`_tiny`, `lane.InferenceLane.run`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import statistics
 import threading
 import time
 from collections import Counter, deque
@@ -48,7 +51,15 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 #: Record writes waiting for the disk beyond this are kept without their image (bounded memory).
 MAX_PENDING_RECORD_IMAGES = 16
+#: Nice value added to the thread that writes records and drift statistics.
+RECORDS_NICE = 19
 LATENCY_WINDOW = 2048
+#: Photos of at most this many pixels (decoded) may run on the event loop (`InferenceCore._tiny`).
+INLINE_MAX_PIXELS = 320 * 320
+#: How many small photos of a model chain are timed (on the inference thread at first) before
+#: they may run on the event loop, and how many recent ones decide it.
+SMALL_MIN_SEEN = 3
+SMALL_WINDOW = 16
 
 #: Called once an answer is ready: (model name, the decoded photo, the active model's label).
 AfterAnswer = Callable[[str, DecodedImage, str], None]
@@ -103,7 +114,11 @@ class InferenceCore:
         self._decode_pool = ThreadPoolExecutor(
             settings.decode_threads, "decode", initializer=lower_priority(settings.inference_nice)
         )
-        self._record_pool = ThreadPoolExecutor(1, "records")
+        # Off the request path, below the decode and inference threads: under load a record or a
+        # drift statistic waits, not the next photo.
+        self._record_pool = ThreadPoolExecutor(
+            1, "records", initializer=lower_priority(RECORDS_NICE)
+        )
         self._pending_records = 0
         self._pending_lock = threading.Lock()
         self.drift: dict[tuple[str, int], DriftMonitor] = {}
@@ -113,6 +128,8 @@ class InferenceCore:
         self.model_outcomes: Counter[tuple[str, str]] = Counter()  # (model, outcome) -> count
         #: Recent pipeline times (ms, decode to postprocess) per model version, for probation.
         self.model_latencies: dict[tuple[str, int], deque[float]] = {}
+        #: Recent pipeline times (ms) of small photos (`INLINE_MAX_PIXELS`) per model chain.
+        self._small_ms: dict[tuple[tuple[str, int], ...], deque[float]] = {}
         #: Outcomes of the active version of each model since it became active, for telemetry
         #: (a fleet controller compares versions); only the active version of a model is kept.
         self.version_outcomes: dict[tuple[str, int], Counter[str]] = {}
@@ -178,6 +195,8 @@ class InferenceCore:
         for figures in (self.version_outcomes, self.model_latencies):
             for key in [key for key in figures if key[0] == name]:
                 del figures[key]
+        for chain in [chain for chain in self._small_ms if any(n == name for n, _ in chain)]:
+            del self._small_ms[chain]
 
     def remove_model(self, name: str) -> ModelState | None:
         """Stop serving `name`; its classifier is closed after what is queued for it."""
@@ -229,7 +248,9 @@ class InferenceCore:
         try:
             with self.lane.prediction():
                 async with self.pixels.reserve(pixels, self._decode_wait_s(deadline)):
-                    answered = await self._run(models, target, data, receive_s, top_k, deadline)
+                    answered = await self._run(
+                        models, target, data, receive_s, top_k, deadline, pixels
+                    )
         finally:
             if pixels >= LARGE_PIXELS and self.pixels.large_held == 0:
                 # After the record thread's pending work, which may still hold the pixels.
@@ -255,6 +276,15 @@ class InferenceCore:
             return None, f"the anomaly gate {gate!r} is not an anomaly-detection bundle"
         return model, None
 
+    def _tiny(self, models: tuple[Classifier, ...]) -> bool:
+        """Whether a small photo to `models` is work for the event loop itself: their recent
+        small photos took at most `inline_max_ms` (median), so the two thread hand-offs of the
+        inference thread would cost about as much as the work (see `lane.InferenceLane.run`)."""
+        recent = self._small_ms.get(_versions(models))
+        if not recent or len(recent) < SMALL_MIN_SEEN or self.settings.inline_max_ms <= 0:
+            return False
+        return statistics.median(recent) <= self.settings.inline_max_ms
+
     def _decode_wait_s(self, deadline: float | None) -> float:
         wait_s = self.settings.decode_wait_ms / 1000
         if deadline is None:
@@ -269,14 +299,22 @@ class InferenceCore:
         receive_s: float,
         top_k: int,
         deadline: float | None,
+        pixels: int,
     ) -> Answered:
         """Decode once, prepare and infer each model, postprocess; timed by stage."""
         if self.lane.alone():
             # Nothing else to overlap with: one hop to the inference thread instead of two
-            # (each thread hand-off costs ~1-4 ms on a busy 2-core box).
+            # (each thread hand-off costs ~1-4 ms on a busy 2-core box), or none for a tiny one.
+            small = 0 < pixels <= INLINE_MAX_PIXELS
             image, tensors, decode_s, prepare_s, outputs, infer_s = await self.lane.run(
-                lambda: self._whole_pipeline(models, target, data), deadline=deadline
+                lambda: self._whole_pipeline(models, target, data),
+                deadline=deadline,
+                inline=small and self._tiny(models),
             )
+            if small:
+                self._small_ms.setdefault(_versions(models), deque(maxlen=SMALL_WINDOW)).append(
+                    (decode_s + prepare_s + infer_s) * 1000
+                )
         else:
             loop = asyncio.get_running_loop()
             image, tensors, decode_s, prepare_s = await loop.run_in_executor(
@@ -413,3 +451,7 @@ class InferenceCore:
         for state in self.models.values():
             if state.classifier is not None:
                 state.classifier.close()
+
+
+def _versions(models: tuple[Classifier, ...]) -> tuple[tuple[str, int], ...]:
+    return tuple((model.name, model.version) for model in models)

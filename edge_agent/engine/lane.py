@@ -11,11 +11,19 @@ decode threads run at a lower CPU priority (`lower_priority`, setting `inference
 under overload the event loop still answers health checks and refusals at once. The busy state
 (`busy_since`, `last_started`, `active`) lets shadow runs wait for idle gaps and the watchdog
 notice a wedged runtime.
+
+A prediction the core knows to be tiny (`run(..., inline=True)`: a small photo to a model that
+answers it in about a millisecond) runs on the calling thread, the event loop, when the lane is
+idle: the two thread hand-offs it saves cost about as much as the work itself. It keeps the
+lane's bookkeeping (busy state, deadline), and nothing else can start meanwhile, since the event
+loop is what submits work here; work already submitted (a queued close, a self-test) sends it to
+the thread as usual.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import sys
@@ -23,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from edge_agent.engine.admission import Admission, DelayBudget
 from edge_agent.metrics import AgentMetrics
@@ -68,16 +76,25 @@ class InferenceLane:
         self.busy_since: float | None = None  # when the running inference started (monotonic)
         self.last_started = 0.0  # when the latest prediction started (monotonic)
         self.active = 0  # predictions inside the core now (any transport)
+        self._submitted = 0  # calls submitted to the thread and not done (closes included)
+        self._submitted_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: AgentSettings, metrics: AgentMetrics) -> InferenceLane:
         budget = DelayBudget(settings.max_queue_delay_services, settings.max_queue_delay_ms)
         return cls(settings.max_in_flight, metrics, budget, settings.inference_nice)
 
-    async def run(self, function: Callable[[], _T], *, deadline: float | None = None) -> _T:
+    async def run(
+        self, function: Callable[[], _T], *, deadline: float | None = None, inline: bool = False
+    ) -> _T:
         """Run `function` on the inference thread, after whatever is queued there; past
-        `deadline` (a slot's) it is not run and `OverloadedError` is raised instead."""
-        loop = asyncio.get_running_loop()
+        `deadline` (a slot's) it is not run and `OverloadedError` is raised instead.
+
+        `inline`: run it here, on the calling thread, when nothing is running or queued on the
+        inference thread (for work of about a millisecond; see the module)."""
+        if inline and self._submitted == 0 and self.busy_since is None:
+            self.admission.raise_if_late(deadline)
+            return self._timed(function)
         self.metrics.queued.inc()
         started = threading.Event()
 
@@ -85,17 +102,33 @@ class InferenceLane:
             started.set()
             self.metrics.queued.dec()  # running now, no longer waiting
             self.admission.raise_if_late(deadline)
-            self.busy_since = time.monotonic()
-            try:
-                return function()
-            finally:
-                self.busy_since = None
+            return self._timed(function)
 
         try:
-            return await loop.run_in_executor(self._pool, call)
+            return await asyncio.wrap_future(self._submit(call))
         finally:
             if not started.is_set():  # cancelled before it ran
                 self.metrics.queued.dec()
+
+    def _submit(self, call: Callable[[], _T]) -> concurrent.futures.Future[_T]:
+        """`call` on the inference thread, counted until it is done (run, failed or cancelled)."""
+        with self._submitted_lock:
+            self._submitted += 1
+        future = self._pool.submit(call)
+        # Registered before any other callback, so the count is down before anyone is told.
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _future: concurrent.futures.Future[Any]) -> None:
+        with self._submitted_lock:
+            self._submitted -= 1
+
+    def _timed(self, function: Callable[[], _T]) -> _T:
+        self.busy_since = time.monotonic()
+        try:
+            return function()
+        finally:
+            self.busy_since = None
 
     @contextlib.contextmanager
     def prediction(self) -> Iterator[None]:
@@ -126,7 +159,7 @@ class InferenceLane:
 
     def close_later(self, model: Closable) -> None:
         """Close a model after whatever the inference thread has queued for it."""
-        self._pool.submit(model.close)
+        self._submit(model.close)
 
     def close(self) -> None:
         """Finish what is queued, then stop the thread."""
