@@ -164,6 +164,11 @@ class GenerationService:
                         raise item
                     assert isinstance(item, TextChunk)
                     yield item
+                    # The last chunk: the llm thread may still tidy up (the session empties
+                    # llama.cpp's state), which the answer need not wait for.
+                    ended = item.finish_reason is not None
+                    if ended:
+                        break
         finally:
             cancel.set()
             self.in_flight -= 1

@@ -113,3 +113,46 @@ def test_the_golden_self_test_passes_after_other_requests(generator: Generator) 
     through_agent(generator, GOLDEN_PROMPT, 16)  # its prompt and more, cached before the replay
     report = run_text_selftest(generator)
     assert not report.failures, report.failures
+
+
+def test_the_state_is_emptied_after_each_answer_not_before_the_next(
+    generator: Generator, expected: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Emptying llama.cpp's state (4.5 ms at a 2048-token context) is off the next request's
+    path; a consumer that stops at the last chunk leaves it to the next request instead."""
+    from edge_agent.runtimes import llama as runtime
+
+    events: list[str] = []
+    real = runtime.clear_state
+
+    def clear_state(llama: object) -> None:
+        events.append("clear")
+        real(llama)
+
+    monkeypatch.setattr(runtime, "clear_state", clear_state)
+    burrs, casting, follow_up = expected
+    through_agent(generator, casting)
+    events.clear()
+    request = TextRequest(follow_up, max_tokens=TOKENS, temperature=0.0)
+    text = []
+    for chunk in generator.session.stream(
+        request, cancelled=lambda: False, between_tokens=lambda: None
+    ):
+        events.append("finish" if chunk.finish_reason else "text")
+        text.append(chunk.text)
+    assert "".join(text) == expected[follow_up]
+    assert events[0] == "text" and events[-2:] == ["finish", "clear"]
+    assert events.count("clear") == 1
+
+    stream = generator.session.stream(
+        TextRequest(burrs, max_tokens=TOKENS, temperature=0.0),
+        cancelled=lambda: False,
+        between_tokens=lambda: None,
+    )
+    for chunk in stream:
+        if chunk.finish_reason is not None:
+            break  # as the generation service does: the answer is complete
+    stream.close()
+    events.clear()
+    assert through_agent(generator, follow_up) == expected[follow_up]
+    assert events == ["clear", "clear"]  # before it (left over), and after it

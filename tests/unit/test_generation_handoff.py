@@ -1,13 +1,23 @@
 """The llm thread's hand-off to the event loop: every chunk arrives, in order, with one wake-up per
-batch rather than per token, and merged text chunks keep the finish chunk apart."""
+batch rather than per token, merged text chunks keep the finish chunk apart, and a stream ends at
+its finish chunk."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
-from edge_agent.engine.generation import _END, _Handoff, merged
-from edge_agent.runtimes.base import TextChunk
+import pytest
+
+from edge_agent.engine.generation import _END, GenerationService, _Handoff, merged
+from edge_agent.engine.lane import InferenceLane
+from edge_agent.metrics import AgentMetrics
+from edge_agent.runtimes.base import TextChunk, TextRequest
+from tests.unit.agent_fixtures import agent_settings, clean_environment
 
 
 def test_every_item_arrives_in_order_with_fewer_wake_ups_than_items() -> None:
@@ -67,3 +77,40 @@ def test_merged_joins_text_and_keeps_the_last_chunk_and_errors_apart() -> None:
     assert out[2] == TextChunk("c")
     assert out[3] == TextChunk("", "stop", 3, 4)
     assert out[4] is _END
+
+
+def test_a_stream_ends_at_its_finish_chunk_while_the_session_tidies_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer does not wait for what the session does after its last chunk (the llama
+    session empties llama.cpp's state there); the llm thread finishes it afterwards."""
+    clean_environment(monkeypatch)
+    lane = InferenceLane(4, AgentMetrics())
+    service = GenerationService(agent_settings(tmp_path / "state"), lane)
+    tidy, tidied = threading.Event(), threading.Event()
+
+    class Session:
+        def stream(
+            self, request: TextRequest, *, cancelled: Any, between_tokens: Any
+        ) -> Iterator[TextChunk]:
+            yield TextChunk("hello")
+            yield TextChunk("", "stop", 1, 1)
+            tidy.wait(10)
+            tidied.set()
+
+    async def run() -> list[TextChunk]:
+        generator: Any = SimpleNamespace(session=Session())
+        request = TextRequest("p", max_tokens=2)
+        return [chunk async for chunk in service.stream(generator, request, threading.Event())]
+
+    try:
+        chunks = asyncio.run(run())
+        assert [(c.text, c.finish_reason) for c in chunks] == [("hello", None), ("", "stop")]
+        assert service.in_flight == 0
+        assert not tidied.is_set()
+        tidy.set()
+        assert tidied.wait(5)
+    finally:
+        tidy.set()
+        service.close()
+        lane.close()
