@@ -156,7 +156,8 @@ class Explainer:
                 return
             job.changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(job.changed.wait(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await job.changed.wait()
 
     async def stop(self) -> None:
         for task in list(self._tasks):

@@ -118,7 +118,8 @@ class Models:
             changed = self._changed
             # Woken by every change; the 1 s cap re-checks even if one is ever missed.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
+                async with asyncio.timeout(min(remaining, 1.0)):
+                    await changed.wait()
         return True
 
     def finish_loading(self) -> None:

@@ -118,9 +118,8 @@ class Telemetry:
         """Publish a snapshot every `telemetry_interval_s`, and whenever `publish_soon` asks."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._wanted.wait(), timeout=self.settings.telemetry_interval_s
-                )
+                async with asyncio.timeout(self.settings.telemetry_interval_s):
+                    await self._wanted.wait()
             self._wanted.clear()
             figures = await asyncio.to_thread(self.snapshot)
             await publisher.publish_telemetry(figures)

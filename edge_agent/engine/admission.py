@@ -194,7 +194,8 @@ class Admission:
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no work is admitted or in flight; False if `timeout` passed first."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
         except TimeoutError:
             return False
         return True

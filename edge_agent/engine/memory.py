@@ -64,10 +64,8 @@ class PixelBudget:
         cost = min(pixels, self.capacity)  # larger than the whole budget: runs alone
         if not self._fits(cost):
             try:
-                async with self._changed:
-                    await asyncio.wait_for(
-                        self._changed.wait_for(lambda: self._fits(cost)), max(wait_s, 0.0)
-                    )
+                async with self._changed, asyncio.timeout(max(wait_s, 0.0)):
+                    await self._changed.wait_for(lambda: self._fits(cost))
             except TimeoutError:
                 raise OverloadedError(
                     f"a {pixels:,}-pixel photo would not fit in the decode memory budget "

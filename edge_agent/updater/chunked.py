@@ -314,7 +314,10 @@ class _Transfer:
         deadline = window.next_deadline()
         wait = TICK_S if deadline is None else min(TICK_S, max(0.0, deadline - now))
         try:
-            return await asyncio.wait_for(self.replies.get(), max(wait, 0.001))
+            # Not asyncio.wait_for: on Python 3.11 it loses a cancellation (a stop) that arrives
+            # as the reply does, and the fetch would go on.
+            async with asyncio.timeout(max(wait, 0.001)):
+                return await self.replies.get()
         except TimeoutError:
             return None
 

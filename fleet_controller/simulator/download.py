@@ -131,7 +131,8 @@ class MqttFetcher:
                     wait = min(IDLE_S, max(0.0, deadline - now))
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
             return fetch.failure
         finally:
             self._add(fetch.counts)

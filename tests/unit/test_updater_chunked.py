@@ -50,10 +50,13 @@ class FakeServer:
     drop_first: set[int] = field(default_factory=set)  # chunks whose first request is lost
     corrupt_first: set[int] = field(default_factory=set)  # chunks whose first reply is bad
     duplicate: bool = False  # every reply sent twice, plus one nobody asked for
-    answer_chunks: int | None = None  # answer only this many chunk requests, then hold them
+    # Answer only this many distinct chunks (again when asked again: a resend under load), then
+    # hold the requests for any other.
+    answer_chunks: int | None = None
     error: str | None = None  # refuse every request with this error
     requests: list[ChunkRequest] = field(default_factory=list)
     answered: Counter[str] = field(default_factory=Counter)
+    answered_chunks: set[int] = field(default_factory=set)
 
     def answer(self, request: ChunkRequest) -> list[bytes]:
         key = (request.part, request.index)
@@ -66,8 +69,13 @@ class FakeServer:
         else:
             if request.index in self.drop_first and asked == 1:
                 return []
-            if self.answer_chunks is not None and self.answered["chunk"] >= self.answer_chunks:
+            if (
+                self.answer_chunks is not None
+                and request.index not in self.answered_chunks
+                and len(self.answered_chunks) >= self.answer_chunks
+            ):
                 return []
+            self.answered_chunks.add(request.index)
             start = request.index * CHUNK
             data = self.data[start : start + CHUNK]
             if request.index in self.corrupt_first and asked == 1:
@@ -350,3 +358,29 @@ def test_the_window_backs_off_and_a_reconnect_makes_open_requests_due_at_once() 
         window.take(index)
         window.stored(index)
     assert window.to_send(3.4) == [2, 3] and window.remaining == 3 and not window.done
+
+
+def test_a_stop_that_arrives_with_a_reply_stops_the_fetch(tmp_path: Path) -> None:
+    """Cancelled in the same turn of the event loop as a reply arrives, the fetch stops. (With
+    `asyncio.wait_for` around the reply queue, Python 3.11 returned the reply and dropped the
+    cancellation: the fetch went on until it stalled.)"""
+    setup = make_setup(tmp_path)
+    setup.server.answer_chunks = 10  # then the server holds every request: a lost stop stalls
+
+    async def run() -> None:
+        fetcher, link = setup.fetcher(FetchOptions(window=4, timeout_s=30.0, stall_s=5.0))
+        task = asyncio.create_task(
+            fetcher.fetch(setup.release, setup.directory, progress=setup.report)
+        )
+        deliver = link._deliver
+
+        def deliver_then_stop(payload: bytes) -> None:
+            deliver(payload)
+            if ChunkReply.decode(payload).index == 5:
+                task.cancel()
+
+        link._deliver = deliver_then_stop  # type: ignore[method-assign]
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(task), 10)
+
+    asyncio.run(run())
