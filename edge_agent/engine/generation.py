@@ -23,6 +23,7 @@ falls behind (a slow client, a busy CPU), it catches up in one write instead of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
@@ -58,7 +59,10 @@ class _Handoff:
             if self._pending:
                 return
             self._pending = True
-        self._loop.call_soon_threadsafe(self._ready.set)
+        # A closed loop has nobody waiting: the consumer ended (at its finish chunk) and the
+        # agent stopped while the llm thread was still tidying up.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._ready.set)
 
     async def take(self) -> list[object]:
         """On the loop: everything put since the last take (waits for at least a wake-up)."""
