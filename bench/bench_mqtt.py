@@ -291,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 state, "--trusted-key", str(keys.public), "--trusted-key", str(DEMO_KEY), env=env
             ) as agent:
                 agent.wait_ready(120)
-                inproc = InProcessAgent(work / "inproc", tiny.path, keys.public, SITE, DEVICE)
+                inproc = InProcessAgent(work / "inproc", tiny.path, keys, SITE, DEVICE)
                 try:
                     with bare_peer(broker.port) as bare_url:
                         time.sleep(1.0)

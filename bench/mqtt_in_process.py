@@ -1,8 +1,8 @@
 """The agent's own work on one MQTT request, in process: from the link handing the message over to
 the link being woken with its reply stored and its acknowledgement queued.
 
-The service, the handlers and the device are wired as `edge-agent serve` wires them, over the real
-ONNX runtime and the agent's outbox on disk; only the link is replaced, by one that records when
+The service, the handlers and the device are wired as `edge-agent serve` wires them (the tests'
+`make_device`), over the real ONNX runtime and the agent's outbox on disk; only the link is replaced, by one that records when
 it is woken. No broker, no socket and no thread hand-off of the link is timed: what remains is the
 agent's Python work on the message (routing, dedupe identity, admission, the pipeline, the reply's
 JSON) and the reply's commit. `bench_mqtt` adds it to the bare peer's round trip for the floor of
@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edge_agent.app.agent import build_device, build_profile, build_store
 from edge_agent.device.api import Device
 from edge_agent.engine.types import new_request_id
 from edge_agent.metrics import AgentMetrics
@@ -30,7 +29,10 @@ from edge_agent.mqtt.outbox import Outbox
 from edge_agent.mqtt.routes import Routes
 from edge_agent.mqtt.service import MqttService
 from edge_agent.mqtt.topics import Topic, TopicFilter
-from edge_agent.settings import AgentSettings, load_settings
+from edge_agent.settings import AgentSettings
+from tests.agent_support import Keys
+from tests.unit.agent_fixtures import agent_settings
+from tests.unit.device_fakes import close_device, make_device
 
 
 class _WokenLink:
@@ -80,23 +82,19 @@ class _WokenLink:
 class InProcessAgent:
     """The agent's MQTT path over `bundle`, on an event loop of its own (see the module)."""
 
-    def __init__(self, state_dir: Path, bundle: Path, trusted_key: Path, site: str, device: str):
+    def __init__(self, state_dir: Path, bundle: Path, keys: Keys, site: str, device: str):
         self.loop = asyncio.new_event_loop()
-        empty = state_dir.parent / f"{state_dir.name}-no-credentials"
-        empty.mkdir(parents=True, exist_ok=True)
-        self.settings = load_settings(
-            overrides={
-                "state_dir": state_dir,
-                "trusted_keys": (trusted_key,),
-                "mqtt_enabled": True,
-                "site": site,
-                "device": device,
-                "mqtt_response_topics": ("bench/#",),
-                "telemetry_interval_s": 0,
-                "keep_requests_count": 0,
-                "selftest_interval_s": 0,
-            },
-            credentials_dir=empty,
+        # The tests' in-process settings (one decode thread: a request alone never uses that
+        # pool) with the agent's MQTT on.
+        self.settings = agent_settings(
+            state_dir,
+            keys,
+            mqtt_enabled=True,
+            site=site,
+            device=device,
+            mqtt_response_topics=("bench/#",),
+            telemetry_interval_s=0,
+            keep_requests_count=0,
         )
         metrics = AgentMetrics()
         links: list[_WokenLink] = []
@@ -108,13 +106,7 @@ class InProcessAgent:
         routes = Routes(self.settings)
         self.service = MqttService(self.settings, routes, metrics, link_factory=link_factory)
         self.link = links[0]
-        self.device: Device = build_device(
-            self.settings,
-            build_profile(self.settings),
-            build_store(self.settings),
-            metrics,
-            self.service,
-        )
+        self.device: Device = make_device(self.settings, self.service, metrics)
         handlers = MqttHandlers(self.device, routes, metrics, self.service.send)
         self.loop.run_until_complete(self._start(bundle, handlers))
         self._mid = 0
@@ -151,7 +143,5 @@ class InProcessAgent:
 
     def close(self) -> None:
         self.loop.run_until_complete(self.service.stop())
-        core = self.device.models.core
-        core.lane.close()
-        core.close()
+        close_device(self.device)
         self.loop.close()
