@@ -156,3 +156,15 @@ def test_the_state_is_emptied_after_each_answer_not_before_the_next(
     events.clear()
     assert through_agent(generator, follow_up) == expected[follow_up]
     assert events == ["clear", "clear"]  # before it (left over), and after it
+
+    # Emptying after an answer fails: logged, and the next request empties it first.
+    def failing(llama: object) -> None:
+        events.append("failed")
+        raise RuntimeError("llama.cpp refused")
+
+    monkeypatch.setattr(runtime, "clear_state", failing)
+    assert through_agent(generator, burrs) == expected[burrs]
+    monkeypatch.setattr(runtime, "clear_state", clear_state)
+    events.clear()
+    assert through_agent(generator, follow_up) == expected[follow_up]
+    assert events == ["clear", "clear"]

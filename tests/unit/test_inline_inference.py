@@ -19,6 +19,7 @@ from edge_agent.engine.core import INLINE_MAX_PIXELS, SMALL_MIN_SEEN
 from edge_agent.engine.lane import InferenceLane
 from edge_agent.errors import OverloadedError
 from edge_agent.metrics import AgentMetrics
+from edge_bundle.errors import ImageError
 from tests.agent_support import Keys, build_bundle, jpeg, make_keys, photo
 from tests.unit.agent_fixtures import agent_settings, clean_environment
 from tests.unit.device_fakes import FakePublisher, close_device, make_device
@@ -163,3 +164,29 @@ def test_a_model_slower_than_inline_max_ms_stays_on_its_thread(
         tmp_path, keys, monkeypatch, [SMALL] * (SMALL_MIN_SEEN + 3), inline_max_ms=2
     )
     assert threads == ["infer_0"] * (SMALL_MIN_SEEN + 3)
+
+
+def test_a_bad_small_photo_inline_is_refused_and_the_next_one_still_served(
+    tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clean_environment(monkeypatch)
+    settings = agent_settings(tmp_path / "state", keys, inline_max_ms=20)
+    device = make_device(settings, FakePublisher(), AgentMetrics())
+    truncated = SMALL[: len(SMALL) // 2]  # its header says small: it goes inline
+
+    async def scenario() -> None:
+        await device.install(build_bundle(tmp_path / "dist", keys).path)
+        device.models.loading = False
+        for _ in range(SMALL_MIN_SEEN):
+            await device.predict("defects", Photo(SMALL), transport="mqtt")
+        with pytest.raises(ImageError, match="ends before the image does"):
+            await device.predict("defects", Photo(truncated), transport="mqtt")
+        lane = device.models.core.lane
+        assert lane.busy_since is None and lane.active == 0  # nothing left running
+        answer = await device.predict("defects", Photo(SMALL), transport="mqtt")
+        assert answer.prediction.label
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        close_device(device)
