@@ -27,8 +27,8 @@ request and its reply four times, so:
 - the same with the agent's own work: bare request/reply + the agent's work on the request in
   process (`bench.mqtt_in_process`: the service, handlers and device on the real runtime and
   outbox, from the hand-over of the message to the link's wake with the reply stored; no broker,
-  socket or link thread), over the broker echo; the agent's round trip over it is what the link's
-  thread hand-offs and its socket work add;
+  socket or link), over the broker echo; the agent's round trip over it is what the link's
+  socket work and its turns of the event loop add;
 - photo floor = (HTTP to the agent - HTTP to the bare peer + MQTT to the bare peer) / HTTP to the
   agent: the agent's HTTP answer with only the transport changed to MQTT (the broker takes the
   whole 3.8 MB before it forwards a byte; HTTP reads it while it is sent).

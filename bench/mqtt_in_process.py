@@ -56,7 +56,7 @@ class _WokenLink:
     def start(self) -> None:
         return None
 
-    def stop(self, timeout: float = 5.0) -> None:
+    async def stop(self, timeout: float = 5.0) -> None:
         return None
 
     def wake(self) -> None:
@@ -134,7 +134,7 @@ class InProcessAgent:
         self.link.acked = None
         self.link.woken = self.loop.create_future()
         started = time.perf_counter()
-        self.link.on_message(message)  # what the link's thread calls
+        self.link.on_message(message)  # what the link calls, on the loop
         woken = await self.link.woken
         if self.link.acked is not message:
             raise RuntimeError(f"the in-process agent did not answer {topic}")

@@ -1,1 +1,1 @@
-"""MQTT transport: the paho client's owner thread, topics, and the durable outbox it flushes."""
+"""MQTT transport: the paho client driven on the event loop, topics, and the durable outbox it flushes."""

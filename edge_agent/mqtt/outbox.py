@@ -31,7 +31,7 @@ The row being put is never dropped (a message larger than `max_bytes` on its own
 metrics. Totals are kept in memory (loaded at open) so `put()` never scans the table.
 
 Recent messages. What was stored lately is also kept in memory (`RECENT_MAX_MESSAGES`,
-`RECENT_MAX_BYTES`), in row order, until the broker acknowledges it: while the owner thread keeps
+`RECENT_MAX_BYTES`), in row order, until the broker acknowledges it: while the link keeps
 up, `pending()` is answered from there, without a query, which is how a reply goes straight from
 its commit to the wire. Older rows (after a reconnect, or a backlog larger than the bound) are
 read from the file as before.
@@ -139,7 +139,7 @@ class _CorruptFileError(Exception):
 
 @dataclass(frozen=True)
 class OutboxMessage:
-    """One stored message, as the MQTT owner thread publishes it."""
+    """One stored message, as the MQTT link publishes it."""
 
     row_id: int
     message_id: str

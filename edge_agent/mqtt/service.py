@@ -1,6 +1,6 @@
 """The MQTT transport's plumbing: the link, admission of messages, the durable outbox.
 
-Messages leave the owner thread (`link.MqttLink`) and each becomes a task here; at most
+Messages leave the link (`link.MqttLink`, on the event loop) and each becomes a task here; at most
 `mqtt_workers` of them are processed at once, and at most `mqtt_inbound_queue` more wait (the link
 announces their sum to the broker as its MQTT 5 Receive Maximum, so a backlog waits at the broker).
 A message beyond that (a QoS 0 flood, or QoS 1 far beyond what the broker was told) is shed at once: the sender gets an `overloaded` error reply carrying its
@@ -144,13 +144,14 @@ class _Plain:
 
 
 class Link(Protocol):
-    """What the service needs of the thread that owns the paho client (`MqttLink`)."""
+    """What the service needs of the owner of the paho client (`MqttLink`). It calls
+    `on_message` and `on_state` on the event loop that called `start`."""
 
     connected: bool
 
     def start(self) -> None: ...
 
-    def stop(self, timeout: float = 5.0) -> None: ...
+    async def stop(self, timeout: float = 5.0) -> None: ...
 
     def wake(self) -> None: ...
 
@@ -253,7 +254,7 @@ class MqttService:
         for task in [*self._tasks, *([self._shedder] if self._shedder else [])]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await asyncio.to_thread(self.link.stop, max(0.5, deadline - time.monotonic()))
+        await self.link.stop(max(0.5, deadline - time.monotonic()))
         self.outbox.close()
 
     @property
@@ -261,18 +262,17 @@ class MqttService:
         """Messages taken and not yet finished (held, waiting for a worker, or in one)."""
         return len(self._tasks)
 
-    # ---- from the owner thread -----------------------------------------------------------
+    # ---- from the link (on the event loop) ----------------------------------------------
     def _received(self, message: Inbound) -> None:
-        loop = self._loop
-        if loop is not None:
-            loop.call_soon_threadsafe(self._take, message)
+        if self._loop is not None:
+            self._take(message)
 
     def _connection_changed(self, connected: bool) -> None:
         self.metrics.mqtt_connected.set(1 if connected else 0)
         loop = self._loop
         if connected and loop is not None:
             for callback in self.on_connected:
-                loop.call_soon_threadsafe(callback)
+                loop.call_soon(callback)  # after the link's callback, not inside paho's
 
     def _take(self, message: Inbound) -> None:
         if not self._accepting:

@@ -5,7 +5,7 @@ without an agent process, a broker or a real language model.
   can hold a prediction in flight; `FakeLlamaRuntime` generates numbered words, counts a token per
   word, and records how long each pause between two tokens lasted. Both are swapped into the
   runtime table (`edge_agent.runtimes.RUNTIMES`), the seam the agent itself chooses runtimes by.
-- `FakeLink` stands in for the paho owner thread: a test delivers messages through it and sees
+- `FakeLink` stands in for the paho link: a test delivers messages through it and sees
   what was acknowledged and what was published outside the outbox.
 - `FakePublisher` records what the device or the updater sent out.
 """
@@ -212,7 +212,7 @@ class FakeLink:
     def start(self) -> None:
         self.started = True
 
-    def stop(self, timeout: float = 5.0) -> None:
+    async def stop(self, timeout: float = 5.0) -> None:
         self.started = False
 
     def wake(self) -> None:
@@ -225,7 +225,7 @@ class FakeLink:
         self.published.append((topic, payload))
 
     def deliver(self, topic: str, payload: bytes, qos: int = 1, **properties: Any) -> Inbound:
-        """A message from the broker (QoS 1 unless told), as the owner thread hands it over."""
+        """A message from the broker (QoS 1 unless told), as the link hands it over."""
         self._mid += 1
         message = Inbound(topic, payload, qos=qos, mid=self._mid, generation=1, **properties)
         self.on_message(message)

@@ -121,7 +121,7 @@ def test_row_ids_are_not_reused_after_the_outbox_empties(path: Path) -> None:
         last = box.put("t", b"x", kind="result").message.row_id
         box.ack(last)
     with Outbox(path, max_bytes=10_000, max_messages=10) as box:
-        # The owner thread's cursor is `last`; a reused id would be skipped by pending(after=last).
+        # The link's cursor is `last`; a reused id would be skipped by pending(after=last).
         assert [m.payload for m in box.pending(after_row_id=last)] == []
         box.put("t", b"new", kind="result")
         assert [m.payload for m in box.pending(after_row_id=last)] == [b"new"]
