@@ -26,7 +26,8 @@ large PUBLISH is read in non-blocking pieces as they arrive, like an HTTP body.
   tells the broker how many may be unacknowledged at once (the service's workers plus its
   queue), so a backlog waits at the broker rather than being shed here.
 - The outbox is published in row order with a bounded window of unacknowledged messages; a row is
-  deleted when its PUBACK arrives. After a reconnect the window starts again from the oldest row,
+  deleted when its PUBACK arrives (the PUBACKs of one read of the socket in one statement: a
+  backlog's flush is not one SQLite commit per message on the loop). After a reconnect the window starts again from the oldest row,
   so delivery is at least once and in order.
 """
 
@@ -122,6 +123,7 @@ class MqttLink:
         self._flush_due = False  # a flush is scheduled on the loop
         self._pump_due = True  # the outbox may hold rows not yet published
         self._inflight: dict[int, int] = {}  # paho mid -> outbox row id
+        self._acked: list[int] = []  # outbox rows the broker has acknowledged, to delete
         self._last_sent = 0
         self._v5 = settings.mqtt_protocol == "5"
         self.receive_maximum = settings.mqtt_workers + settings.mqtt_inbound_queue
@@ -343,6 +345,7 @@ class MqttLink:
         """Publish from the outbox (answers first: acks and commands can wait that long), run
         the queued commands, and write what is queued."""
         self._flush_due = False
+        self._delete_acked()
         client = self._client
         if client is None:
             return  # between connections: the commands wait for the next one
@@ -409,11 +412,22 @@ class MqttLink:
                 return
             self._last_sent = message.row_id
             if message.qos == 0:
-                self.outbox.ack(message.row_id)
+                self._acked.append(message.row_id)
             else:
                 self._inflight[info.mid] = message.row_id
         if len(messages) == room:
             self._pump_due = True  # there may be more once the window has room
+        self._delete_acked()
+
+    def _delete_acked(self) -> None:
+        """Delete the rows acknowledged since the last time, in one statement."""
+        if not self._acked:
+            return
+        rows, self._acked = self._acked, []
+        try:
+            self.outbox.ack_many(rows)
+        except OutboxError as exc:  # e.g. a full disk: the rows are sent again later, deduplicated
+            log.warning("could not delete acknowledged outbox rows: %s", exc)
 
     def _goodbye(self, client: paho.Client) -> None:
         """A clean disconnect: publish "offline" ourselves (the will is not sent then)."""
@@ -426,6 +440,7 @@ class MqttLink:
         client.loop_write()
 
     def _disconnected(self, client: paho.Client) -> None:
+        self._delete_acked()
         was = self.connected
         self.connected = False
         self._lost = False
@@ -491,13 +506,9 @@ class MqttLink:
         self, _client: paho.Client, _userdata: Any, mid: int, _reason: Any, _properties: Any
     ) -> None:
         row = self._inflight.pop(mid, None)
-        if row is None:
-            return
-        self._pump_due = True  # room in the window
-        try:
-            self.outbox.ack(row)
-        except OutboxError as exc:  # e.g. a full disk: the row is sent again later, deduplicated
-            log.warning("could not delete an acknowledged outbox row: %s", exc)
+        if row is not None:  # deleted with the others of this read, after it
+            self._acked.append(row)
+            self._pump_due = True  # room in the window
 
     # ---- helpers -------------------------------------------------------------------------
     def _properties(self, message: OutboxMessage) -> Properties | None:

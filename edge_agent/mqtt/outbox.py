@@ -66,7 +66,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -117,6 +117,8 @@ _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 #: Stored messages also kept in memory for `pending()` (see "Recent messages").
 RECENT_MAX_MESSAGES = 256
 RECENT_MAX_BYTES = 8 * 1024 * 1024
+#: Row ids per DELETE statement of `ack_many` (SQLite's bound on a statement's parameters).
+ACK_BATCH = 500
 # After a checkpoint SQLite truncates the WAL to this size, so a burst does not leave a big file.
 _WAL_SIZE_LIMIT = 4 * 1024 * 1024
 
@@ -466,21 +468,52 @@ class Outbox:
 
     def ack(self, row_id: int) -> None:
         """Delete a row the broker has acknowledged; acking a row that is gone does nothing."""
+        self.ack_many([row_id])
+
+    def ack_many(self, row_ids: Iterable[int]) -> None:
+        """Delete rows the broker has acknowledged, in one statement (the PUBACKs of one read
+        of the socket); rows already gone are skipped."""
+        wanted = list(dict.fromkeys(row_ids))
+        if not wanted:
+            return
         with self._lock, self._errors("delete an acknowledged message"):
             conn = self._live()
-            row = conn.execute(
-                "SELECT kind, size FROM outbox WHERE row_id = ?", (row_id,)
-            ).fetchone()
-            if row is None:
+            found: dict[int, tuple[Kind, int]] = {}
+            for row_id in wanted:
+                recent = self._recent.get(row_id)  # stored lately: no need to look it up
+                if recent is not None:
+                    found[row_id] = (recent.kind, recent.size)
+                    continue
+                row = conn.execute(
+                    "SELECT kind, size FROM outbox WHERE row_id = ?", (row_id,)
+                ).fetchone()
+                if row is not None:
+                    found[row_id] = (_as_kind(row[0]), row[1])
+            if not found:
                 return
             # A lost ack costs one more (deduplicated) delivery, so the delete is not fsynced on
             # its own; the next put's fsync covers it. One fsync per PUBACK would cap a backlog
             # flush at a few hundred messages a second.
             self._sync(conn, "NORMAL")
-            conn.execute("DELETE FROM outbox WHERE row_id = ?", (row_id,))
-            self._count[_as_kind(row[0])] -= 1
-            self._bytes[_as_kind(row[0])] -= row[1]
-            self._forget(row_id)
+            ids = list(found)
+            batches = [ids[start : start + ACK_BATCH] for start in range(0, len(ids), ACK_BATCH)]
+            if len(batches) > 1:
+                conn.execute("BEGIN IMMEDIATE")
+            try:
+                for batch in batches:
+                    marks = ",".join("?" * len(batch))
+                    conn.execute(f"DELETE FROM outbox WHERE row_id IN ({marks})", batch)  # noqa: S608
+                if len(batches) > 1:
+                    conn.execute("COMMIT")
+            except BaseException:
+                if len(batches) > 1:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+            for row_id, (kind, size) in found.items():
+                self._count[kind] -= 1
+                self._bytes[kind] -= size
+                self._forget(row_id)
 
     def depth(self) -> dict[str, Any]:
         """What is waiting, and what was dropped since this outbox was opened."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import edge_agent.mqtt.outbox as outbox_module
 from edge_agent.mqtt.outbox import Kind, Outbox, OutboxError, OutboxFullError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,6 +73,27 @@ def test_ack_deletes_the_row_and_is_idempotent(outbox: Outbox) -> None:
     depth = outbox.depth()
     assert (depth["messages"], depth["bytes"]) == (1, kept.size)
     assert depth["by_kind"]["telemetry"] == 0 and depth["by_kind"]["result"] == 1
+
+
+def test_ack_many_deletes_recent_and_older_rows_in_one_go(
+    outbox: Outbox, path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows still in memory and rows only in the file, duplicates and unknown ids, over more
+    than one DELETE statement: the right rows go, the totals follow, and a reopen agrees."""
+    monkeypatch.setattr(outbox_module, "RECENT_MAX_MESSAGES", 4)  # the older rows: file only
+    monkeypatch.setattr(outbox_module, "ACK_BATCH", 3)
+    stored = [outbox.put(f"t/{i}", b"x" * i, kind="reply").message for i in range(10)]
+    acked = [m.row_id for m in stored[::2]]  # 0, 2, 4 from the file; 6, 8 from memory
+    outbox.ack_many([*acked, acked[0], 99999])
+    kept = stored[1::2]
+    assert [m.row_id for m in outbox.pending(limit=100)] == [m.row_id for m in kept]
+    depth = outbox.depth()
+    assert (depth["messages"], depth["bytes"]) == (5, sum(m.size for m in kept))
+    outbox.ack_many([])
+    outbox.close()
+    with Outbox(path, max_bytes=1_000_000, max_messages=1000) as again:
+        assert [m.row_id for m in again.pending(limit=100)] == [m.row_id for m in kept]
+        assert again.depth()["bytes"] == sum(m.size for m in kept)
 
 
 def test_every_commit_runs_in_the_synchronous_mode_it_needs(outbox: Outbox) -> None:
