@@ -21,6 +21,9 @@ large PUBLISH is read in non-blocking pieces as they arrive, like an HTTP body.
 - TCP_NODELAY is set on the socket: with Nagle's algorithm a QoS 1 round trip took 88 ms here.
 - Incoming PUBLISH packets are decoded by `wire.PublishClient`, which copies a payload once
   where paho copies it about twenty times (9 ms of a 3.8 MB photo's receive).
+- MQTT 5's Maximum Packet Size (`max_packet_size`) keeps a message far over the payload limit
+  at the broker: without it one publish of a few hundred megabytes would be read into memory
+  here before the limit could refuse it.
 - Incoming QoS 1 messages are acknowledged by the application (`ack`) once their result is in the
   outbox, so a crash before that makes the broker deliver them again. MQTT 5's Receive Maximum
   tells the broker how many may be unacknowledged at once (the service's workers plus its
@@ -57,11 +60,16 @@ from edge_agent.mqtt.outbox import Outbox, OutboxError, OutboxMessage
 from edge_agent.mqtt.topics import Topic, TopicFilter
 from edge_agent.mqtt.wire import PublishClient
 from edge_agent.settings import AgentSettings
+from edge_bundle.chunks import MAX_CHUNK_SIZE
 
 log = logging.getLogger(__name__)
 #: Unacknowledged outbox messages on the wire at once.
 PUBLISH_WINDOW = 32
 CONNECT_TIMEOUT_S = 10.0
+#: Room in a packet beside its payload: the topic, the properties, a chunk reply's header.
+PACKET_HEADROOM = 64 * 1024
+#: The largest Maximum Packet Size MQTT 5 can state (its Remaining Length limit).
+MQTT_PACKET_LIMIT = 268_435_455
 #: How often keepalive is looked after (paho's loop_misc).
 MISC_INTERVAL_S = 1.0
 #: Reads in a row for TLS's buffered bytes before the loop gets a turn.
@@ -264,6 +272,7 @@ class MqttLink:
             # No more unacknowledged QoS 1 messages at once than the service takes: the rest of a
             # backlog waits at the broker instead of being shed here.
             properties.ReceiveMaximum = min(65535, self.receive_maximum)
+            properties.MaximumPacketSize = max_packet_size(self.settings)
         client.connect(
             self.settings.mqtt_host,
             self.settings.mqtt_port,
@@ -533,6 +542,16 @@ class MqttLink:
         return json.dumps(
             {"status": state, "client_id": self.settings.client_id, "at": time.time()}
         ).encode()
+
+
+def max_packet_size(settings: AgentSettings) -> int:
+    """What the broker is told never to send (MQTT 5 Maximum Packet Size; 3.1.1 has none: set the
+    broker's own message size limit). Twice `mqtt_max_payload_bytes`, so that a message somewhat
+    over the limit still reaches the agent and is answered `payload_too_large`, and never less
+    than a bundle chunk's reply. The broker drops a larger message for this client unsent, as if
+    delivered: it never reaches the agent's memory or its event loop."""
+    payload = max(2 * settings.mqtt_max_payload_bytes, MAX_CHUNK_SIZE)
+    return min(MQTT_PACKET_LIMIT, payload + PACKET_HEADROOM)
 
 
 def _no_delay(_client: paho.Client, _userdata: Any, sock: Any) -> None:

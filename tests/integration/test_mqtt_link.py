@@ -199,3 +199,39 @@ def test_a_dropped_connection_is_made_again_and_what_was_stored_meanwhile_goes_o
         assert [m.payload for m in got] == [b"stored while away"]
     finally:
         peer.close()
+
+
+def test_the_broker_keeps_a_message_far_over_the_payload_limit(
+    tmp_path: Path, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MQTT 5 Maximum Packet Size: a message somewhat over `mqtt_max_payload_bytes` still
+    arrives (to be answered `payload_too_large`); one over the stated bound never does, and what
+    follows it does."""
+    monkeypatch.setattr(link_module, "MAX_CHUNK_SIZE", 1024)  # the bound follows the payload
+    settings = settings_for(tmp_path, broker.port).model_copy(
+        update={"mqtt_max_payload_bytes": 4096}
+    )
+    bound = link_module.max_packet_size(settings)
+    assert bound == 2 * 4096 + link_module.PACKET_HEADROOM
+    peer = TestClient(broker.port, "peer")
+    received: list[tuple[Inbound, int]] = []
+
+    async def scenario() -> None:
+        link, outbox = make_link(settings, received)
+        link.start()
+        await until(lambda: link.connected, "connected")
+        await asyncio.sleep(0.2)  # the SUBACK
+        over = b"o" * (4096 + 1000)  # over the payload limit, well under the bound
+        far_over = b"f" * (bound + 1)
+        for payload in (over, far_over, b"after"):
+            await asyncio.to_thread(peer.publish, REQUESTS, payload)
+        await until(lambda: len(received) >= 2, "the messages under the bound")
+        await asyncio.sleep(0.3)  # nothing else comes
+        assert [m.payload for m, _ in received] == [over, b"after"]
+        await link.stop()
+        outbox.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        peer.close()
