@@ -305,7 +305,7 @@ class MqttLink:
                 # keepalive: PINGREQ when due, and a broker that stopped answering is dropped
                 if client.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     break
-                self._write(client)
+                self._flush()  # and whatever a wake did not get out yet
             if self._stopping:
                 self._goodbye(client)
             return self.connects > connects
@@ -425,7 +425,9 @@ class MqttLink:
             else:
                 self._inflight[info.mid] = message.row_id
         if len(messages) == room:
-            self._pump_due = True  # there may be more once the window has room
+            self._pump_due = True  # there may be more: at once if QoS 0 left the window open,
+            if len(self._inflight) < PUBLISH_WINDOW:  # else when a PUBACK makes room
+                self._flush_soon()
         self._delete_acked()
 
     def _delete_acked(self) -> None:

@@ -235,3 +235,33 @@ def test_the_broker_keeps_a_message_far_over_the_payload_limit(
         asyncio.run(scenario())
     finally:
         peer.close()
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_a_backlog_larger_than_the_window_all_goes_out_in_order(
+    tmp_path: Path, broker: Broker, qos: int
+) -> None:
+    """More rows than the window of unacknowledged messages: QoS 1 ones follow their PUBACKs,
+    QoS 0 ones (never acknowledged) do not wait for any."""
+    peer = TestClient(broker.port, "peer")
+    peer.subscribe(ANSWERS)
+    count = 3 * link_module.PUBLISH_WINDOW + 5
+    settings = settings_for(tmp_path, broker.port)
+
+    async def scenario() -> None:
+        link, outbox = make_link(settings, [])
+        link.start()
+        await until(lambda: link.connected, "connected")
+        drafts = [Draft(ANSWERS, str(n).encode(), "reply", f"m{n}", qos=qos) for n in range(count)]
+        outbox.put_many(drafts)
+        link.wake()
+        await until(lambda: outbox.depth()["messages"] == 0, "every row published and deleted")
+        await link.stop()
+        outbox.close()
+
+    try:
+        asyncio.run(scenario())
+        got = peer.wait_for(count, 20, ANSWERS)
+        assert [m.payload for m in got] == [str(n).encode() for n in range(count)]
+    finally:
+        peer.close()
