@@ -59,6 +59,21 @@ def make_link(
     return link, outbox
 
 
+async def subscribed(peer: TestClient, received: list[tuple[Inbound, int]]) -> None:
+    """Once the link's subscription is in place: probes until one arrives, then until the last
+    one sent has (a topic keeps its order); the probes are then taken out of `received`."""
+    sent = 0
+    async with asyncio.timeout(10):
+        while not received:
+            sent += 1
+            await asyncio.to_thread(peer.publish, REQUESTS, f"probe-{sent}".encode())
+            await asyncio.sleep(0.05)
+        last = f"probe-{sent}".encode()
+        while last not in [m.payload for m, _ in received]:
+            await asyncio.sleep(0.01)
+    received.clear()
+
+
 async def until(condition: object, what: str, timeout: float = 10.0) -> None:
     assert callable(condition)
     async with asyncio.timeout(timeout):
@@ -81,7 +96,7 @@ def test_messages_arrive_on_the_loop_and_answers_woken_from_a_thread_go_out(
         link.start()
         loop_thread = threading.get_ident()
         await until(lambda: link.connected, "connected")
-        await asyncio.sleep(0.2)  # the SUBACK
+        await subscribed(peer, received)
         await asyncio.to_thread(peer.publish, REQUESTS, b"small")
         photo = bytes(range(256)) * (4 * 1024 * 1024 // 256)  # 4 MiB: many reads
         await asyncio.to_thread(peer.publish, REQUESTS, photo)
@@ -220,7 +235,7 @@ def test_the_broker_keeps_a_message_far_over_the_payload_limit(
         link, outbox = make_link(settings, received)
         link.start()
         await until(lambda: link.connected, "connected")
-        await asyncio.sleep(0.2)  # the SUBACK
+        await subscribed(peer, received)
         over = b"o" * (4096 + 1000)  # over the payload limit, well under the bound
         far_over = b"f" * (bound + 1)
         for payload in (over, far_over, b"after"):
