@@ -5,7 +5,8 @@ The text side is the tiny Llama of `llm_support` (SentencePiece, briefly trained
 its tokenizer gains the tokens llama.cpp's multimodal library looks up around an Idefics3/SmolVLM
 image: `<fake_token_around_image>`, `<global-img>` and the paragraph break `\\n\\n` as one token,
 plus `<image>` (the image token the transformers model expects). The vision tower is random,
-64 x 64 pixels in 16-pixel patches with a pixel-shuffle factor of 2: four image tokens per photo.
+64 x 64 pixels in 16-pixel patches with a pixel-shuffle factor of 2: four image tokens per image,
+and eight per photo in llama.cpp, which adds a tile to the global image (`mtmd_prompt_ids`).
 
 The chat template is our own, in SmolVLM's shape: a message's content is a string or a list of
 parts, and an image part becomes the image marker. The tiny model's text is gibberish; what the
@@ -18,6 +19,7 @@ recorded with `edge_bundle.llama_vision`, as `tests.agent_support.build_text_bun
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +44,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tiny_smolvlm(directory: Path, *, train_steps: int = 30, text_width: int = 64) -> Path:
-    """A SmolVLM checkpoint directory (config, safetensors, tokenizer, preprocessor config)."""
+def make_tiny_smolvlm(
+    directory: Path, *, train_steps: int = 30, text_width: int = 64, teach_colours: bool = True
+) -> Path:
+    """A SmolVLM checkpoint directory (config, safetensors, tokenizer, preprocessor config);
+    `teach_colours` False leaves the vision side random (a model only there to be mismatched)."""
     import json
 
     import torch
@@ -96,7 +101,8 @@ def make_tiny_smolvlm(directory: Path, *, train_steps: int = 30, text_width: int
     with torch.no_grad():  # the trained text model inside the random vision-language model
         model.model.text_model.load_state_dict(language.model.state_dict())
         model.lm_head.load_state_dict(language.lm_head.state_dict())
-    _teach_colours(model, tokenizer, train_steps)
+    if teach_colours:
+        _teach_colours(model, tokenizer)
     model.save_pretrained(directory, safe_serialization=True)
     preprocessor = {
         "image_processor_type": "SmolVLMImageProcessor",
@@ -125,36 +131,96 @@ def colour_photo(answer: str, seed: int, size: tuple[int, int] = (IMAGE_SIZE, IM
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-def _teach_colours(model: Any, tokenizer: Any, steps: int) -> None:
-    """A few steps so that the answer depends on the photo: reddish parts are "scratch",
-    bluish ones "dent" (the image tokens laid out as transformers' SmolVLM processor does)."""
+#: How far the first token of the right answer must lead the other answer's, in logits, on every
+#: teaching photo, before the tiny model counts as taught.
+TAUGHT_MARGIN = 4.0
+MAX_COLOUR_STEPS = 300
+
+
+def classify_question(labels: Sequence[str]) -> str:
+    """The question a bundle packaged with `labels` scores them after (the packager's)."""
+    from model_packager.llm.vision import CLASSIFY_QUESTION
+
+    return CLASSIFY_QUESTION.format(labels=", ".join(labels))
+
+
+def mtmd_prompt_ids(tokenizer: Any, question: str = QUESTION) -> list[int]:
+    """The prompt of `question` with one photo, token for token as llama.cpp's multimodal library
+    lays it out for this model: its Idefics3 preprocessing always tiles, so a photo is a 1 x 1
+    grid of tiles (`<row_1_col_1>`) and then the global image, `IMAGE_TOKENS` each; each text
+    run is tokenized on its own, with SentencePiece's leading space."""
+
+    def text(run: str) -> list[int]:
+        return list(tokenizer(run, add_special_tokens=False).input_ids)
+
+    special = tokenizer.convert_tokens_to_ids
+    around, image = special("<fake_token_around_image>"), [special("<image>")] * IMAGE_TOKENS
+    return [
+        tokenizer.bos_token_id, *text("User: "),
+        around, *text("<row_1_col_1>"), *image, special("\n\n"),
+        around, special("<global-img>"), *image,
+        around, *text(f"{question}<end_of_utterance>\nAssistant:"),
+    ]  # fmt: skip
+
+
+def _teach_colours(model: Any, tokenizer: Any) -> None:
+    """Train until the answer depends on the photo by `TAUGHT_MARGIN`: reddish parts are
+    "scratch", bluish ones "dent", asked any question the tests and the packager ask
+    (`QUESTION`, the packager's golden question and its `classify_question`), in the layout the agent's llama.cpp gives a photo
+    (`mtmd_prompt_ids`: the tile and the global image are both the 64 x 64 photo).
+
+    Trained on another layout (the global image alone, as transformers' processor lays it out
+    without splitting), the model met llama.cpp's layout untaught, and its answer leant on the
+    photo by a fraction of a logit: enough on one CPU, lost to the f16 arithmetic of another
+    (an AMX Xeon), where both colours got the same answer. Checked every 10 steps;
+    AssertionError if `MAX_COLOUR_STEPS` do not get there."""
     import torch
 
-    image = "<fake_token_around_image><global-img>" + "<image>" * IMAGE_TOKENS
-    rows, pixels, answers = [], [], []
+    from model_packager.llm.vision import VISION_QUESTION
+
+    questions = (QUESTION, VISION_QUESTION, classify_question(ANSWERS))
+    prompts = [mtmd_prompt_ids(tokenizer, question) for question in questions]
+    first = {a: tokenizer(" " + a, add_special_tokens=False).input_ids[0] for a in ANSWERS}
+    assert len(set(first.values())) == len(first), "the answers must differ in their first token"
+    rows, pixels = [], []  # (prompt, answer, its tokens), and the photo, tile and global
     for seed in range(16):
         answer = list(ANSWERS)[seed % 2]
-        prompt = f"User: {image}<fake_token_around_image>{QUESTION}<end_of_utterance>\nAssistant:"
-        ids = tokenizer(prompt).input_ids
-        target = tokenizer(" " + answer, add_special_tokens=False).input_ids
-        rows.append((ids, target))
         photo = torch.tensor(colour_photo(answer, seed), dtype=torch.float32) / 255.0
-        pixels.append(((photo - 0.5) / 0.5).permute(2, 0, 1))
-        answers.append(answer)
-    width = max(len(ids) + len(target) for ids, target in rows)
+        photo = (photo - 0.5) / 0.5
+        for prompt in prompts:
+            target = tokenizer(" " + answer, add_special_tokens=False).input_ids
+            rows.append((prompt, answer, target))
+            pixels.append(torch.stack([photo.permute(2, 0, 1)] * 2))
+    width = max(len(prompt) + len(target) for prompt, _, target in rows)
     input_ids = torch.full((len(rows), width), tokenizer.eos_token_id)
     labels = torch.full((len(rows), width), -100)
-    for row, (ids, target) in enumerate(rows):
-        input_ids[row, : len(ids) + len(target)] = torch.tensor(ids + target)
-        labels[row, len(ids) : len(ids) + len(target)] = torch.tensor(target)
-    pixel_values = torch.stack(pixels)[:, None]
+    for row, (prompt, _, target) in enumerate(rows):
+        input_ids[row, : len(prompt) + len(target)] = torch.tensor(prompt + target)
+        labels[row, len(prompt) : len(prompt) + len(target)] = torch.tensor(target)
+    pixel_values = torch.stack(pixels)
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
+
+    def margin() -> float:
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
+        other = {a: first[b] for a, b in zip(ANSWERS, reversed(ANSWERS), strict=True)}
+        leads = []
+        for row, (prompt, answer, target) in enumerate(rows):
+            step = logits[row, len(prompt) - 1]
+            leads.append(float(step[target[0]] - step[other[answer]]))
+        return min(leads)
+
+    for step in range(1, MAX_COLOUR_STEPS + 1):
+        model.train()
         loss = model(input_ids=input_ids, pixel_values=pixel_values, labels=labels).loss
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
+        if step % 10 == 0 and margin() >= TAUGHT_MARGIN:
+            break
+    else:
+        raise AssertionError(f"the tiny model did not learn colours in {MAX_COLOUR_STEPS} steps")
     model.eval()
 
 
@@ -251,9 +317,7 @@ def build_vlm_bundle(
         "chat_template.jinja": SourceFile(work / "chat_template.jinja", "tokenizer"),
     }
     prompt = photo_prompt()
-    classify_prompt = photo_prompt(
-        question=f"Which defect does this photo show? Answer with one of: {', '.join(labels)}."
-    )
+    classify_prompt = photo_prompt(question=classify_question(labels))
     knowledge_path = None
     if labels:
         from edge_bundle.knowledge import KNOWLEDGE_FILE, KnowledgeBase

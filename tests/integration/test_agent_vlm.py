@@ -37,6 +37,8 @@ from tests.vlm_support import (
     build_vlm_bundle,
     colour_photo,
     convert_tiny_smolvlm,
+    mtmd_prompt_ids,
+    photo_prompt,
 )
 
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
@@ -148,6 +150,31 @@ def chat(url: str, messages: list[dict[str, Any]], model: str = "inspector") -> 
 def answer_of(response: httpx.Response) -> str:
     assert response.status_code == 200, response.text
     return str(response.json()["choices"][0]["message"]["content"])
+
+
+def test_the_tiny_model_was_taught_in_the_layout_llama_cpp_gives_a_photo(
+    work: Path, ggufs: tuple[Path, Path]
+) -> None:
+    # Taught in another layout, its answers leant on the photo by too little to hold on every CPU.
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from edge_bundle.llama_vision import Projector
+
+    text, mmproj = ggufs
+    llama = Llama(model_path=str(text), n_ctx=CONTEXT, n_threads=THREADS, verbose=False)
+    projector = Projector(llama, mmproj, threads=THREADS)
+    try:
+        evaluated = projector.evaluate(llama, photo_prompt(), [colour_photo("dent", 5, (96, 128))])
+    finally:
+        projector.close()
+        llama.close()
+    tokenizer = AutoTokenizer.from_pretrained(work / "tiny" / "checkpoint")
+    taught, image = mtmd_prompt_ids(tokenizer), tokenizer.convert_tokens_to_ids("<image>")
+    assert len(evaluated.tokens) == len(taught)
+    assert evaluated.image_tokens == taught.count(image)
+    texts = [(i, t) for i, t in enumerate(taught) if t != image]
+    assert [(i, evaluated.tokens[i]) for i, _ in texts] == texts
 
 
 def test_the_model_is_ready_and_says_it_takes_photos(agent_url: str) -> None:

@@ -46,7 +46,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert main(["keygen", "--role", "bundle", "--out", str(keys), "--name", "bundle"]) == 0
     vlm_support.make_tiny_smolvlm(root / "tiny")
     vlm_support.make_vlm_lora(root / "tiny", root / "lora")
-    vlm_support.make_tiny_smolvlm(root / "wide", text_width=96, train_steps=2)
+    vlm_support.make_tiny_smolvlm(root / "wide", text_width=96, train_steps=2, teach_colours=False)
     text = Path("firmware_profiles/generic-x86-64-avx2.toml").read_text()
     text = text.replace('name = "generic-x86-64-avx2"', 'name = "test-llm"')
     text = re.sub(
