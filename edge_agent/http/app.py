@@ -16,7 +16,7 @@ import hmac
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,7 +32,7 @@ from edge_agent.engine.types import new_request_id
 from edge_agent.errors import AgentError, BadRequestError, UnauthorizedError
 from edge_agent.http import errors
 from edge_agent.http.generate import add_generation_routes
-from edge_agent.http.inputs import read_image, read_json
+from edge_agent.http.inputs import QueryOption, read_image, read_json, read_query
 from edge_agent.http.middleware import (
     BodyDeadline,
     BodyLimit,
@@ -69,6 +69,26 @@ PREDICT_BODY = {
         },
     },
 }
+MODEL_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+#: The prediction's query options, read by `read_query` (not by FastAPI: see `inputs`).
+PREDICT_OPTIONS = (
+    QueryOption(
+        "top_k",
+        "how many classes to return",
+        {"type": "integer", "minimum": 1, "maximum": 100, "default": 3},
+    ),
+    QueryOption(
+        "explain",
+        "stream an explanation afterwards, if the model has one",
+        {"type": "boolean", "default": True},
+    ),
+    QueryOption(
+        "explanation_format",
+        "json: the explanation as JSON (root_cause, actions, confidence_note), decoding "
+        "constrained to that schema",
+        {"type": "string", "enum": ["text", "json"], "default": "text"},
+    ),
+)
 BINARY = {"type": "string", "format": "binary"}
 SHADOW_BODY = {
     "required": True,
@@ -328,24 +348,16 @@ def _add_routes(app: FastAPI, device: Device, updater: UpdateStatus | None) -> N
         PREDICT_ROUTE,
         tags=["models"],
         summary="Classify a photo",
-        openapi_extra={"requestBody": PREDICT_BODY},
+        openapi_extra={
+            "requestBody": PREDICT_BODY,
+            "parameters": [MODEL_NAME, *(option.openapi() for option in PREDICT_OPTIONS)],
+        },
         responses=error_responses(*BODY, 404, 415, 422, 503),
     )
-    async def predict(
-        name: str,
-        request: Request,
-        top_k: Annotated[int, Query(ge=1, le=100, description="how many classes to return")] = 3,
-        explain: Annotated[
-            bool, Query(description="stream an explanation afterwards, if the model has one")
-        ] = True,
-        explanation_format: Annotated[
-            Literal["text", "json"],
-            Query(
-                description="json: the explanation as JSON (root_cause, actions, "
-                "confidence_note), decoding constrained to that schema"
-            ),
-        ] = "text",
-    ) -> JSONResponse:
+    async def predict(request: Request) -> JSONResponse:
+        # Parameters read by hand, documented in `openapi_extra` (see `PREDICT_OPTIONS`).
+        name = request.path_params["name"]
+        options = read_query(request.query_params, PREDICT_OPTIONS)
         request_id = new_request_id()
         request.state.request_id = request_id
         client_id = request.headers.get("x-request-id")
@@ -356,10 +368,10 @@ def _add_routes(app: FastAPI, device: Device, updater: UpdateStatus | None) -> N
             lambda: read_image(request),
             transport="http",
             request_id=request_id,
-            top_k=top_k,
-            explain=explain,
+            top_k=options["top_k"],
+            explain=options["explain"],
             client_request_id=client_id,
-            structured=explanation_format == "json",
+            structured=options["explanation_format"] == "json",
         )
         body = answer.prediction.to_json()
         body["links"] = {"self": f"/v1/requests/{request_id}"}

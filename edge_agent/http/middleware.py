@@ -27,6 +27,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -94,7 +95,9 @@ class HeaderLimit:
 class BodyDeadline:
     """Fail body reads with `RequestTimeoutError` (408) once the body lags its deadline: the
     first read starts the clock; by `timeout_s + received / min_rate` seconds the next bytes
-    must be in. Reads after the body's end pass through untouched."""
+    must be in. Reads after the body's end pass through untouched. One timer watches the whole
+    body (`_BodyClock`), not one per read: a photo arrives in hundreds of reads over a slow
+    link, and a timer per read cost the event loop more than the read itself."""
 
     def __init__(self, app: ASGIApp, timeout_s: float, min_rate: float) -> None:
         self.app = app
@@ -105,36 +108,91 @@ class BodyDeadline:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started: float | None = None
-        received = 0
-        complete = False
+        clock = _BodyClock(receive, self.timeout_s, self.min_rate)
+        try:
+            await self.app(scope, clock.receive, send)
+        finally:
+            clock.stop()
 
-        async def timed() -> Message:
-            nonlocal started, received, complete
-            if complete:  # e.g. a streaming answer listening for the client going away
-                return await receive()
-            now = time.monotonic()
-            if started is None:
-                started = now
-            remaining = started + self.timeout_s + received / self.min_rate - now
-            try:
-                # A disconnect or a chunk already buffered comes back at once even when late.
-                async with asyncio.timeout(max(remaining, 0.001)):
-                    message = await receive()
-            except TimeoutError:
-                raise RequestTimeoutError(self._message(received, now - started)) from None
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-            complete = message["type"] != "http.request" or not message.get("more_body", False)
-            return message
 
-        await self.app(scope, timed, send)
+class _BodyClock:
+    """One request body's deadline. While a read waits, a timer set for the deadline cancels it
+    (as `asyncio.timeout` would) if the deadline has not moved on meanwhile; bytes arriving only
+    move the deadline, so the timer is set again only when it fires early. A read that starts
+    late (the app was busy between reads) has a millisecond, as a buffered chunk or a disconnect
+    still comes back at once."""
 
-    def _message(self, received: int, elapsed: float) -> str:
+    __slots__ = (
+        "_expired", "_min_rate", "_reader", "_receive", "_timeout_s", "_timer", "complete",
+        "received", "started",
+    )  # fmt: skip
+
+    def __init__(self, receive: Receive, timeout_s: float, min_rate: float) -> None:
+        self._receive = receive
+        self._timeout_s = timeout_s
+        self._min_rate = min_rate
+        self._timer: asyncio.TimerHandle | None = None
+        self._reader: asyncio.Task[Any] | None = None
+        self._expired = False
+        self.started: float | None = None
+        self.received = 0
+        self.complete = False
+
+    def _deadline(self, started: float) -> float:
+        return started + self._timeout_s + self.received / self._min_rate
+
+    async def receive(self) -> Message:
+        if self.complete:  # e.g. a streaming answer listening for the client going away
+            return await self._receive()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self.started is None:
+            self.started = now
+        if self._timer is None:
+            self._timer = loop.call_at(max(self._deadline(self.started), now + 0.001), self._due)
+        reader = self._reader = asyncio.current_task()
+        assert reader is not None
+        cancelling = reader.cancelling()
+        try:
+            message = await self._receive()
+        except asyncio.CancelledError:
+            if self._expired and reader.uncancel() <= cancelling:
+                raise RequestTimeoutError(self._message()) from None
+            raise
+        finally:
+            self._reader = None
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.complete = True
+            self.stop()
+        return message
+
+    def _due(self) -> None:
+        assert self.started is not None
+        loop = asyncio.get_running_loop()
+        deadline = self._deadline(self.started)
+        if loop.time() < deadline:
+            self._timer = loop.call_at(deadline, self._due)
+        elif self._reader is not None:
+            self._timer = None
+            self._expired = True
+            self._reader.cancel()
+        else:  # the app is busy between reads: the next read starts the last millisecond
+            self._timer = None
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _message(self) -> str:
+        assert self.started is not None
+        elapsed = asyncio.get_running_loop().time() - self.started
         return (
-            f"the request body arrived too slowly ({received:,} bytes in {elapsed:.1f} s; the "
-            f"agent waits {self.timeout_s:g} s plus {self.min_rate:,.0f} bytes/s); send it at "
-            "once, over a better link"
+            f"the request body arrived too slowly ({self.received:,} bytes in {elapsed:.1f} s; "
+            f"the agent waits {self._timeout_s:g} s plus {self._min_rate:,.0f} bytes/s); send it "
+            "at once, over a better link"
         )
 
 

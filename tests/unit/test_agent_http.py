@@ -284,6 +284,25 @@ def test_top_k_out_of_bounds_is_a_bad_request(served: Served, top_k: str) -> Non
     assert "top_k" in error["message"]
 
 
+def test_the_predict_routes_parameters_are_documented_as_they_are_checked(served: Served) -> None:
+    # Read by hand (edge_agent.http.inputs.QueryOption), not by FastAPI: documented by hand too.
+    document = served.client.get("/openapi.json").json()
+    operation = document["paths"]["/v1/models/{name}/predict"]["post"]
+    parameters = {p["name"]: (p["in"], p["required"], p["schema"]) for p in operation["parameters"]}
+    assert parameters == {
+        "name": ("path", True, {"type": "string"}),
+        "top_k": ("query", False, {"type": "integer", "minimum": 1, "maximum": 100, "default": 3}),
+        "explain": ("query", False, {"type": "boolean", "default": True}),
+        "explanation_format": (
+            "query", False, {"type": "string", "enum": ["text", "json"], "default": "text"}
+        ),
+    }  # fmt: skip
+    bad = predict(served.client, params={"explain": "perhaps", "top_k": "2"})
+    assert assert_error(bad, 400, "bad_request")["message"] == (
+        "invalid request: query.explain must be true or false, not 'perhaps'"
+    )
+
+
 def test_the_kept_record_and_its_image(served: Served) -> None:
     client = served.client
     body = predict(client).json()

@@ -165,6 +165,48 @@ def test_a_body_keeping_up_the_rate_is_read_whole_and_later_reads_are_not_timed(
     assert elapsed > 1.0
 
 
+def test_a_read_started_late_gets_a_buffered_chunk_at_once_but_no_wait() -> None:
+    sent: list[Message] = []
+    chunks = [(0.0, b"x" * 10), (0.0, b"y" * 10), (5.0, b"late")]
+
+    async def busy_reader(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await asyncio.sleep(0.5)  # past the 0.3 s deadline, between reads
+        sent.append(await receive())  # buffered: comes back although late
+        await receive()  # would wait: refused within a millisecond or so
+
+    async def main() -> None:
+        app = BodyDeadline(busy_reader, timeout_s=0.3, min_rate=1000)
+        await app({"type": "http", "path": "/", "headers": []}, _client(chunks), _discard)
+
+    started = time.perf_counter()
+    with pytest.raises(RequestTimeoutError, match="20 bytes"):
+        asyncio.run(main())
+    assert sent[0]["body"] == b"y" * 10
+    assert time.perf_counter() - started < 1.5
+
+
+def test_cancelling_the_request_is_not_a_timeout_and_leaves_no_timer() -> None:
+    async def main() -> None:
+        app = BodyDeadline(_echo_length, timeout_s=0.3, min_rate=1000)
+        scope = {"type": "http", "path": "/", "headers": []}
+        loop = asyncio.get_running_loop()
+        timers = len(loop._scheduled)  # type: ignore[attr-defined]
+        task = asyncio.create_task(app(scope, _client([(0.0, b"x"), (5.0, b"y")]), _discard))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        live = [handle for handle in loop._scheduled if not handle.cancelled()]  # type: ignore[attr-defined]
+        assert len(live) <= timers
+
+    asyncio.run(main())
+
+
+async def _discard(message: Message) -> None:
+    pass
+
+
 # ---- the feedback listing -------------------------------------------------------------------
 def test_the_feedback_listing_needs_the_token_when_one_is_set(served: Served) -> None:
     assert_error(served.client.get("/v1/feedback"), 401, "unauthorized")
