@@ -3,7 +3,7 @@ shares the server's (or the benchmark's) interpreter, event loop or GIL.
 
 It reads one JSON command per line on stdin and answers one JSON line on stdout:
 
-    {"op": "run", "target": "agent"|"naive"|"bare", "form": "raw"|"multipart", "count": N,
+    {"op": "run", "target": "agent"|"naive"|"bare"|"floor", "form": "raw"|"multipart", "count": N,
      "concurrency": C}
     -> {"latency_s": [...], "server_ms": [...], "stages_ms": {...}, "status": {...},
         "errors": [...], "wall_s": S, "cpu_s": S}
@@ -187,6 +187,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--agent-url", required=True, help="base URL of `edge-agent serve`")
     parser.add_argument("--naive-url", help="base URL of bench/naive_app.py under uvicorn")
     parser.add_argument("--bare-url", help="base URL of bench/bare_peer.py (reads, answers 16 B)")
+    parser.add_argument("--floor-url", help="base URL of bench/classify_peer.py")
     parser.add_argument("--model", required=True, help="the agent's model name")
     return parser.parse_args(argv)
 
@@ -201,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets["naive"] = Target("naive", args.naive_url, "/predict", "file")
     if args.bare_url:
         targets["bare"] = Target("bare", args.bare_url, "/", "image")
+    if args.floor_url:
+        targets["floor"] = Target("floor", args.floor_url, "/", "image")
     print(json.dumps({"ready": True, "image_bytes": len(image)}), flush=True)
     try:
         for line in sys.stdin:
