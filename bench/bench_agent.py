@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -585,10 +585,20 @@ def decode_phase(
         # Huffman-coded coefficient at 1/8 scale; no colour conversion, no resize.
         return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8)
 
+    decoded = classifier.decode(
+        data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_body_bytes
+    )
+
+    def preprocess_alone() -> object:
+        # The bundle's own preprocessing of the reduced photo (the resize its model was trained
+        # with, bit for bit, the crop, the normalisation): work no decode removes.
+        return classifier.prepare(decoded)
+
     cases = {
         "agent_reduced_decode_preprocess": agent,
         "naive_full_imdecode_resize": naive,
         "entropy_decode_floor": entropy_floor,
+        "bundle_preprocess_alone": preprocess_alone,
     }
     return interleaved(cases, rounds=args.rounds, per_round=args.per_round, warmup=args.warmup)
 
@@ -697,15 +707,10 @@ def _floor_ratios(
     the HTTP ratio if serving over HTTP cost no more than an idle server's receiving the photo
     and answering (back to back, with no work between: below what the same upload costs a
     server that has just been classifying, which case e measures)."""
-    values = sorted(
+    return _spread(
         (percentile(a, 50) + percentile(b, 50)) / percentile(a, 50)
         for a, b in zip(in_process, bare, strict=True)
     )
-    return {
-        "median_of_rounds": round(float(np.median(values)), 3),
-        "min_round": round(values[0], 3),
-        "max_round": round(values[-1], 3),
-    }
 
 
 def summarize_decode(samples: dict[str, list[list[float]]]) -> dict[str, Any]:
@@ -718,6 +723,33 @@ def summarize_decode(samples: dict[str, list[list[float]]]) -> dict[str, Any]:
         # this file can pass: what the >= 3x target is up against.
         "entropy_decode_floor": summarize_ms(flatten(samples["entropy_decode_floor"])),
         "naive_over_entropy_floor_p50": round_ratios(naive, samples["entropy_decode_floor"], 50),
+        # ... and with the bundle's preprocessing added, which the agent cannot skip.
+        "bundle_preprocess_alone": summarize_ms(flatten(samples["bundle_preprocess_alone"])),
+        "naive_over_entropy_and_preprocess_p50": _sum_ratios(
+            naive, samples["entropy_decode_floor"], samples["bundle_preprocess_alone"]
+        ),
+    }
+
+
+def _sum_ratios(
+    numerator: Sequence[Sequence[float]],
+    first: Sequence[Sequence[float]],
+    second: Sequence[Sequence[float]],
+) -> dict[str, float]:
+    """Per round, numerator p50 / (first p50 + second p50)."""
+    return _spread(
+        percentile(n, 50) / (percentile(a, 50) + percentile(b, 50))
+        for n, a, b in zip(numerator, first, second, strict=True)
+    )
+
+
+def _spread(ratios: Iterable[float]) -> dict[str, float]:
+    """The median of per-round ratios, and the lowest and highest round."""
+    values = sorted(ratios)
+    return {
+        "median_of_rounds": round(float(np.median(values)), 3),
+        "min_round": round(values[0], 3),
+        "max_round": round(values[-1], 3),
     }
 
 
@@ -791,6 +823,9 @@ def verdict(
         "3_met": server_p95 <= TARGETS["server_timing_p95_ms_max"],
         "4_decode_speedup_p50": decode_speedup,
         "4_ceiling": decode["naive_over_entropy_floor_p50"]["median_of_rounds"],
+        "4_ceiling_with_preprocess": decode["naive_over_entropy_and_preprocess_p50"][
+            "median_of_rounds"
+        ],
         "4_met": decode_speedup >= TARGETS["decode_speedup_min"],
         "5_two_concurrent_p95_over_single_p50": two_ratio,
         "5_met": two_ratio <= TARGETS["two_concurrent_p95_over_single_p50_max"],
@@ -876,7 +911,9 @@ def print_report(
         "2": f"naive p50 / http raw p50 = {outcome['2_naive_over_http_raw_p50']:.3f} (> 1)",
         "3": f"server-side p95 = {outcome['3_server_timing_p95_ms']:.1f} ms (<= 100)",
         "4": f"decode+resize speed-up = {outcome['4_decode_speedup_p50']:.2f}x (>= 3; "
-        f"single-core ceiling, naive / entropy decode alone = {outcome['4_ceiling']:.2f}x)",
+        f"single-core ceilings, naive / entropy decode alone = {outcome['4_ceiling']:.2f}x, "
+        f"naive / (entropy decode + the bundle's preprocessing) = "
+        f"{outcome['4_ceiling_with_preprocess']:.2f}x)",
         "5": f"2 concurrent p95 / single p50 = {outcome['5_two_concurrent_p95_over_single_p50']:.3f}"
         " (<= 2.2)",
         "6": "http / in-process throughput = "
