@@ -32,7 +32,13 @@ from edge_agent.engine.types import new_request_id
 from edge_agent.errors import AgentError, BadRequestError, UnauthorizedError
 from edge_agent.http import errors
 from edge_agent.http.generate import add_generation_routes
-from edge_agent.http.inputs import QueryOption, read_image, read_json, read_query
+from edge_agent.http.inputs import (
+    MAX_NOTE_CHARS,
+    QueryOption,
+    read_image,
+    read_json,
+    read_query,
+)
 from edge_agent.http.middleware import (
     BodyDeadline,
     BodyLimit,
@@ -70,6 +76,14 @@ PREDICT_BODY = {
     },
 }
 MODEL_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+#: Read with the photo (`inputs.read_image`), as multipart and JSON bodies carry it in a field.
+NOTE = {
+    "name": "note",
+    "in": "query",
+    "required": False,
+    "description": "the technician's note for the explanation, with a raw image body",
+    "schema": {"type": "string", "maxLength": MAX_NOTE_CHARS},
+}
 #: The prediction's query options, read by `read_query` (not by FastAPI: see `inputs`).
 PREDICT_OPTIONS = (
     QueryOption(
@@ -350,7 +364,7 @@ def _add_routes(app: FastAPI, device: Device, updater: UpdateStatus | None) -> N
         summary="Classify a photo",
         openapi_extra={
             "requestBody": PREDICT_BODY,
-            "parameters": [MODEL_NAME, *(option.openapi() for option in PREDICT_OPTIONS)],
+            "parameters": [MODEL_NAME, *(option.openapi() for option in PREDICT_OPTIONS), NOTE],
         },
         responses=error_responses(*BODY, 404, 415, 422, 503),
     )

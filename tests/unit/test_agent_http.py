@@ -296,6 +296,7 @@ def test_the_predict_routes_parameters_are_documented_as_they_are_checked(served
         "explanation_format": (
             "query", False, {"type": "string", "enum": ["text", "json"], "default": "text"}
         ),
+        "note": ("query", False, {"type": "string", "maxLength": 500}),
     }  # fmt: skip
     bad = predict(served.client, params={"explain": "perhaps", "top_k": "2"})
     assert assert_error(bad, 400, "bad_request")["message"] == (
