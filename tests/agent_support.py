@@ -266,23 +266,50 @@ def spawn_agent(
 def run_agent(
     state_dir: Path, *args: str, env: dict[str, str] | None = None, scheme: str = "http"
 ) -> Iterator[AgentProcess]:
-    """Start `edge-agent serve` on a free port, wait until it is alive; SIGTERM it afterwards."""
-    agent = spawn_agent(state_dir, *args, env=env, scheme=scheme)
-    process = agent.process
+    """Start `edge-agent serve` on a free port, wait until it is alive; SIGTERM it afterwards.
+
+    The port `free_port` found can be taken before the agent binds it (the kernel hands the
+    same range to outgoing connections): an agent that exits for that reason is started again
+    on another port, up to `PORT_ATTEMPTS` times."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        agent = spawn_agent(state_dir, *args, env=env, scheme=scheme)
+        try:
+            _wait_alive(agent)
+        except _PortTakenError:
+            if attempt == PORT_ATTEMPTS:
+                raise AssertionError(f"no free port in {attempt} tries:\n{agent.log()}") from None
+            continue
+        except BaseException:
+            agent.stop()
+            raise
+        break
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"agent exited with {process.returncode}:\n{agent.log()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{agent.url}/healthz", timeout=2, verify=False).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"agent did not start:\n{agent.log()}")
-            time.sleep(0.1)
         yield agent
     finally:
         agent.stop()
+
+
+PORT_ATTEMPTS = 3
+
+
+class _PortTakenError(Exception):
+    """The agent exited because its port was taken between `free_port` and its bind."""
+
+
+def _wait_alive(agent: AgentProcess, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if agent.process.poll() is not None:
+            log = agent.log()
+            if "address already in use" in log:
+                raise _PortTakenError()
+            raise AssertionError(f"agent exited with {agent.process.returncode}:\n{log}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{agent.url}/healthz", timeout=2, verify=False).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"agent did not start:\n{agent.log()}")
+        time.sleep(0.1)
 
 
 GOLDEN_PROMPT = "The most common cause of a surface scratch on a machined part is"
