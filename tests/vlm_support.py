@@ -166,8 +166,9 @@ def mtmd_prompt_ids(tokenizer: Any, question: str = QUESTION) -> list[int]:
 def _teach_colours(model: Any, tokenizer: Any) -> None:
     """Train until the answer depends on the photo by `TAUGHT_MARGIN`: reddish parts are
     "scratch", bluish ones "dent", asked any question the tests and the packager ask
-    (`QUESTION`, the packager's golden question and its `classify_question`), in the layout the agent's llama.cpp gives a photo
-    (`mtmd_prompt_ids`: the tile and the global image are both the 64 x 64 photo).
+    (`QUESTION`, the packager's golden question and its `classify_question`), in the layout
+    the agent's llama.cpp gives a photo (`mtmd_prompt_ids`: the tile and the global image are
+    both the 64 x 64 photo).
 
     Trained on another layout (the global image alone, as transformers' processor lays it out
     without splitting), the model met llama.cpp's layout untaught, and its answer leant on the
@@ -187,8 +188,8 @@ def _teach_colours(model: Any, tokenizer: Any) -> None:
         answer = list(ANSWERS)[seed % 2]
         photo = torch.tensor(colour_photo(answer, seed), dtype=torch.float32) / 255.0
         photo = (photo - 0.5) / 0.5
+        target = tokenizer(" " + answer, add_special_tokens=False).input_ids
         for prompt in prompts:
-            target = tokenizer(" " + answer, add_special_tokens=False).input_ids
             rows.append((prompt, answer, target))
             pixels.append(torch.stack([photo.permute(2, 0, 1)] * 2))
     width = max(len(prompt) + len(target) for prompt, _, target in rows)
