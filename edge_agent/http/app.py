@@ -75,9 +75,9 @@ PREDICT_BODY = {
         },
     },
 }
-MODEL_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+NAME_PARAMETER = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 #: Read with the photo (`inputs.read_image`), as multipart and JSON bodies carry it in a field.
-NOTE = {
+NOTE_PARAMETER = {
     "name": "note",
     "in": "query",
     "required": False,
@@ -364,7 +364,11 @@ def _add_routes(app: FastAPI, device: Device, updater: UpdateStatus | None) -> N
         summary="Classify a photo",
         openapi_extra={
             "requestBody": PREDICT_BODY,
-            "parameters": [MODEL_NAME, *(option.openapi() for option in PREDICT_OPTIONS), NOTE],
+            "parameters": [
+                NAME_PARAMETER,
+                *(option.openapi() for option in PREDICT_OPTIONS),
+                NOTE_PARAMETER,
+            ],
         },
         responses=error_responses(*BODY, 404, 415, 422, 503),
     )
