@@ -39,6 +39,16 @@ class VisionError(BundleError):
     """The projector cannot be opened, or a prompt with images cannot be evaluated."""
 
 
+class EndsWithImageError(VisionError):
+    """A prompt's last position is an image's: it has no next-token logits to answer from."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the prompt ends with a photo, and the model answers only after text: put text "
+            "after the last photo (the question, or the chat template's answer prefix)"
+        )
+
+
 @dataclass(frozen=True)
 class Evaluated:
     """A prompt evaluated into the model's state: every position (text and image), and how many
@@ -47,6 +57,15 @@ class Evaluated:
     tokens: list[int]
     image_tokens: int
     ends_with_text: bool  # the last position's logits are the next token's (not an image's)
+
+    def completion_prompt(self) -> list[int]:
+        """`tokens`, to continue with `create_completion`; raises `EndsWithImageError` when the
+        prompt ends with an image. llama-cpp-python evaluates a prompt's last token again for
+        its logits, and an image position holds no token id (`Llama.input_ids` keeps whatever
+        was there), so it would feed llama.cpp a stray token in the image's place."""
+        if not self.ends_with_text:
+            raise EndsWithImageError()
+        return self.tokens
 
 
 def fit_image(pixels: Pixels, side: int) -> Pixels:
@@ -150,7 +169,7 @@ class Projector:
         scored (constrained decoding by enumeration): the answer is always one of them."""
         evaluated = self.evaluate(llama, text, images)
         if not evaluated.ends_with_text:
-            raise VisionError("the prompt must end in text (the template's answer prefix)")
+            raise EndsWithImageError()
         start = llama.n_tokens
         first = _last_log_probabilities(llama)
         totals = []

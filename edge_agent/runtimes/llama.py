@@ -47,7 +47,7 @@ from edge_bundle.bundle import VerifiedBundle
 from edge_bundle.errors import BundleError
 from edge_bundle.gguf_fields import ProjectorMismatchError, projector_pair
 from edge_bundle.llama_state import clear_state
-from edge_bundle.llama_vision import IMAGE_MARKER, Projector
+from edge_bundle.llama_vision import IMAGE_MARKER, EndsWithImageError, Projector
 from edge_bundle.manifest import Vision
 from edge_bundle.profiles import HardwareProfile
 
@@ -119,7 +119,10 @@ class LlamaSession:
             raise InferenceError("this model takes no images (it has no projector)")
         self._clean = False
         evaluated = self._projector.evaluate(self._llama, request.prompt, request.images)
-        return evaluated.tokens, len(evaluated.tokens)
+        try:
+            return evaluated.completion_prompt(), len(evaluated.tokens)
+        except EndsWithImageError as exc:
+            raise BadRequestError(str(exc)) from exc
 
     def stream(
         self,
@@ -179,6 +182,8 @@ class LlamaSession:
         self._clean = False
         try:
             return self._projector.label_scores(self._llama, prompt, images, labels)
+        except EndsWithImageError as exc:
+            raise BadRequestError(str(exc)) from exc
         except Exception as exc:  # llama-cpp-python and the projector raise untyped errors
             raise InferenceError(f"llama.cpp failed while scoring the labels: {exc}") from exc
 
@@ -246,7 +251,6 @@ def _with_projector(
 ) -> LlamaSession:
     """A session with the bundle's projector opened beside `llama` and its image path warmed;
     on failure nothing stays open."""
-    _quiet_projector_logs()
     projector: Projector | None = None
     try:
         projector = Projector(
@@ -265,31 +269,19 @@ def _with_projector(
     return LlamaSession(llama, projector, positions)
 
 
+#: What follows the warm-up photo: a projector whose layout ends with the image (LLaVA's) would
+#: leave no text to generate from.
+_AFTER_WARM_UP_PHOTO = "\n"
+
+
 def _warm_image_path(llama: Any, projector: Projector, side: int) -> int:
     """Encode one mid-grey photo of `side` and generate one token after it, then forget it;
     return the context positions the photo took (image and wrapper tokens)."""
     grey = np.full((side, side, 3), 128, dtype=np.uint8)
-    evaluated = projector.evaluate(llama, IMAGE_MARKER, [grey])
+    evaluated = projector.evaluate(llama, IMAGE_MARKER + _AFTER_WARM_UP_PHOTO, [grey])
     llama.create_completion(
-        prompt=evaluated.tokens, max_tokens=1, temperature=0.0, repeat_penalty=1.0
+        prompt=evaluated.completion_prompt(), max_tokens=1, temperature=0.0, repeat_penalty=1.0
     )
     clear_state(llama)
-    bos = len(llama.tokenize(b"", add_bos=True, special=True))
-    return len(evaluated.tokens) - bos
-
-
-_QUIETED: list[bool] = []
-
-
-def _quiet_projector_logs() -> None:
-    """Route llama.cpp's multimodal library's logs (a dozen lines per photo) through
-    llama-cpp-python's own log callback, which keeps only errors unless a model is verbose."""
-    if _QUIETED:
-        return
-    import ctypes
-
-    from llama_cpp import _logger, mtmd_cpp
-
-    mtmd_cpp.mtmd_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-    mtmd_cpp.mtmd_helper_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-    _QUIETED.append(True)
+    text = llama.tokenize(_AFTER_WARM_UP_PHOTO.encode(), add_bos=True, special=True)
+    return len(evaluated.tokens) - len(text)

@@ -206,7 +206,7 @@ def _classify_ms(
 def _completion(llm: Any, projector: Projector, prompt: str, photo: Pixels) -> tuple[str, int]:
     evaluated = projector.evaluate(llm, prompt, [photo])
     out = llm.create_completion(
-        prompt=evaluated.tokens,
+        prompt=evaluated.completion_prompt(),
         max_tokens=VISION_GOLDEN_TOKENS,
         temperature=0.0,
         repeat_penalty=1.0,
@@ -225,7 +225,8 @@ def _measure(llm: Any, projector: Projector, prompt: str, photo: Pixels) -> dict
         start = time.perf_counter()
         evaluated = projector.evaluate(llm, prompt, [photo])
         with_photo.append(time.perf_counter() - start)
-        for _ in llm.generate(evaluated.tokens, temp=0.0, top_k=1):  # re-evaluates the last
+        # `generate` evaluates the prompt's last token again, then yields the first new one
+        for _ in llm.generate(evaluated.completion_prompt(), temp=0.0, top_k=1):
             break
         first.append(time.perf_counter() - start)
         start = time.perf_counter()

@@ -177,6 +177,28 @@ def test_the_tiny_model_was_taught_in_the_layout_llama_cpp_gives_a_photo(
     assert [(i, evaluated.tokens[i]) for i, _ in texts] == texts
 
 
+def test_the_warm_up_counts_the_positions_a_photo_takes(ggufs: tuple[Path, Path]) -> None:
+    # The warm-up puts text after its photo (a layout may end with the image); the count is
+    # still the photo's own: what a bare photo takes in SmolVLM's layout, which ends in text.
+    import numpy as np
+    from llama_cpp import Llama
+
+    from edge_agent.runtimes.llama import _warm_image_path
+    from edge_bundle.llama_vision import IMAGE_MARKER, Projector
+
+    text, mmproj = ggufs
+    llama = Llama(model_path=str(text), n_ctx=CONTEXT, n_threads=THREADS, verbose=False)
+    projector = Projector(llama, mmproj, threads=THREADS)
+    try:
+        positions = _warm_image_path(llama, projector, 64)
+        bare = projector.evaluate(llama, IMAGE_MARKER, [np.full((64, 64, 3), 128, np.uint8)])
+    finally:
+        projector.close()
+        llama.close()
+    assert bare.ends_with_text
+    assert positions == len(bare.tokens) - 1  # the BOS is not the photo's
+
+
 def test_the_model_is_ready_and_says_it_takes_photos(agent_url: str) -> None:
     models = {m["name"]: m for m in httpx.get(f"{agent_url}/v1/models").json()["models"]}
     inspector = models["inspector"]
