@@ -287,7 +287,10 @@ class Server:
                 self.process.wait()
 
 
-def _start(name: str, command: list[str], env: Mapping[str, str], log: Path, port: int) -> Server:
+def start_server(
+    name: str, command: list[str], env: Mapping[str, str], log: Path, port: int
+) -> Server:
+    """`command` started from the repository, its output in `log`, to listen on `port`."""
     with log.open("wb") as handle:
         process = subprocess.Popen(
             command,
@@ -325,7 +328,7 @@ def start_agent(state: Path, bench: BenchBundle, work: Path, keep_records: bool)
     # Throughput at 16 concurrent clients needs them all admitted: the queueing-delay rule (#15)
     # would refuse most of them (bench_overload.py measures that rule).
     env["EDGE_AGENT_MAX_QUEUE_DELAY_SERVICES"] = "1000"
-    server = _start("edge-agent serve", command, env, work / "agent.log", port)
+    server = start_server("edge-agent serve", command, env, work / "agent.log", port)
     server.wait_until("/readyz", timeout=180)
     return server
 
@@ -334,7 +337,9 @@ def start_naive(fp32: Path, work: Path) -> Server:
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "bench.naive_app:app", "--host", "127.0.0.1",
                "--port", str(port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
-    server = _start("naive app", command, {"NAIVE_MODEL_PATH": str(fp32)}, work / "naive.log", port)
+    server = start_server(
+        "naive app", command, {"NAIVE_MODEL_PATH": str(fp32)}, work / "naive.log", port
+    )
     server.wait_until("/openapi.json", timeout=120)
     return server
 
@@ -344,7 +349,7 @@ def start_floor(state: Path, bench: BenchBundle, work: Path) -> Server:
     port = free_port()
     command = [sys.executable, "-m", "bench.classify_peer", str(state), str(bench.public_key),
                str(port)]  # fmt: skip
-    server = _start("classify peer", command, {}, work / "floor.log", port)
+    server = start_server("classify peer", command, {}, work / "floor.log", port)
     server.wait_until("/", timeout=120)
     return server
 
@@ -353,7 +358,7 @@ def start_bare(work: Path) -> Server:
     """bench/bare_peer.py, HTTP only: the same photo received and answered with no work."""
     port = free_port()
     command = [sys.executable, "-m", "bench.bare_peer", "0", str(port)]
-    server = _start("bare peer", command, {}, work / "bare.log", port)
+    server = start_server("bare peer", command, {}, work / "bare.log", port)
     server.wait_until("/", timeout=60)
     return server
 

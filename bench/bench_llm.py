@@ -9,6 +9,9 @@ directly, and the classifier's latency while an explanation streams.
   interleaved by rounds (target: agent >= 0.95x direct, the median of the per-round ratios, with
   their spread). Tokens/s is end to end: the tokens generated over the time from the request to
   the last token, so that coalesced events (several tokens in one) count what they carry;
+- the floor: in the same rounds, bench/generate_peer.py, the same GGUF streamed over HTTP by a
+  bare ASGI app with the agent's llama.cpp settings (peer / direct: what streaming over HTTP on
+  the same cores costs; agent / peer: what the agent's own code costs);
 - threads while streaming: the agent again with a profile of 1 thread (cores - 1), against the
   same direct run, so that the llama.cpp threads and the agent's own threads can be compared;
 - classifier under load: the demo classifier (real EfficientNet-Lite0, int8) repackaged to name
@@ -27,16 +30,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bench.bench_agent import Server, start_server
 from bench.common import format_table, library_versions, percentile, write_json
 from edge_bundle.bundle import SourceFile, open_bundle, write_bundle
 from edge_bundle.signing import TrustStore
-from tests.agent_support import build_text_bundle, make_keys, run_agent
+from tests.agent_support import build_text_bundle, free_port, make_keys, run_agent
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BUNDLE = ROOT / "demo" / "bundle" / "defects-1.bundle"
@@ -47,6 +51,8 @@ PROMPT = "Quality inspection report. The most common causes of porosity in an al
 #: run started at once shares the 2 cores with that: the agent's first token took 42 ms right
 #: after a direct run against 35 ms for direct's own (AMD EPYC Zen 4).
 GAP_S = 0.05
+THREADS = 2  # the generic profile's llama threads
+CONTEXT = 512  # the bench's text bundle's context (build_text_bundle's default)
 
 
 def small_gguf() -> Path:
@@ -64,7 +70,7 @@ class Direct:
         from llama_cpp import Llama
 
         self.llama = Llama(
-            model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads,
+            model_path=str(gguf), n_ctx=CONTEXT, n_threads=threads, n_threads_batch=threads,
             seed=0, verbose=False,
         )  # fmt: skip
 
@@ -121,26 +127,49 @@ def _rates(started: float, stamps: list[float], generated: int) -> dict[str, flo
 
 
 def interleaved(
-    url: str, direct: Direct, tokens: int, rounds: int
-) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
-    """Rounds alternate which side goes first, so drift on the shared machine hits both. Each run
-    starts `GAP_S` after the one before, once the other side's OpenMP threads have stopped
-    spinning (see `GAP_S`)."""
-    agent_runs, direct_runs = [], []
-
-    def agent() -> None:
-        time.sleep(GAP_S)
-        agent_runs.append(through_agent(url, tokens))
-
-    def plain() -> None:
-        time.sleep(GAP_S)
-        direct_runs.append(direct.run(tokens))
-
+    sides: dict[str, Callable[[], dict[str, float]]], rounds: int
+) -> dict[str, list[dict[str, float]]]:
+    """Runs of each side, by rounds: each round runs every side once, and the order rotates from
+    round to round, so drift on the shared machine hits every side and each side follows each
+    other one in turn. Each run starts `GAP_S` after the one before, once the other side's
+    OpenMP threads have stopped spinning (see `GAP_S`)."""
+    names = list(sides)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for number in range(rounds):
-        first, second = (plain, agent) if number % 2 else (agent, plain)
-        first()
-        second()
-    return agent_runs, direct_runs
+        shift = number % len(names)
+        for name in names[shift:] + names[:shift]:
+            time.sleep(GAP_S)
+            runs[name].append(sides[name]())
+    return runs
+
+
+def start_peer(gguf: Path, work: Path) -> Server:
+    """bench/generate_peer.py: the same GGUF streamed over HTTP with the agent's llama.cpp
+    settings, and no agent."""
+    port = free_port()
+    command = [sys.executable, "-m", "bench.generate_peer", str(gguf), str(THREADS), str(CONTEXT),
+               str(port)]  # fmt: skip
+    server = start_server("generate peer", command, {}, work / "peer.log", port)
+    server.wait_until("/", timeout=120)
+    return server
+
+
+def floor(runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """The peer's ratios: what streaming over HTTP costs at all (peer / direct), and what the
+    agent's own code costs on top (agent / peer)."""
+    result = {
+        "peer_over_direct": {
+            "tokens_per_s": ratios(runs["peer"], runs["direct"], "tokens_per_s"),
+            "ttft_ms": ratios(runs["peer"], runs["direct"], "ttft_ms"),
+        },
+        "agent_over_peer": {
+            "tokens_per_s": ratios(runs["agent"], runs["peer"], "tokens_per_s"),
+            "ttft_ms": ratios(runs["agent"], runs["peer"], "ttft_ms"),
+        },
+    }
+    for name, ratio in result.items():
+        print(f"{name.replace('_', ' ')}, tokens/s: {ratio['tokens_per_s']}")
+    return result
 
 
 def ratios(
@@ -222,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )  # fmt: skip
         photo = (ROOT / "demo" / "photos" / "scratch.jpg").read_bytes()
         trusted = ["--trusted-key", str(keys.public), "--trusted-key", str(classifier_key)]
-        direct = Direct(gguf, threads=2)
+        direct = Direct(gguf, threads=THREADS)
         direct.run(8)  # warm up
         one_thread = with_threads("generic-x86-64-avx2", 1, work)
         with run_agent(
@@ -230,14 +259,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         ) as agent:  # fmt: skip
             agent.wait_ready(180)
             through_agent(agent.url, 8)  # warm up
-            one_agent, one_direct = interleaved(agent.url, direct, args.tokens, args.rounds // 2)
+            one = interleaved(
+                {"agent": lambda: through_agent(agent.url, args.tokens),
+                 "direct": lambda: direct.run(args.tokens)},
+                args.rounds // 2,
+            )  # fmt: skip
+        peer = start_peer(gguf, work)
+        try:
+            through_agent(peer.url, 8)  # warm up
+            with run_agent(
+                state, *trusted, env={"EDGE_AGENT_KEEP_REQUESTS_COUNT": "0"},
+            ) as agent:  # fmt: skip
+                agent.wait_ready(180)
+                through_agent(agent.url, 8)  # warm up
+                runs = interleaved(
+                    {"agent": lambda: through_agent(agent.url, args.tokens),
+                     "peer": lambda: through_agent(peer.url, args.tokens),
+                     "direct": lambda: direct.run(args.tokens)},
+                    args.rounds,
+                )  # fmt: skip
+        finally:
+            peer.stop()
+        direct.close()
+        agent_runs, direct_runs = runs["agent"], runs["direct"]
         with run_agent(
             state, *trusted, env={"EDGE_AGENT_KEEP_REQUESTS_COUNT": "0"},
         ) as agent:  # fmt: skip
             agent.wait_ready(180)
-            through_agent(agent.url, 8)  # warm up
-            agent_runs, direct_runs = interleaved(agent.url, direct, args.tokens, args.rounds)
-            direct.close()
             classify(agent.url, photo, 10)  # warm up
             idle = classify(agent.url, photo, args.classify)
             stop = threading.Event()
@@ -253,10 +301,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop.set()
             generator.join(120)
     result = summarize(agent_runs, direct_runs, idle, busy)
+    result["floor"] = floor(runs)
     result["threads_while_streaming"] = {
         "agent_1_thread_over_direct_2_threads": {
-            "tokens_per_s": ratios(one_agent, one_direct, "tokens_per_s"),
-            "ttft_ms": ratios(one_agent, one_direct, "ttft_ms"),
+            "tokens_per_s": ratios(one["agent"], one["direct"], "tokens_per_s"),
+            "ttft_ms": ratios(one["agent"], one["direct"], "ttft_ms"),
         },
         "agent_2_threads_over_direct_2_threads": result["tokens_per_s_ratio_rounds"],
     }
@@ -266,8 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     result["quantization_table"] = quantization_rows()
     result["pinned"] = {
-        "threads": 2,
-        "context": 512,
+        "threads": THREADS,
+        "context": CONTEXT,
         "tokens": args.tokens,
         "greedy": True,
         "model": "gemma3-270m Q4_K_M",
