@@ -23,9 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
 from bench.bench_agent import TOP_K, in_process_settings, load_in_process
+from bench.peers import read_body, serve
 from edge_agent.engine.memory import map_large_blocks
 
 
@@ -44,19 +43,15 @@ def make_app(state: Path, public_key: Path) -> Any:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
+        body = await read_body(receive)
         answer: dict[str, Any] = {}
         if scope["method"] == "POST":
             loop = asyncio.get_running_loop()
-            answer = await loop.run_in_executor(pool, classify, b"".join(chunks))
-        body = json.dumps(answer).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+            answer = await loop.run_in_executor(pool, classify, body)
+        reply = json.dumps(answer).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(reply))]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": reply})
 
     return app
 
@@ -65,10 +60,7 @@ def main(argv: list[str]) -> int:
     state, public_key, port = Path(argv[0]), Path(argv[1]), int(argv[2])
     map_large_blocks()
     app = make_app(state, public_key)
-    uvicorn.run(
-        app, host="127.0.0.1", port=port, http="h11", loop="uvloop", lifespan="off",
-        log_level="warning", access_log=False,
-    )  # fmt: skip
+    serve(app, port)
     return 0
 
 

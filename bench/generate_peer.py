@@ -28,8 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
+from bench.peers import read_body, serve
 from edge_agent.engine.lane import lower_priority
 from edge_agent.runtimes.llama import OPENMP_SPIN_COUNT
 from edge_agent.settings import AgentSettings
@@ -72,11 +71,7 @@ def make_app(gguf: Path, threads: int, context: int) -> Any:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
+        body = await read_body(receive)
         if scope["method"] != "POST":
             headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -88,7 +83,7 @@ def make_app(gguf: Path, threads: int, context: int) -> Any:
         def put(item: object) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        done = loop.run_in_executor(pool, generate, json.loads(b"".join(chunks)), put)
+        done = loop.run_in_executor(pool, generate, json.loads(body), put)
         headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         while (item := await queue.get()) is not _END:
@@ -104,10 +99,7 @@ def make_app(gguf: Path, threads: int, context: int) -> Any:
 def main(argv: list[str]) -> int:
     gguf, threads, context, port = Path(argv[0]), int(argv[1]), int(argv[2]), int(argv[3])
     app = make_app(gguf, threads, context)
-    uvicorn.run(
-        app, host="127.0.0.1", port=port, http="h11", loop="uvloop", lifespan="off",
-        log_level="warning", access_log=False,
-    )  # fmt: skip
+    serve(app, port)
     return 0
 
 
