@@ -302,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             generator.join(120)
     result = summarize(agent_runs, direct_runs, idle, busy)
     result["floor"] = floor(runs)
+    result["generation"]["peer"] = runs["peer"]
     result["threads_while_streaming"] = {
         "agent_1_thread_over_direct_2_threads": {
             "tokens_per_s": ratios(one["agent"], one["direct"], "tokens_per_s"),
