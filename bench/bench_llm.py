@@ -264,28 +264,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "direct": lambda: direct.run(args.tokens)},
                 args.rounds // 2,
             )  # fmt: skip
-        peer = start_peer(gguf, work)
-        try:
-            through_agent(peer.url, 8)  # warm up
-            with run_agent(
-                state, *trusted, env={"EDGE_AGENT_KEEP_REQUESTS_COUNT": "0"},
-            ) as agent:  # fmt: skip
-                agent.wait_ready(180)
-                through_agent(agent.url, 8)  # warm up
+        with run_agent(
+            state, *trusted, env={"EDGE_AGENT_KEEP_REQUESTS_COUNT": "0"},
+        ) as agent:  # fmt: skip
+            agent.wait_ready(180)
+            through_agent(agent.url, 8)  # warm up
+            peer = start_peer(gguf, work)
+            try:
+                through_agent(peer.url, 8)  # warm up
                 runs = interleaved(
                     {"agent": lambda: through_agent(agent.url, args.tokens),
                      "peer": lambda: through_agent(peer.url, args.tokens),
                      "direct": lambda: direct.run(args.tokens)},
                     args.rounds,
                 )  # fmt: skip
-        finally:
-            peer.stop()
-        direct.close()
-        agent_runs, direct_runs = runs["agent"], runs["direct"]
-        with run_agent(
-            state, *trusted, env={"EDGE_AGENT_KEEP_REQUESTS_COUNT": "0"},
-        ) as agent:  # fmt: skip
-            agent.wait_ready(180)
+            finally:
+                peer.stop()  # its llama.cpp threads are not part of the classifier's test
+            direct.close()
+            agent_runs, direct_runs = runs["agent"], runs["direct"]
             classify(agent.url, photo, 10)  # warm up
             idle = classify(agent.url, photo, args.classify)
             stop = threading.Event()

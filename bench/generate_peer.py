@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,14 +29,14 @@ from typing import Any
 
 from bench.peers import read_body, serve
 from edge_agent.engine.lane import lower_priority
-from edge_agent.runtimes.llama import OPENMP_SPIN_COUNT
+from edge_agent.runtimes.llama import tune_openmp
 from edge_agent.settings import AgentSettings
 
 _END = object()
 
 
 def make_app(gguf: Path, threads: int, context: int) -> Any:
-    os.environ.setdefault("GOMP_SPINCOUNT", str(OPENMP_SPIN_COUNT))  # before llama_cpp loads
+    tune_openmp()  # the agent's spin count, set before llama_cpp is first imported
     from llama_cpp import Llama
 
     from edge_bundle.llama_state import clear_state
@@ -54,16 +53,19 @@ def make_app(gguf: Path, threads: int, context: int) -> Any:
     llama = pool.submit(load).result()
 
     def generate(ask: dict[str, Any], put: Any) -> None:
-        tokens = 0
+        tokens, finish = 0, None
         try:
             for piece in llama.create_completion(
                 ask["prompt"], max_tokens=int(ask["max_tokens"]), temperature=0.0,
                 repeat_penalty=1.0, stream=True,
             ):  # fmt: skip
                 tokens += 1
-                if piece["choices"][0]["text"]:
-                    put(piece["choices"][0]["text"])
-            put({"done": True, "finish_reason": "length", "usage": {"completion_tokens": tokens}})
+                choice = piece["choices"][0]
+                finish = choice.get("finish_reason") or finish
+                if choice["text"]:
+                    put(choice["text"])
+            usage = {"completion_tokens": tokens}
+            put({"done": True, "finish_reason": finish or "length", "usage": usage})
         finally:
             put(_END)
             clear_state(llama)

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 OPENMP_SPIN_COUNT = 30_000
 
 
-def _tune_openmp() -> None:
+def tune_openmp() -> None:
     """Set GOMP_SPINCOUNT before libgomp reads it (when llama_cpp is first imported)."""
     if "GOMP_SPINCOUNT" in os.environ:
         return
@@ -204,7 +204,7 @@ class LlamaRuntime:
     def load(
         self, bundle: VerifiedBundle, profile: HardwareProfile, cache_dir: Path
     ) -> LlamaSession:
-        _tune_openmp()
+        tune_openmp()
         try:
             from llama_cpp import Llama
         except ImportError as exc:
