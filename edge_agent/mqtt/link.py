@@ -31,7 +31,9 @@ large PUBLISH is read in non-blocking pieces as they arrive, like an HTTP body.
 - The outbox is published in row order with a bounded window of unacknowledged messages; a row is
   deleted when its PUBACK arrives (the PUBACKs of one read of the socket in one statement: a
   backlog's flush is not one SQLite commit per message on the loop). After a reconnect the window starts again from the oldest row,
-  so delivery is at least once and in order.
+  so delivery is at least once and in order. While the outbox's thread holds it for a
+  checkpoint, publishing and deleting wait for the wake that follows it instead of the loop
+  waiting for the outbox's lock.
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ class MqttLink:
         self._acked: list[int] = []  # outbox rows the broker has acknowledged, to delete
         self._last_sent = 0
         self._v5 = settings.mqtt_protocol == "5"
+        outbox.after_checkpoint.append(self.wake)  # publish what waited for the checkpoint
         self.receive_maximum = settings.mqtt_workers + settings.mqtt_inbound_queue
 
     # ---- any thread ----------------------------------------------------------------------
@@ -354,11 +357,15 @@ class MqttLink:
         """Publish from the outbox (answers first: acks and commands can wait that long), run
         the queued commands, and write what is queued."""
         self._flush_due = False
-        self._delete_acked()
+        # While the outbox is held for a checkpoint (~10 ms of fsyncs), its rows wait for the
+        # wake that follows it rather than the event loop for the outbox's lock.
+        reading = not self.outbox.checkpointing
+        if reading:
+            self._delete_acked()
         client = self._client
         if client is None:
             return  # between connections: the commands wait for the next one
-        if self.connected and self._pump_due:
+        if reading and self.connected and self._pump_due:
             self._pump(client)
         self._run_commands(client)
         self._write(client)

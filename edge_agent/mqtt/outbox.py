@@ -40,6 +40,16 @@ Threads. One connection (check_same_thread=False) behind one lock: SQLite admits
 time anyway, so per-thread connections would only add busy retries, and the eviction choice, the
 insert and the in-memory totals must change together in one critical section.
 
+Checkpoints. Copying the WAL back into the main file costs two fsyncs (8-16 ms on a VM's disk).
+SQLite's automatic checkpoint would run them inside whichever commit crossed 1,000 pages: about
+every 80th MQTT reply, on the event loop, where a reply is committed, stalling every request in
+flight. So it is off, and the outbox's own thread (`outbox-checkpoint`) runs the checkpoint once
+about `CHECKPOINT_PAGES` were written since the last one, holding the lock like any writer. While
+it runs, `checkpointing` is True: callers on the event loop (the reply commit, the link's publish
+and delete) check it and go to a thread or wait for the `after_checkpoint` callbacks instead of
+blocking on the lock. A checkpoint that fails (a full disk) is tried again after
+`CHECKPOINT_RETRY_S`; the WAL only grows meanwhile, as it would have anyway.
+
 Answered messages. Beside the rows, the file remembers which incoming messages were answered
 (`answered`: a dedupe key, a digest of the message, and copies of the answers with their
 message_ids), written in the same transaction as the answers themselves (`put_many(answered=)`).
@@ -66,7 +76,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -121,6 +131,14 @@ RECENT_MAX_BYTES = 8 * 1024 * 1024
 ACK_BATCH = 500
 # After a checkpoint SQLite truncates the WAL to this size, so a burst does not leave a big file.
 _WAL_SIZE_LIMIT = 4 * 1024 * 1024
+#: The checkpoint thread copies the WAL into the main file once about this many pages were
+#: written since the last time (SQLite's own automatic threshold, which is turned off).
+CHECKPOINT_PAGES = 1000
+#: How long the checkpoint thread waits after a failed checkpoint before it tries again.
+CHECKPOINT_RETRY_S = 5.0
+_PAGE_BYTES = 4096  # SQLite's default page size, for the estimate of pages a commit writes
+#: Pages a commit writes besides its rows' bytes: table and index leaves, the row id sequence.
+_PAGES_PER_ROW = 4
 
 
 class OutboxError(Exception):
@@ -233,6 +251,17 @@ class Outbox:
         self._recent: dict[int, OutboxMessage] = {}
         self._recent_bytes = 0
         self._recent_after = 0
+        #: True while the checkpoint thread holds the lock (see "Checkpoints").
+        self.checkpointing = False
+        #: Called (on the checkpoint thread) after each checkpoint: what waited for it goes on.
+        self.after_checkpoint: list[Callable[[], None]] = []
+        #: Checkpoints done (and failed) by the checkpoint thread since the outbox was opened.
+        self.checkpoints = 0
+        self.checkpoint_failures = 0
+        self._pages = 0  # about how many pages were written since the last checkpoint
+        self._checkpoint_due = threading.Event()
+        self._closing = threading.Event()
+        self._checkpointer: threading.Thread | None = None
         try:
             with self._errors("load the outbox totals"):
                 self._answered_keys = {
@@ -250,6 +279,10 @@ class Outbox:
         except BaseException:
             self.close()  # release the file lock for whoever fixes the problem
             raise
+        self._checkpointer = threading.Thread(
+            target=self._checkpoints, name="outbox-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
 
     def put(
         self,
@@ -365,6 +398,12 @@ class Outbox:
             self._count = count
             self._bytes = sizes
             self._bound_recent()
+            self._wrote(
+                len(chosen)
+                + sum(len(victims) for _, victims, _ in chosen)
+                + (answered is not None),
+                sum(message.size for message, _ in prepared) * (2 if answered is not None else 1),
+            )
             if answered is not None:
                 self._answered_keys.add(answered.key)
                 self._answered_keys.difference_update(forgotten)
@@ -514,19 +553,83 @@ class Outbox:
                 self._count[kind] -= 1
                 self._bytes[kind] -= size
                 self._forget(row_id)
+            self._wrote(len(found), 0)
 
     def depth(self) -> dict[str, Any]:
-        """What is waiting, and what was dropped since this outbox was opened."""
+        """What is waiting, and what was dropped since this outbox was opened.
+
+        Read without the lock, so a health check never waits for a commit's fsync or a
+        checkpoint: a commit replaces the totals whole, so the figures are each a committed
+        state, at worst one commit apart from each other."""
+        count, size = self._count, self._bytes
+        return {
+            "messages": sum(count.values()),
+            "bytes": sum(size.values()),
+            "by_kind": dict(count),
+            "dropped": dict(self._dropped),
+        }
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the main file now; False when that failed (logged). The checkpoint
+        thread calls this by itself once enough was written (see "Checkpoints")."""
+        failed: Exception | None = None
         with self._lock:
-            return {
-                "messages": sum(self._count.values()),
-                "bytes": sum(self._bytes.values()),
-                "by_kind": dict(self._count),
-                "dropped": dict(self._dropped),
-            }
+            conn = self._conn
+            if conn is None:
+                return True
+            self.checkpointing = True
+            try:
+                faults.hit("outbox.checkpoint")
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except (sqlite3.Error, OSError) as exc:
+                failed = exc
+                self.checkpoint_failures += 1
+            else:
+                self._pages = 0
+                self._checkpoint_due.clear()  # what commits asked for meanwhile is done too
+                self.checkpoints += 1
+            finally:
+                self.checkpointing = False
+        for callback in self.after_checkpoint:
+            try:
+                callback()
+            except Exception:  # one waiter's bug must not stop the checkpoints
+                log.exception("a callback after the outbox checkpoint failed")
+        if failed is not None:
+            log.warning(
+                "could not checkpoint the outbox %s (%s); the WAL keeps growing until a "
+                "checkpoint succeeds (next try in %.0f s): check the disk's space and health",
+                self.path,
+                failed,
+                CHECKPOINT_RETRY_S,
+            )
+        return failed is None
+
+    def _wrote(self, rows: int, size: int) -> None:
+        """Count about the pages a commit of `rows` rows and `size` bytes wrote (under the
+        lock), and wake the checkpoint thread when a checkpoint is due."""
+        self._pages += rows * _PAGES_PER_ROW + size // _PAGE_BYTES
+        if self._pages >= CHECKPOINT_PAGES and not self._checkpoint_due.is_set():
+            self._checkpoint_due.set()
+
+    def _checkpoints(self) -> None:
+        """The checkpoint thread: a checkpoint each time one is due, until the outbox closes."""
+        while not self._closing.is_set():
+            self._checkpoint_due.wait()
+            if self._closing.is_set():
+                return
+            if not self.checkpoint():
+                self._checkpoint_due.clear()  # the next commit asks again
+                self._closing.wait(CHECKPOINT_RETRY_S)
 
     def close(self) -> None:
         """Checkpoint the WAL into the main file and close; closing twice does nothing."""
+        self._closing.set()
+        self._checkpoint_due.set()
+        thread = self._checkpointer
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
         with self._lock:
             if self._conn is None:
                 return
@@ -745,6 +848,7 @@ def _open(path: Path, synchronous: Synchronous) -> sqlite3.Connection:
             raise sqlite3.OperationalError(f"journal_mode is {mode}, WAL is not available here")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
         conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpoint thread's work
         problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
             raise _CorruptFileError("; ".join(problems[:5]))

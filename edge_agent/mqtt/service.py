@@ -460,8 +460,13 @@ class MqttService:
         try:
             while True:
                 try:
-                    if all(item.kind == "reply" for item in outgoing) and len(drafts) <= 1:
-                        # A reply is committed without an fsync (~0.1 ms): a thread hop costs more.
+                    if (
+                        all(item.kind == "reply" for item in outgoing)
+                        and len(drafts) <= 1
+                        and not self.outbox.checkpointing
+                    ):
+                        # A reply is committed without an fsync (~0.1 ms): a thread hop costs
+                        # more, unless the outbox is held for a checkpoint (~10 ms of fsyncs).
                         self._store(drafts, answered, ack)
                     else:
                         await asyncio.to_thread(self._store, drafts, answered, ack)

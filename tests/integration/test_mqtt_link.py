@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import edge_agent.mqtt.link as link_module
+from edge_agent import faults
 from edge_agent.mqtt.link import Inbound, MqttLink
 from edge_agent.mqtt.outbox import Draft, Outbox
 from edge_agent.mqtt.topics import Topic, TopicFilter
@@ -125,6 +126,42 @@ def test_messages_arrive_on_the_loop_and_answers_woken_from_a_thread_go_out(
         asyncio.run(scenario())
         statuses = [m.payload for m in peer.wait_for(2, 10, STATUS)]
         assert b'"online"' in statuses[0] and b'"offline"' in statuses[-1]
+    finally:
+        peer.close()
+
+
+def test_rows_woken_during_a_checkpoint_go_out_once_it_is_done(
+    tmp_path: Path, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox's thread holds the outbox for a checkpoint: a wake then publishes nothing and
+    the event loop does not wait for the outbox's lock; the checkpoint's end wakes the link."""
+    monkeypatch.setattr(faults, "_PLAN", faults._parse("outbox.checkpoint=delay:1.5"))
+    monkeypatch.setattr(faults, "_SEEN", faults.Counter())
+    peer = TestClient(broker.port, "peer")
+    peer.subscribe(ANSWERS)
+    settings = settings_for(tmp_path, broker.port)
+
+    async def scenario() -> None:
+        link, outbox = make_link(settings, [])
+        link.start()
+        await until(lambda: link.connected, "connected")
+        outbox.put(ANSWERS, b"answer", kind="reply")
+        checkpoint = threading.Thread(target=outbox.checkpoint)
+        checkpoint.start()
+        await until(lambda: outbox.checkpointing, "the checkpoint running")
+        link.wake()
+        await asyncio.sleep(0.1)
+        assert outbox.checkpointing, "the event loop waited for the checkpoint"
+        assert peer.messages == []
+        got = await asyncio.to_thread(peer.wait_for, 1, 10, ANSWERS)
+        assert [m.payload for m in got] == [b"answer"]
+        await until(lambda: outbox.depth()["messages"] == 0, "its PUBACK deletes the row")
+        checkpoint.join()
+        await link.stop()
+        outbox.close()
+
+    try:
+        asyncio.run(scenario())
     finally:
         peer.close()
 

@@ -9,13 +9,22 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import edge_agent.mqtt.outbox as outbox_module
-from edge_agent.mqtt.outbox import Kind, Outbox, OutboxError, OutboxFullError
+from edge_agent import faults
+from edge_agent.mqtt.outbox import (
+    Answered,
+    Draft,
+    Kind,
+    Outbox,
+    OutboxError,
+    OutboxFullError,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -367,3 +376,70 @@ def test_pending_from_memory_is_what_the_file_holds(
                 assert box.pending(after_row_id=after, limit=limit) == expected, (step, after)
     finally:
         box.close()
+
+
+# ---- checkpoints -------------------------------------------------------------------------
+def _replies_and_acks(box: Outbox, count: int) -> None:
+    """What the agent writes for `count` answered MQTT requests: a reply with its identity,
+    then the delete its PUBACK brings."""
+    for n in range(count):
+        draft = Draft("replies/1", b"r" * 600, "reply", f"m{n:031d}")
+        stored = box.put_many([draft], answered=Answered(f"k{n}", "d" * 32))
+        box.ack(stored[0].message.row_id)
+
+
+def _wait(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_checkpoints_run_on_the_outbox_thread_and_keep_the_wal_bounded(path: Path) -> None:
+    """No commit runs a checkpoint (SQLite's automatic one would, in whichever commit crossed
+    its threshold: on the event loop for a reply). The outbox's own thread does, so the WAL
+    stays near the threshold however much is written."""
+    threads: list[str] = []
+    with Outbox(path, max_bytes=10_000_000, max_messages=10_000) as box:
+        conn = box._live()
+        assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        box.after_checkpoint.append(lambda: threads.append(threading.current_thread().name))
+        # ~12 pages per request: five times the threshold without a checkpoint
+        _replies_and_acks(box, 5 * outbox_module.CHECKPOINT_PAGES // 12)
+        _wait(lambda: box.checkpoints >= 3, "checkpoints by the outbox's thread")
+        assert set(threads) == {"outbox-checkpoint"}
+        assert box.checkpoint_failures == 0
+        wal = path.with_name(path.name + "-wal").stat().st_size
+        assert wal < 3 * outbox_module.CHECKPOINT_PAGES * 4096, wal
+        thread = box._checkpointer
+    assert thread is not None and not thread.is_alive()  # close() ends it
+
+
+def test_a_failed_checkpoint_is_logged_and_tried_again(
+    path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(faults, "_PLAN", faults._parse("outbox.checkpoint=eio@1"))
+    monkeypatch.setattr(faults, "_SEEN", faults.Counter())
+    monkeypatch.setattr(outbox_module, "CHECKPOINT_RETRY_S", 0.05)
+    with (
+        caplog.at_level(logging.WARNING),
+        Outbox(path, max_bytes=10_000_000, max_messages=10_000) as box,
+    ):
+        _replies_and_acks(box, outbox_module.CHECKPOINT_PAGES // 12 + 5)
+        _wait(lambda: box.checkpoint_failures == 1, "the injected failure")
+        _replies_and_acks(box, 1)  # the next commit asks again
+        _wait(lambda: box.checkpoints == 1, "the checkpoint tried again")
+        assert len(box.pending(limit=1000)) == 0  # nothing was lost or left behind
+    assert "could not checkpoint the outbox" in caplog.text
+    assert "check the disk" in caplog.text
+
+
+def test_depth_answers_while_the_outbox_is_held(outbox: Outbox) -> None:
+    """A health check reads the totals without waiting for a commit's fsync or a checkpoint."""
+    outbox.put("t/r", b"1", kind="reply")
+    answers: list[dict[str, object]] = []
+    with outbox._lock:  # as a checkpoint holds it
+        reader = threading.Thread(target=lambda: answers.append(outbox.depth()))
+        reader.start()
+        reader.join(timeout=5)
+    assert answers and answers[0]["messages"] == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from edge_agent import faults
 from edge_agent.device.predictions import Answer, Photo
 from edge_agent.device.texts import Prepared, TextAsk
 from edge_agent.engine.types import Prediction
@@ -85,6 +87,35 @@ def test_an_answer_is_in_the_outbox_before_its_message_is_acknowledged(
             ("replies/1", "reply", b"answer")
         ]
         assert link.wakes >= 1
+        await service.stop(timeout=1)
+
+    asyncio.run(scenario())
+
+
+def test_a_reply_made_during_a_checkpoint_waits_for_it_off_the_event_loop(
+    settings: AgentSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply is committed on the event loop (cheaper than a thread hop), except while the
+    outbox's thread holds the outbox for a checkpoint: then the reply waits in a thread, and
+    the loop goes on serving (here it wakes from a sleep while the checkpoint still runs)."""
+    monkeypatch.setattr(faults, "_PLAN", faults._parse("outbox.checkpoint=delay:1.5"))
+    monkeypatch.setattr(faults, "_SEEN", faults.Counter())
+
+    async def handler(message: Inbound) -> list[Outgoing]:
+        return reply(message, "answer")
+
+    async def scenario() -> None:
+        service, link = await started(settings, handler)
+        checkpoint = threading.Thread(target=service.outbox.checkpoint)
+        checkpoint.start()
+        await wait_until(lambda: service.outbox.checkpointing, "the checkpoint running")
+        sent = link.deliver(f"{BASE}/infer/defects", b"x", response_topic="replies/1")
+        await asyncio.sleep(0.05)
+        assert service.outbox.checkpointing, "the event loop waited for the checkpoint"
+        assert link.acked == []  # not before its reply is stored
+        await wait_until(lambda: link.acked == [sent], "acknowledged after the checkpoint")
+        assert [p for _, _, p, _ in outbox_rows(service.outbox)] == [b"answer"]
+        checkpoint.join()
         await service.stop(timeout=1)
 
     asyncio.run(scenario())
