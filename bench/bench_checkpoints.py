@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_mqtt import BASE, DEVICE, SITE, small_jpeg
-from bench.common import format_table, percentile, write_json
+from bench.common import format_table, percentile, summarize_ms, write_json
 from bench.mqtt_in_process import InProcessAgent
 from edge_agent.mqtt.outbox import Outbox
 from tests.agent_support import build_bundle, make_keys
@@ -70,15 +70,17 @@ async def _round(
 
 
 def _tail(samples_s: list[float]) -> dict[str, float]:
+    """`summarize_ms` with the far tail: p99, p99.9 and how many samples passed `LATE_MS`."""
     millis = [s * 1000 for s in samples_s]
     return {
-        "n": len(millis),
-        "p50_ms": round(percentile(millis, 50), 4),
+        **summarize_ms(samples_s),
         "p99_ms": round(percentile(millis, 99), 4),
         "p99_9_ms": round(percentile(millis, 99.9), 4),
-        "max_ms": round(max(millis), 4),
         f"over_{LATE_MS:g}_ms": sum(m > LATE_MS for m in millis),
     }
+
+
+TABLE_KEYS = ("n", "p50_ms", "p99_ms", "p99_9_ms", "max_ms", f"over_{LATE_MS:g}_ms")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoints_by_the_thread": checkpoints["thread"],
     }
     path = write_json("checkpoints", result)
-    rows = [[side, *result["requests"][side].values()] for side in sides]
-    print(format_table(["requests", "n", "p50", "p99", "p99.9", "max", f">{LATE_MS:g} ms"], rows))
-    rows = [[side, *result["loop_lateness"][side].values()] for side in sides]
-    print(format_table(["loop late", "n", "p50", "p99", "p99.9", "max", f">{LATE_MS:g} ms"], rows))
+    headers = ["n", "p50", "p99", "p99.9", "max", f">{LATE_MS:g} ms"]
+    for part, title in (("requests", "requests"), ("loop_lateness", "loop late")):
+        rows = [[side, *(result[part][side][key] for key in TABLE_KEYS)] for side in sides]
+        print(format_table([title, *headers], rows))
     print(
         "request p50 thread / inline:",
         result["request_p50_thread_over_inline"],
