@@ -1,7 +1,7 @@
 """Outbox checkpoints off the event loop: what an MQTT reply's commit costs the event loop when
 SQLite's automatic checkpoint runs inside it, against the outbox's checkpoint thread.
 
-    python -m bench.bench_checkpoints [--rounds 8] [--per-round 400]
+    python -m bench.bench_checkpoints [--rounds 16] [--per-round 400]
 
 Two in-process agents (`bench.mqtt_in_process`: the service, handlers and device on the real
 ONNX runtime and outbox, with the tiny model) answer small MQTT requests back to back, each on
@@ -85,7 +85,7 @@ TABLE_KEYS = ("n", "p50_ms", "p99_ms", "p99_9_ms", "max_ms", f"over_{LATE_MS:g}_
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--per-round", type=int, default=400)
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     args = parser.parse_args(argv)

@@ -404,8 +404,8 @@ def test_checkpoints_run_on_the_outbox_thread_and_keep_the_wal_bounded(path: Pat
         conn = box._live()
         assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
         box.after_checkpoint.append(lambda: threads.append(threading.current_thread().name))
-        # ~12 pages per request: five times the threshold without a checkpoint
-        _replies_and_acks(box, 5 * outbox_module.CHECKPOINT_PAGES // 12)
+        # ~10 pages per request: five times the threshold without a checkpoint
+        _replies_and_acks(box, 5 * outbox_module.CHECKPOINT_PAGES // 10)
         _wait(lambda: box.checkpoints >= 3, "checkpoints by the outbox's thread")
         assert set(threads) == {"outbox-checkpoint"}
         assert box.checkpoint_failures == 0
@@ -425,7 +425,7 @@ def test_a_failed_checkpoint_is_logged_and_tried_again(
         caplog.at_level(logging.WARNING),
         Outbox(path, max_bytes=10_000_000, max_messages=10_000) as box,
     ):
-        _replies_and_acks(box, outbox_module.CHECKPOINT_PAGES // 12 + 5)
+        _replies_and_acks(box, outbox_module.CHECKPOINT_PAGES // 10 + 5)
         _wait(lambda: box.checkpoint_failures == 1, "the injected failure")
         _replies_and_acks(box, 1)  # the next commit asks again
         _wait(lambda: box.checkpoints == 1, "the checkpoint tried again")
