@@ -119,9 +119,10 @@ class InProcessAgent:
 
     def request(self, topic: str, payload: bytes, reply_topic: str) -> float:
         """Seconds from the hand-over of one request to the link's wake with its reply stored."""
-        return self.loop.run_until_complete(self._request(topic, payload, reply_topic))
+        return self.loop.run_until_complete(self.ask(topic, payload, reply_topic))
 
-    async def _request(self, topic: str, payload: bytes, reply_topic: str) -> float:
+    async def ask(self, topic: str, payload: bytes, reply_topic: str) -> float:
+        """`request` on the agent's own loop, for a caller already running on it."""
         self._mid = self._mid % 65535 + 1
         message = Inbound(
             topic,
