@@ -5,8 +5,8 @@
              "models.load.defects=delay:5"
 
 `hit(point)` is called at places where a crash, an I/O error or a slow step matters (persisting
-the updater's state, writing a download, each update step, storing an MQTT answer, loading a
-model). The action runs the n-th time (default the first) the point is reached in this process,
+the updater's state, writing a download, each update step, storing an MQTT answer, the outbox's
+checkpoint, loading a model). The action runs the n-th time (default the first) the point is reached in this process,
 or every time from the n-th to the m-th: `kill` sends SIGKILL to this process (a power cut, as
 far as the process can tell), `enospc` and `eio` raise the OSError a full or failing disk would,
 `delay:S` sleeps S seconds (a model that loads slowly). The variable is read once; production
