@@ -553,18 +553,21 @@ class Outbox:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 raise
+            count, sizes = dict(self._count), dict(self._bytes)
             for row_id, (kind, size) in found.items():
-                self._count[kind] -= 1
-                self._bytes[kind] -= size
+                count[kind] -= 1
+                sizes[kind] -= size
                 self._forget(row_id)
+            self._count, self._bytes = count, sizes  # whole, for `depth()` without the lock
             self._wrote(len(found) * _PAGES_PER_DELETE)
 
     def depth(self) -> dict[str, Any]:
         """What is waiting, and what was dropped since this outbox was opened.
 
         Read without the lock, so a health check never waits for a commit's fsync or a
-        checkpoint: a commit replaces the totals whole, so the figures are each a committed
-        state, at worst one commit apart from each other."""
+        checkpoint. Every commit replaces the totals whole (never one kind at a time), so
+        `messages` and `by_kind` always describe a state some commit left; `bytes` and
+        `dropped` may be one commit apart from them."""
         count, size = self._count, self._bytes
         return {
             "messages": sum(count.values()),
