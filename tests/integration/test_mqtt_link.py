@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 import edge_agent.mqtt.link as link_module
-from edge_agent import faults
 from edge_agent.mqtt.link import Inbound, MqttLink
 from edge_agent.mqtt.outbox import Draft, Outbox
 from edge_agent.mqtt.topics import Topic, TopicFilter
@@ -20,6 +19,7 @@ from edge_agent.settings import AgentSettings
 from tests.agent_support import free_port
 from tests.mqtt_support import Broker, TestClient, running_broker
 from tests.unit.agent_fixtures import agent_settings
+from tests.unit.device_fakes import HeldCheckpoint
 
 REQUESTS = "plant/line1/requests"
 ANSWERS = "plant/line1/answers"
@@ -135,8 +135,6 @@ def test_rows_woken_during_a_checkpoint_go_out_once_it_is_done(
 ) -> None:
     """The outbox's thread holds the outbox for a checkpoint: a wake then publishes nothing and
     the event loop does not wait for the outbox's lock; the checkpoint's end wakes the link."""
-    monkeypatch.setattr(faults, "_PLAN", faults._parse("outbox.checkpoint=delay:1.5"))
-    monkeypatch.setattr(faults, "_SEEN", faults.Counter())
     peer = TestClient(broker.port, "peer")
     peer.subscribe(ANSWERS)
     settings = settings_for(tmp_path, broker.port)
@@ -146,13 +144,13 @@ def test_rows_woken_during_a_checkpoint_go_out_once_it_is_done(
         link.start()
         await until(lambda: link.connected, "connected")
         outbox.put(ANSWERS, b"answer", kind="reply")
-        checkpoint = threading.Thread(target=outbox.checkpoint)
-        checkpoint.start()
+        checkpoint = HeldCheckpoint(outbox, monkeypatch)
         await until(lambda: outbox.checkpointing, "the checkpoint running")
         link.wake()
         await asyncio.sleep(0.1)
         assert outbox.checkpointing, "the event loop waited for the checkpoint"
         assert peer.messages == []
+        checkpoint.release()
         got = await asyncio.to_thread(peer.wait_for, 1, 10, ANSWERS)
         assert [m.payload for m in got] == [b"answer"]
         await until(lambda: outbox.depth()["messages"] == 0, "its PUBACK deletes the row")

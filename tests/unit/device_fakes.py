@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from edge_agent import faults
 from edge_agent.app.agent import build_device, build_profile, build_store
 from edge_agent.device.api import Device
 from edge_agent.metrics import AgentMetrics
@@ -241,6 +242,36 @@ class FakeLinks:
     def __call__(self, *args: Any) -> FakeLink:
         self.link = FakeLink(*args)
         return self.link
+
+
+class HeldCheckpoint:
+    """An outbox checkpoint started in a thread and held at its fault point (the outbox's lock
+    taken, `checkpointing` True) until `release()`: what a slow disk's fsyncs would do, for as
+    long as the test needs, whatever the machine's load. The hold gives up after `limit_s`, so
+    code that wrongly waits for the checkpoint on the test's own thread fails instead of
+    hanging."""
+
+    def __init__(self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch, limit_s: float = 30.0):
+        self._released = threading.Event()
+        original = faults.hit
+
+        def hit(point: str) -> None:
+            if point == "outbox.checkpoint":
+                self._released.wait(limit_s)
+            else:
+                original(point)
+
+        monkeypatch.setattr(faults, "hit", hit)
+        self.outbox = outbox
+        self._thread = threading.Thread(target=outbox.checkpoint)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def join(self) -> None:
+        self.release()
+        self._thread.join()
 
 
 def outbox_rows(outbox: Outbox) -> list[tuple[str, str, bytes, dict[str, Any]]]:

@@ -404,9 +404,10 @@ def test_checkpoints_run_on_the_outbox_thread_and_keep_the_wal_bounded(path: Pat
         conn = box._live()
         assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
         box.after_checkpoint.append(lambda: threads.append(threading.current_thread().name))
-        # ~10 pages per request: five times the threshold without a checkpoint
-        _replies_and_acks(box, 5 * outbox_module.CHECKPOINT_PAGES // 10)
-        _wait(lambda: box.checkpoints >= 3, "checkpoints by the outbox's thread")
+        # ~10 pages per request: five times the threshold in all, a checkpoint after each part
+        for done in range(1, 6):
+            _replies_and_acks(box, outbox_module.CHECKPOINT_PAGES // 10 + 5)
+            _wait(lambda done=done: box.checkpoints >= done, "a checkpoint by the outbox thread")
         assert set(threads) == {"outbox-checkpoint"}
         assert box.checkpoint_failures == 0
         wal = path.with_name(path.name + "-wal").stat().st_size

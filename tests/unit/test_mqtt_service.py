@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from edge_agent import faults
 from edge_agent.device.predictions import Answer, Photo
 from edge_agent.device.texts import Prepared, TextAsk
 from edge_agent.engine.types import Prediction
@@ -29,7 +28,13 @@ from edge_agent.mqtt.topics import Topic
 from edge_agent.runtimes.base import TextChunk
 from edge_agent.settings import AgentSettings
 from tests.unit.agent_fixtures import agent_settings, clean_environment
-from tests.unit.device_fakes import FakeLink, FakeLinks, outbox_rows, wait_until
+from tests.unit.device_fakes import (
+    FakeLink,
+    FakeLinks,
+    HeldCheckpoint,
+    outbox_rows,
+    wait_until,
+)
 
 BASE = "lineside/v1/plant/box1"
 
@@ -97,22 +102,27 @@ def test_a_reply_made_during_a_checkpoint_waits_for_it_off_the_event_loop(
 ) -> None:
     """A reply is committed on the event loop (cheaper than a thread hop), except while the
     outbox's thread holds the outbox for a checkpoint: then the reply waits in a thread, and
-    the loop goes on serving (here it wakes from a sleep while the checkpoint still runs)."""
-    monkeypatch.setattr(faults, "_PLAN", faults._parse("outbox.checkpoint=delay:1.5"))
-    monkeypatch.setattr(faults, "_SEEN", faults.Counter())
+    the loop goes on serving (here it wakes from a sleep while the checkpoint is still held)."""
 
     async def handler(message: Inbound) -> list[Outgoing]:
         return reply(message, "answer")
 
     async def scenario() -> None:
         service, link = await started(settings, handler)
-        checkpoint = threading.Thread(target=service.outbox.checkpoint)
-        checkpoint.start()
+        stores: list[int] = []  # the threads the reply's commit was made on
+        store = service._store
+        monkeypatch.setattr(
+            service, "_store", lambda *args: (stores.append(threading.get_ident()), store(*args))
+        )
+        checkpoint = HeldCheckpoint(service.outbox, monkeypatch)
         await wait_until(lambda: service.outbox.checkpointing, "the checkpoint running")
         sent = link.deliver(f"{BASE}/infer/defects", b"x", response_topic="replies/1")
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: bool(stores), "the reply's commit begun")
+        assert stores != [threading.get_ident()], "the reply was committed on the event loop"
+        await asyncio.sleep(0.01)  # the loop turns while the commit waits for the checkpoint
         assert service.outbox.checkpointing, "the event loop waited for the checkpoint"
         assert link.acked == []  # not before its reply is stored
+        checkpoint.release()
         await wait_until(lambda: link.acked == [sent], "acknowledged after the checkpoint")
         assert [p for _, _, p, _ in outbox_rows(service.outbox)] == [b"answer"]
         checkpoint.join()
